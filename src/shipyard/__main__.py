@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from shipyard.cli import main
+
+main()

@@ -1,0 +1,269 @@
+"""The `shipyard` command: parse arguments, call the library, render results."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from shipyard import __version__
+from shipyard._render import RichReporter, diff_table, manifest_table, versions_table
+from shipyard.artifact.diff import diff_manifests
+from shipyard.errors import ConflictError, ErrorKind, NotFoundError, ShipyardError
+from shipyard.registry import ENV_VAR, LocalRegistry, open_registry
+from shipyard.registry import remote as remote_storage
+
+app = typer.Typer(
+    name="shipyard",
+    help="From a trained model file to a production inference service, in one declarative spec.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Inspect and manage registered model versions.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_CODES = {
+    ErrorKind.INTERNAL: 1,
+    ErrorKind.INVALID: 2,
+    ErrorKind.NOT_FOUND: 3,
+    ErrorKind.CONFLICT: 4,
+    ErrorKind.UNSAFE: 5,
+    ErrorKind.FAILED_CHECK: 6,
+    ErrorKind.CORRUPT: 7,
+    ErrorKind.MISSING_DEPENDENCY: 8,
+    ErrorKind.UNAVAILABLE: 9,
+}
+EXAMPLES = ("digits",)
+
+RegistryOption = typer.Option(
+    None, "--registry", "-r", help=f"Registry folder (default: ${ENV_VAR}, else ~/.shipyard/registry)."
+)
+JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table (for scripts).")
+
+
+def _registry(location: str | None) -> LocalRegistry:
+    return open_registry(location)
+
+
+def _print_json(data: object) -> None:
+    # Plain print: rich would wrap long lines and insert markup-escaped characters.
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+@app.command()
+def version() -> None:
+    """Print Shipyard's version."""
+    print(__version__)
+
+
+@app.command()
+def init(
+    directory: Path = typer.Argument(Path("."), help="Folder to write into (created if missing)."),
+    example: str | None = typer.Option(None, "--example", help=f"Bundled example to write: {', '.join(EXAMPLES)}."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+) -> None:
+    """Write a commented starter shipyard.yaml, or a complete bundled example."""
+    if example is not None and example not in EXAMPLES:
+        raise NotFoundError(f"no bundled example {example!r}; choose one of: {', '.join(EXAMPLES)}")
+    package = resources.files("shipyard")
+    if example is None:
+        sources = [package.joinpath("spec/starter.yaml")]
+        names = ["shipyard.yaml"]
+    else:
+        folder = package.joinpath(f"examples/{example}")
+        sources = sorted((f for f in folder.iterdir() if f.is_file() and not f.name.endswith(".pyc")), key=str)
+        names = [f.name for f in sources]
+    clashes = [n for n in names if (directory / n).exists()]
+    if clashes and not force:
+        raise ConflictError(f"{directory}: {', '.join(clashes)} already exist; use --force to overwrite")
+    directory.mkdir(parents=True, exist_ok=True)
+    for source, name in zip(sources, names, strict=True):
+        (directory / name).write_bytes(source.read_bytes())
+    err.print(f"[green]wrote[/] {', '.join(names)} to {directory}")
+    if example is not None:
+        err.print(f"next: python {directory / 'train.py'} && shipyard build {directory / 'shipyard.yaml'}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of shipyard.yaml (for editor completion)."""
+    from shipyard.spec import json_schema
+
+    _print_json(json_schema())
+
+
+@app.command()
+def build(
+    spec: Path = typer.Argument(Path("shipyard.yaml"), help="The spec file (or its folder)."),
+    registry: str | None = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Load, convert, verify and evaluate a model, then register it as a new version."""
+    from shipyard.pipeline import build as run_build
+    from shipyard.spec import load_spec
+
+    loaded = load_spec(spec)
+    reg = _registry(registry)
+    reporter = RichReporter(err)
+    with reporter.progress:
+        manifest = run_build(loaded, reg, reporter)
+    _show_manifest(manifest, as_json)
+    err.print(f"[green]registered[/] {manifest.name}:{manifest.version} in {reg.root}")
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(..., help="An .onnx file."),
+    name: str = typer.Option(..., "--name", "-n", help="Registry name for the model."),
+    registry: str | None = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Register an ONNX file as it is: signature read from the graph, checked and timed."""
+    from shipyard.pipeline import import_onnx
+
+    reg = _registry(registry)
+    reporter = RichReporter(err)
+    with reporter.progress:
+        manifest = import_onnx(file, name, reg, reporter)
+    _show_manifest(manifest, as_json)
+    err.print(f"[green]registered[/] {manifest.name}:{manifest.version} in {reg.root}")
+
+
+def _show_manifest(manifest: object, as_json: bool) -> None:
+    from shipyard.artifact.manifest import Manifest
+
+    assert isinstance(manifest, Manifest)
+    if as_json:
+        _print_json(manifest.model_dump(mode="json"))
+    else:
+        out.print(manifest_table(manifest))
+
+
+@models_app.command("list")
+def models_list(
+    name: str | None = typer.Argument(None, help="Only this model's versions."),
+    registry: str | None = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """List registered versions."""
+    reg = _registry(registry)
+    records = reg.versions(name) if name else reg.all_versions()
+    if as_json:
+        _print_json([{**r.__dict__, "aliases": list(r.aliases)} for r in records])
+    elif not records:
+        err.print(f"no models in {reg.root}")
+    else:
+        out.print(versions_table(records))
+
+
+@models_app.command("show")
+def models_show(
+    ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS."),
+    verify: bool = typer.Option(False, "--verify", help="Re-hash every file against the manifest."),
+    registry: str | None = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Show one version's manifest."""
+    manifest = _registry(registry).manifest(ref, verify=verify)
+    _show_manifest(manifest, as_json)
+    if verify:
+        err.print(f"[green]verified[/] {len(manifest.files)} files against their sha256")
+
+
+@models_app.command("diff")
+def models_diff(
+    left: str = typer.Argument(..., help="First version reference."),
+    right: str = typer.Argument(..., help="Second version reference."),
+    registry: str | None = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Show what differs between two versions."""
+    reg = _registry(registry)
+    rows = diff_manifests(reg.manifest(left), reg.manifest(right))
+    if as_json:
+        _print_json([{"field": f, "left": a, "right": b} for f, a, b in rows])
+    elif not rows:
+        err.print("no differences")
+    else:
+        out.print(diff_table(left, right, rows))
+
+
+@models_app.command("rm")
+def models_rm(
+    ref: str = typer.Argument(..., help="NAME:VERSION, NAME@ALIAS, or NAME for every version."),
+    force: bool = typer.Option(False, "--force", help="Also remove aliased versions (and their aliases)."),
+    registry: str | None = RegistryOption,
+) -> None:
+    """Remove versions."""
+    removed = _registry(registry).remove(ref, force=force)
+    err.print(f"[green]removed[/] {', '.join(r.ref for r in removed)}")
+
+
+@models_app.command("alias")
+def models_alias(
+    ref: str = typer.Argument(..., help="NAME:VERSION (or NAME for the latest) to point the alias at."),
+    alias: str = typer.Argument(..., help="Alias, e.g. production or staging."),
+    delete: bool = typer.Option(False, "--delete", help="Remove the alias instead."),
+    registry: str | None = RegistryOption,
+) -> None:
+    """Point an alias (production, staging, …) at a version, or delete it."""
+    reg = _registry(registry)
+    if delete:
+        name = ref.split(":")[0].split("@")[0]
+        reg.remove_alias(name, alias)
+        err.print(f"[green]removed alias[/] {name}@{alias}")
+        return
+    record = reg.set_alias(ref, alias)
+    err.print(f"[green]{record.name}@{alias}[/] → {record.ref}")
+
+
+@app.command()
+def push(
+    ref: str = typer.Argument(..., help="Version to upload."),
+    uri: str = typer.Argument(..., help="Target: a file URI, or a folder URI ending in '/' (file://, s3://, …)."),
+    registry: str | None = RegistryOption,
+) -> None:
+    """Upload a version as a single-file archive (with a .sha256 sidecar) to a storage URI."""
+    target = remote_storage.push(_registry(registry), ref, uri)
+    err.print(f"[green]pushed[/] {ref} to {target}")
+    print(target)
+
+
+@app.command()
+def pull(
+    uri: str = typer.Argument(..., help="Archive URI written by `shipyard push`."),
+    registry: str | None = RegistryOption,
+) -> None:
+    """Download an archive, verify it, and register it as a new local version."""
+    manifest = remote_storage.pull(_registry(registry), uri)
+    err.print(f"[green]pulled[/] {uri} as {manifest.name}:{manifest.version}")
+    print(f"{manifest.name}:{manifest.version}")
+
+
+def main() -> None:
+    """Entry point: user errors become one red line and an exit code by kind, never a traceback."""
+    try:
+        app()
+    except ShipyardError as exc:
+        for i, line in enumerate(str(exc).splitlines()):
+            err.print(f"[bold red]error:[/] {escape(line)}" if i == 0 else f"       {escape(line)}", highlight=False)
+        sys.exit(EXIT_CODES[exc.kind])
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]: nothing was registered")
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("SHIPYARD_DEBUG"):
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        err.print("set SHIPYARD_DEBUG=1 for the traceback and report it as a bug")
+        sys.exit(1)

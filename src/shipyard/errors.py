@@ -1,0 +1,80 @@
+"""One exception tree for the whole package.
+
+Every error carries a semantic kind; transports (CLI exit codes, HTTP statuses, gRPC codes) map
+kinds to their own codes at the edge, so nothing here imports a transport.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(enum.Enum):
+    INVALID = "invalid"  # the caller sent something malformed
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"  # the request clashes with the current state
+    UNSAFE = "unsafe"  # refused for security reasons (e.g. untrusted pickle)
+    FAILED_CHECK = "failed_check"  # a verification gate failed (tolerance, accuracy)
+    CORRUPT = "corrupt"  # stored data does not match its recorded hashes or cannot be parsed
+    MISSING_DEPENDENCY = "missing_dependency"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class ShipyardError(Exception):
+    """Base class: a message meant for the user plus a kind for mapping to codes."""
+
+    kind: ErrorKind = ErrorKind.INTERNAL
+
+    def __init__(self, message: str, *, kind: ErrorKind | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if kind is not None:
+            self.kind = kind
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInputError(ShipyardError):
+    kind = ErrorKind.INVALID
+
+
+class SpecError(InvalidInputError):
+    pass
+
+
+class ModelLoadError(ShipyardError):
+    kind = ErrorKind.INVALID
+
+
+class UnsafeModelError(ShipyardError):
+    kind = ErrorKind.UNSAFE
+
+
+class ConversionError(ShipyardError):
+    kind = ErrorKind.FAILED_CHECK
+
+
+class EvaluationError(ShipyardError):
+    kind = ErrorKind.INVALID
+
+
+class NotFoundError(ShipyardError):
+    kind = ErrorKind.NOT_FOUND
+
+
+class ConflictError(ShipyardError):
+    kind = ErrorKind.CONFLICT
+
+
+class IntegrityError(ShipyardError):
+    kind = ErrorKind.CORRUPT
+
+
+class MissingExtraError(ShipyardError):
+    kind = ErrorKind.MISSING_DEPENDENCY
+
+
+class UnavailableError(ShipyardError):
+    kind = ErrorKind.UNAVAILABLE

@@ -1,0 +1,136 @@
+"""ONNX and ONNX Runtime helpers shared by the pipeline steps."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto
+
+from shipyard.errors import ModelLoadError
+from shipyard.spec.models import SignatureSpec, TensorSpec
+
+ONNX_TO_DTYPE: dict[int, str] = {
+    TensorProto.BOOL: "bool",
+    TensorProto.INT8: "int8",
+    TensorProto.INT16: "int16",
+    TensorProto.INT32: "int32",
+    TensorProto.INT64: "int64",
+    TensorProto.UINT8: "uint8",
+    TensorProto.UINT16: "uint16",
+    TensorProto.UINT32: "uint32",
+    TensorProto.UINT64: "uint64",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.FLOAT: "float32",
+    TensorProto.DOUBLE: "float64",
+    TensorProto.STRING: "string",
+}
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+
+
+def numpy_dtype(dtype: str) -> np.dtype[np.generic]:
+    return np.dtype(object) if dtype == "string" else np.dtype(dtype)
+
+
+def check_onnx(path: Path) -> onnx.ModelProto:
+    """Load the graph (without external weights) after onnx.checker accepts it; ModelLoadError otherwise."""
+    try:
+        onnx.checker.check_model(str(path))
+        return onnx.load(str(path), load_external_data=False)
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError) as exc:
+        raise ModelLoadError(f"{path}: not a valid ONNX model: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is not ONNX at all
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+
+
+def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or tensor.elem_type not in ONNX_TO_DTYPE:
+        raise ModelLoadError(f"tensor {value.name!r}: only plain tensors of standard element types are supported")
+    shape: list[int | str] = []
+    for i, dim in enumerate(tensor.shape.dim):
+        if dim.HasField("dim_value"):
+            shape.append(dim.dim_value)
+        else:
+            shape.append(dim.dim_param or ("batch" if i == 0 else f"{value.name}_dim{i}"))
+    return TensorSpec(name=value.name, dtype=ONNX_TO_DTYPE[tensor.elem_type], shape=shape)
+
+
+def signature_of(model: onnx.ModelProto) -> SignatureSpec:
+    """The graph's inputs (initializers excluded) and outputs as a SignatureSpec."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [_tensor_spec(v) for v in model.graph.input if v.name not in initializers]
+    outputs = [_tensor_spec(v) for v in model.graph.output]
+    return SignatureSpec(inputs=inputs, outputs=outputs)
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(init.data_location == TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
+def place_model(source: Path, graph: onnx.ModelProto, dest_dir: Path) -> Path:
+    """Put a checked ONNX model into `dest_dir` as model.onnx (weights beside it in one file if external)."""
+    dest = dest_dir / MODEL_FILE
+    if has_external_data(graph):
+        # onnx.load refuses external-data paths that leave the model's folder; re-saving gathers
+        # the weights into one file inside the artifact.
+        full = onnx.load(str(source), load_external_data=True)
+        onnx.save_model(full, str(dest), save_as_external_data=True, location=EXTERNAL_DATA_FILE)
+    else:
+        shutil.copyfile(source, dest)
+    return dest
+
+
+def session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session with fixed thread counts, so timings are comparable."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own unexported exception classes
+        raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def is_batchable(signature: SignatureSpec) -> bool:
+    """True when every input's first dimension is dynamic (the batch)."""
+    return all(t.shape and isinstance(t.shape[0], str) for t in signature.inputs)
+
+
+def random_feeds(signature: SignatureSpec, batch: int, seed: int = 0, other_dims: int = 8) -> dict[str, np.ndarray]:
+    """Random inputs matching the signature: dim 0 (if dynamic) is `batch`, other dynamic dims `other_dims`."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for t in signature.inputs:
+        shape = [d if isinstance(d, int) else (batch if i == 0 else other_dims) for i, d in enumerate(t.shape)]
+        dtype = numpy_dtype(t.dtype)
+        if t.dtype == "string":
+            feeds[t.name] = np.array(["x"] * int(np.prod(shape)), dtype=object).reshape(shape)
+        elif t.dtype == "bool":
+            feeds[t.name] = rng.random(shape) > 0.5
+        elif np.issubdtype(dtype, np.integer):
+            feeds[t.name] = rng.integers(0, 10, size=shape).astype(dtype)
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def run_in_chunks(
+    predict: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+    feeds: dict[str, np.ndarray],
+    chunk: int,
+) -> list[np.ndarray]:
+    """Run `predict` over sample-major feeds `chunk` samples at a time and join the outputs."""
+    total = len(next(iter(feeds.values())))
+    parts = [predict({k: v[i : i + chunk] for k, v in feeds.items()}) for i in range(0, total, chunk)]
+    return [np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(len(parts[0]))]

@@ -1,0 +1,120 @@
+"""Evaluation datasets: .npz files, scikit-learn bundled sets, or a user function."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shipyard._extras import require
+from shipyard.errors import EvaluationError
+from shipyard.pipeline._imports import import_object
+from shipyard.pipeline._onnx import numpy_dtype
+from shipyard.pipeline.context import EvalData
+from shipyard.spec.models import (
+    EvaluationSpec,
+    FunctionDatasetSpec,
+    NpzDatasetSpec,
+    SignatureSpec,
+    SklearnDatasetSpec,
+    TensorSpec,
+    resolve_path,
+)
+
+_CLASSIFICATION_SETS = {"digits", "iris", "wine", "breast_cancer"}
+
+
+def sklearn_split(spec: SklearnDatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, x_test, y_train, y_test) exactly as the spec defines the split; training scripts reuse it."""
+    datasets = require("sklearn.datasets", "sklearn", "scikit-learn bundled datasets")
+    selection = require("sklearn.model_selection", "sklearn", "scikit-learn bundled datasets")
+    x, y = getattr(datasets, f"load_{spec.name}")(return_X_y=True)
+    stratify = y if spec.name in _CLASSIFICATION_SETS else None
+    parts = selection.train_test_split(x, y, test_size=spec.test_size, random_state=spec.seed, stratify=stratify)
+    return tuple(parts)
+
+
+def _sklearn(spec: SklearnDatasetSpec) -> tuple[Any, np.ndarray]:
+    x_train, x_test, y_train, y_test = sklearn_split(spec)
+    if spec.split == "train":
+        return x_train, y_train
+    if spec.split == "test":
+        return x_test, y_test
+    return np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])
+
+
+def _npz(spec: NpzDatasetSpec, signature: SignatureSpec, base_dir: Path) -> tuple[Any, np.ndarray]:
+    path = resolve_path(base_dir, spec.path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise EvaluationError(f"dataset file not found: {path}") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise EvaluationError(f"{path}: not a readable .npz file (object arrays are refused): {exc}") from None
+    names = [t.name for t in signature.inputs]
+    mapping = spec.inputs or ({names[0]: "x"} if len(names) == 1 else {n: n for n in names})
+    missing = [key for key in [*mapping.values(), spec.target] if key not in arrays]
+    if missing:
+        raise EvaluationError(f"{path}: no array named {', '.join(missing)} (has {', '.join(sorted(arrays))})")
+    return {name: arrays[key] for name, key in mapping.items()}, arrays[spec.target]
+
+
+def _function(spec: FunctionDatasetSpec, base_dir: Path) -> tuple[Any, np.ndarray]:
+    func = import_object(spec.ref, base_dir)
+    try:
+        result = func()
+    except Exception as exc:
+        raise EvaluationError(f"dataset function {spec.ref} raised {type(exc).__name__}: {exc}") from None
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise EvaluationError(f"dataset function {spec.ref} must return (inputs, targets)")
+    return result[0], np.asarray(result[1])
+
+
+def _conform(tensor: TensorSpec, array: Any, samples: int) -> np.ndarray:
+    """Cast to the signature dtype and reshape flat samples to the tensor's static sample shape."""
+    data = np.asarray(array)
+    if len(data) != samples:
+        raise EvaluationError(f"input {tensor.name!r} has {len(data)} samples, targets have {samples}")
+    sample_shape = tensor.shape[1:]
+    if all(isinstance(d, int) for d in sample_shape) and data.shape[1:] != tuple(sample_shape):
+        if int(np.prod(data.shape[1:])) != int(np.prod(sample_shape)):  # type: ignore[arg-type]
+            raise EvaluationError(
+                f"input {tensor.name!r}: samples of shape {list(data.shape[1:])} cannot become {sample_shape}"
+            )
+        data = data.reshape(len(data), *sample_shape)
+    try:
+        return data.astype(numpy_dtype(tensor.dtype), copy=False)
+    except (TypeError, ValueError) as exc:
+        raise EvaluationError(f"input {tensor.name!r}: cannot cast {data.dtype} to {tensor.dtype}: {exc}") from None
+
+
+def load_dataset(spec: EvaluationSpec, signature: SignatureSpec, base_dir: Path) -> EvalData:
+    """Load the evaluation set and conform it to the model signature; EvaluationError on any mismatch."""
+    ds = spec.dataset
+    if isinstance(ds, SklearnDatasetSpec):
+        raw_inputs, target = _sklearn(ds)
+    elif isinstance(ds, NpzDatasetSpec):
+        raw_inputs, target = _npz(ds, signature, base_dir)
+    else:
+        raw_inputs, target = _function(ds, base_dir)
+    if not isinstance(raw_inputs, dict):
+        if len(signature.inputs) != 1:
+            raise EvaluationError(f"the model has {len(signature.inputs)} inputs: the dataset must name each")
+        raw_inputs = {signature.inputs[0].name: raw_inputs}
+    unknown = set(raw_inputs) - {t.name for t in signature.inputs}
+    if unknown:
+        raise EvaluationError(f"dataset inputs {sorted(unknown)} are not model inputs")
+    target = np.asarray(target)
+    if len(target) == 0:
+        raise EvaluationError("the evaluation set is empty")
+    inputs = {t.name: _conform(t, raw_inputs[t.name], len(target)) for t in signature.inputs if t.name in raw_inputs}
+    missing = [t.name for t in signature.inputs if t.name not in inputs]
+    if missing:
+        raise EvaluationError(f"dataset provides no data for inputs {missing}")
+    data = EvalData(inputs=inputs, target=target)
+    if spec.max_samples is not None and len(data) > spec.max_samples:
+        data = EvalData(inputs=data.head(spec.max_samples), target=target[: spec.max_samples])
+    return data

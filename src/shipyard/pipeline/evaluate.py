@@ -1,0 +1,83 @@
+"""Evaluate step: quality of original vs ONNX, size, parameters, in-process latency and throughput."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from shipyard.errors import EvaluationError
+from shipyard.pipeline import metrics
+from shipyard.pipeline._onnx import is_batchable, random_feeds, run_in_chunks, session
+from shipyard.pipeline.context import BuildContext
+from shipyard.pipeline.step import Progress
+from shipyard.spec.models import EvaluationSpec, LatencySpec, SignatureSpec
+
+_WARMUP = 10
+_THROUGHPUT_SECONDS = 0.5
+
+
+def _output_index(evaluation: EvaluationSpec, signature: SignatureSpec) -> int:
+    names = [t.name for t in signature.outputs]
+    if evaluation.output is None:
+        return 0
+    if evaluation.output not in names:
+        raise EvaluationError(f"evaluation.output {evaluation.output!r} is not a model output ({', '.join(names)})")
+    return names.index(evaluation.output)
+
+
+def measure_latency(run: Any, signature: SignatureSpec, spec: LatencySpec, progress: Progress) -> dict[str, float]:
+    """p50/p99 of batch-1 runs and samples/s at `throughput_batch`, timed with perf_counter."""
+    single = random_feeds(signature, batch=1, seed=1)
+    for _ in range(_WARMUP):
+        run(single)
+    times = np.empty(spec.iterations)
+    for i in range(spec.iterations):
+        start = time.perf_counter()
+        run(single)
+        times[i] = time.perf_counter() - start
+        if i % 50 == 0:
+            progress.update(i, spec.iterations + 1)
+    result = {
+        "latency_p50_ms": float(np.percentile(times, 50) * 1e3),
+        "latency_p99_ms": float(np.percentile(times, 99) * 1e3),
+    }
+    batch = spec.throughput_batch if is_batchable(signature) else 1
+    feeds = random_feeds(signature, batch=batch, seed=2)
+    run(feeds)
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < _THROUGHPUT_SECONDS or runs < 3:
+        run(feeds)
+        runs += 1
+    result["throughput_batch"] = float(batch)
+    result["throughput_sps"] = runs * batch / elapsed
+    progress.update(spec.iterations + 1, spec.iterations + 1)
+    return result
+
+
+class EvaluateStep:
+    name = "evaluate"
+    description = "Evaluate and time"
+
+    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
+        model_path, signature = ctx.require_model()
+        evaluation = ctx.loaded.spec.evaluation
+        latency = evaluation.latency if evaluation is not None else LatencySpec()
+        sess = session(model_path, threads=latency.threads)
+        params: dict[str, Any] = {"threads": latency.threads}
+        ctx.metrics["size_bytes"] = float(sum(p.stat().st_size for p in ctx.artifact_dir.rglob("*") if p.is_file()))
+        if evaluation is not None and ctx.eval_data is not None and ctx.source is not None:
+            index = _output_index(evaluation, signature)
+            chunk = 256 if is_batchable(signature) else 1
+            feeds, target = ctx.eval_data.inputs, ctx.eval_data.target
+            converted = run_in_chunks(lambda f: list(sess.run(None, f)), feeds, chunk)[index]
+            original = run_in_chunks(ctx.source.predict, feeds, chunk)[index]
+            name = evaluation.metric.name
+            ctx.metrics[name] = metrics.compute(evaluation.metric, converted, target)
+            ctx.metrics[f"{name}_original"] = metrics.compute(evaluation.metric, np.asarray(original), target)
+            params.update(metric=name, direction=evaluation.metric.better, samples=len(target))
+        if all(t.dtype != "string" for t in signature.inputs):
+            ctx.metrics.update(measure_latency(lambda f: sess.run(None, f), signature, latency, progress))
+            params.update(iterations=latency.iterations)
+        return params

@@ -1,0 +1,88 @@
+"""Load step: the source model (any supported framework) and the evaluation data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shipyard.artifact.hashing import sha256_file
+from shipyard.errors import ModelLoadError
+from shipyard.pipeline._onnx import check_onnx, session, signature_of
+from shipyard.pipeline.context import BuildContext, ExportResult, SourceModel
+from shipyard.pipeline.datasets import load_dataset
+from shipyard.pipeline.step import Progress
+from shipyard.spec.models import ConvertSpec, ModelSourceSpec, SignatureSpec, resolve_path
+
+
+class OnnxSource:
+    """An ONNX model used as it is; 'conversion' places it in the artifact."""
+
+    framework = "onnx"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.graph = check_onnx(path)
+        self._session = session(path)
+
+    def predict(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self._session.run(None, feeds))
+
+    def export_onnx(self, dest: Path, signature: SignatureSpec, convert: ConvertSpec) -> ExportResult:
+        return ExportResult(self.path, {"converter": "none (already ONNX)"})
+
+
+def _check_declared(declared: SignatureSpec, actual: SignatureSpec) -> None:
+    graph = {t.name: t for t in [*actual.inputs, *actual.outputs]}
+    for t in [*declared.inputs, *declared.outputs]:
+        if t.name not in graph:
+            raise ModelLoadError(f"signature names {t.name!r}, but the graph has {sorted(graph)}")
+        if graph[t.name].dtype != t.dtype:
+            raise ModelLoadError(f"tensor {t.name!r} is {graph[t.name].dtype} in the graph, not {t.dtype}")
+
+
+def open_source(source: ModelSourceSpec, base_dir: Path) -> tuple[SourceModel, SignatureSpec]:
+    """Load the source model and the signature it will be converted with."""
+    if source.path is not None and not resolve_path(base_dir, source.path).is_file():
+        raise ModelLoadError(f"model file not found: {resolve_path(base_dir, source.path)}")
+    if source.format == "onnx":
+        assert source.path is not None
+        onnx_source = OnnxSource(resolve_path(base_dir, source.path))
+        graph_signature = signature_of(onnx_source.graph)
+        if source.signature is not None:
+            _check_declared(source.signature, graph_signature)
+        return onnx_source, graph_signature
+    if source.format == "sklearn":
+        from shipyard.pipeline._sklearn import SklearnSource
+
+        sk_source = SklearnSource(source, base_dir)
+        return sk_source, source.signature or sk_source.default_signature()
+    from shipyard.pipeline._torch import TorchSource
+
+    assert source.signature is not None  # required for torch by the spec validator
+    return TorchSource(source, base_dir), source.signature
+
+
+class LoadStep:
+    name = "load"
+    description = "Load model and data"
+
+    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
+        spec = ctx.loaded.spec
+        ctx.source, ctx.signature = open_source(spec.model, ctx.base_dir)
+        params: dict[str, Any] = {"format": spec.model.format}
+        if spec.model.path is not None:
+            path = resolve_path(ctx.base_dir, spec.model.path)
+            ctx.source_sha256 = sha256_file(path)
+            params["path"] = path.name
+        else:
+            assert spec.model.weights is not None
+            ctx.source_sha256 = sha256_file(resolve_path(ctx.base_dir, spec.model.weights))
+            params.update(module=spec.model.module, weights=Path(spec.model.weights).name)
+        if spec.evaluation is not None:
+            ctx.eval_data = load_dataset(spec.evaluation, ctx.signature, ctx.base_dir)
+            params["dataset"] = spec.evaluation.dataset.model_dump(mode="json")
+            params["samples"] = len(ctx.eval_data)
+        progress.update(1, 1)
+        return params

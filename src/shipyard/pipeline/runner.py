@@ -1,0 +1,94 @@
+"""Run the build steps in order, record lineage, and publish the artifact atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+from shipyard.artifact.hashing import sha256_file
+from shipyard.artifact.layout import create_manifest
+from shipyard.artifact.manifest import LineageStep, Manifest
+from shipyard.errors import SpecError
+from shipyard.pipeline.context import BuildContext
+from shipyard.pipeline.convert import ConvertStep
+from shipyard.pipeline.evaluate import EvaluateStep
+from shipyard.pipeline.load import LoadStep
+from shipyard.pipeline.step import NullProgress, Progress, Step
+from shipyard.registry.local import LocalRegistry
+from shipyard.spec.loader import LoadedSpec, parse_spec
+
+
+class Reporter(Protocol):
+    """Receives step boundaries; the CLI draws progress bars from them."""
+
+    def step(self, description: str) -> AbstractContextManager[Progress]: ...
+
+
+class NullReporter:
+    @contextlib.contextmanager
+    def step(self, description: str) -> Iterator[Progress]:
+        yield NullProgress()
+
+
+def default_steps() -> list[Step]:
+    return [LoadStep(), ConvertStep(), EvaluateStep()]
+
+
+def _current_hash(ctx: BuildContext) -> str | None:
+    return sha256_file(ctx.model_path) if ctx.model_path is not None else ctx.source_sha256
+
+
+def build(loaded: LoadedSpec, registry: LocalRegistry, reporter: Reporter | None = None) -> Manifest:
+    """Load, convert, verify and evaluate the spec's model, then publish it as the next version.
+
+    Returns the published manifest. Any failure raises before publishing, and the staging
+    folder is removed, so nothing partial ever appears in the registry.
+    """
+    spec = loaded.spec
+    if spec.optimize:
+        raise SpecError(
+            f"{loaded.path}: optimize: this version of Shipyard has no optimization steps yet; "
+            "remove the `optimize:` entries to build"
+        )
+    reporter = reporter or NullReporter()
+    with registry.stage() as staged, tempfile.TemporaryDirectory(prefix="shipyard-") as scratch:
+        ctx = BuildContext(loaded=loaded, artifact_dir=staged, scratch_dir=Path(scratch))
+        for step in default_steps():
+            before = _current_hash(ctx)
+            start = time.perf_counter()
+            with reporter.step(step.description) as progress:
+                params = step.run(ctx, progress)
+            after = _current_hash(ctx)
+            ctx.lineage.append(
+                LineageStep(
+                    step=step.name,
+                    params=params,
+                    input_sha256=before,
+                    output_sha256=after if after != before else None,
+                    seconds=round(time.perf_counter() - start, 3),
+                )
+            )
+        model_path, signature = ctx.require_model()
+        create_manifest(
+            staged,
+            name=spec.name,
+            model_file=model_path.relative_to(staged).as_posix(),
+            signature=signature,
+            description=spec.description,
+            metrics=ctx.metrics,
+            lineage=ctx.lineage,
+            spec=spec.model_dump(mode="json"),
+        )
+        return registry.publish(staged)
+
+
+def import_onnx(path: Path, name: str, registry: LocalRegistry, reporter: Reporter | None = None) -> Manifest:
+    """Register an ONNX file as it is: its signature read from the graph, timed, verified, published."""
+    path = path.expanduser().resolve()
+    spec = parse_spec({"name": name, "model": {"format": "onnx", "path": str(path)}}, source="shipyard import")
+    return build(LoadedSpec(spec=spec, path=path.parent / "shipyard.yaml"), registry, reporter)

@@ -1,0 +1,29 @@
+"""The one interface every pipeline step implements."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from shipyard.pipeline.context import BuildContext
+
+
+class Progress(Protocol):
+    """Where a step reports progress on long loops (a rich progress bar in the CLI)."""
+
+    def update(self, completed: float, total: float) -> None: ...
+
+
+class NullProgress:
+    def update(self, completed: float, total: float) -> None:
+        return None
+
+
+class Step(Protocol):
+    """One stage of the build: reads and extends the context, returns its lineage parameters."""
+
+    name: str
+    description: str
+
+    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
+        """Do the work; the returned parameters are recorded in the manifest's lineage."""
+        ...

@@ -1,0 +1,29 @@
+"""The model registry: versions, aliases, atomic publishing, push/pull by URI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shipyard.errors import InvalidInputError
+from shipyard.registry.local import LocalRegistry, VersionRecord
+from shipyard.registry.refs import ModelRef, parse_ref
+
+ENV_VAR = "SHIPYARD_REGISTRY"
+DEFAULT_LOCATION = "~/.shipyard/registry"
+
+
+def open_registry(location: str | Path | None = None) -> LocalRegistry:
+    """The registry at `location`, else $SHIPYARD_REGISTRY, else ~/.shipyard/registry."""
+    where = str(location or os.environ.get(ENV_VAR) or DEFAULT_LOCATION)
+    if where.startswith("file://"):
+        where = where[len("file://") :]
+    elif "://" in where:
+        raise InvalidInputError(
+            f"registry {where!r}: the registry index lives on a local path; "
+            "use `shipyard push`/`pull` to move versions to and from object storage"
+        )
+    return LocalRegistry(Path(where))
+
+
+__all__ = ["ENV_VAR", "LocalRegistry", "ModelRef", "VersionRecord", "open_registry", "parse_ref"]

@@ -1,0 +1,312 @@
+"""The user-facing spec (`shipyard.yaml`), modelled once with pydantic.
+
+Every model forbids unknown fields (a typo must be an error, not a silently ignored key) and is
+frozen. Attribute docstrings become field descriptions in the JSON Schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+DType = Literal[
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "string",
+]  # fmt: skip
+Dim = Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class TensorSpec(_Spec):
+    """One named tensor of a model's signature."""
+
+    name: str = Field(min_length=1)
+    """Tensor name, as in the ONNX graph."""
+    dtype: DType
+    """Element type."""
+    shape: list[Dim]
+    """Dimensions; a string names a dynamic dimension (e.g. `batch`)."""
+
+
+class SignatureSpec(_Spec):
+    """A model's inputs and outputs."""
+
+    inputs: list[TensorSpec] = Field(min_length=1)
+    """Input tensors, in the order the model takes them."""
+    outputs: list[TensorSpec] = Field(default_factory=list)
+    """Output tensors; read from the converted graph when left empty."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> SignatureSpec:
+        names = [t.name for t in [*self.inputs, *self.outputs]]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tensor names must be unique, repeated: {', '.join(duplicates)}")
+        return self
+
+
+class ModelSourceSpec(_Spec):
+    """Where the trained model comes from."""
+
+    format: Literal["torch", "onnx", "sklearn"]
+    """Source framework."""
+    path: str | None = None
+    """Model file: .onnx, TorchScript .pt, torch.export .pt2, or a scikit-learn .skops/.pkl/.joblib file.
+    Relative paths are resolved against the spec's folder."""
+    module: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """PyTorch `package.module:Class` to instantiate (with `weights`), imported from the spec's folder."""
+    init_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the `module` class."""
+    weights: str | None = None
+    """State dict for `module`: .safetensors, or .pt/.pth loaded with torch.load(weights_only=True)."""
+    trust_pickle: bool = False
+    """Allow loading arbitrary pickles (full torch.save modules, .pkl/.joblib). Pickles run code on load:
+    only enable for files you produced yourself."""
+    signature: SignatureSpec | None = None
+    """Input/output signature; required for torch, read from the graph for onnx and sklearn."""
+
+    @model_validator(mode="after")
+    def _source_is_complete(self) -> ModelSourceSpec:
+        if self.module is not None:
+            if self.format != "torch":
+                raise ValueError("`module` is only for format: torch")
+            if self.weights is None:
+                raise ValueError("`module` needs `weights` (a .safetensors or .pt state dict)")
+            if self.path is not None:
+                raise ValueError("give either `path` or `module` + `weights`, not both")
+        elif self.path is None:
+            raise ValueError("`path` is required (or `module` + `weights` for format: torch)")
+        if self.weights is not None and self.module is None:
+            raise ValueError("`weights` goes with `module`")
+        if self.format == "torch" and self.signature is None:
+            raise ValueError("format: torch needs `signature.inputs` (names, dtypes and shapes to export)")
+        return self
+
+
+class ToleranceSpec(_Spec):
+    """Largest allowed difference between the original model and the converted one."""
+
+    atol: float = Field(default=1e-4, ge=0)
+    """Absolute tolerance."""
+    rtol: float = Field(default=1e-3, ge=0)
+    """Relative tolerance (numpy.allclose semantics: |a - b| <= atol + rtol * |b|)."""
+
+
+class ConvertSpec(_Spec):
+    """Conversion to ONNX and its verification."""
+
+    opset: int = Field(default=18, ge=13, le=23)
+    """ONNX opset to export to."""
+    exporter: Literal["auto", "dynamo", "legacy"] = "auto"
+    """torch.onnx exporter: `auto` tries dynamo first and falls back to the legacy TorchScript one."""
+    tolerance: ToleranceSpec = Field(default_factory=ToleranceSpec)
+    """Verification tolerance; the build fails above it."""
+    verify_samples: int = Field(default=64, ge=1, le=100_000)
+    """How many samples both models run for the comparison."""
+
+
+class SklearnDatasetSpec(_Spec):
+    """A scikit-learn bundled dataset, split reproducibly."""
+
+    kind: Literal["sklearn"]
+    name: Literal["digits", "iris", "wine", "breast_cancer", "diabetes"]
+    """Bundled dataset name (no download)."""
+    split: Literal["test", "train", "all"] = "test"
+    """Which part to use: the held-out `test` part by default."""
+    test_size: float = Field(default=0.25, gt=0, lt=1)
+    """Fraction held out, as in sklearn.model_selection.train_test_split."""
+    seed: int = 0
+    """random_state for the split (stratified for classification sets)."""
+
+
+class NpzDatasetSpec(_Spec):
+    """Arrays stored in a NumPy .npz file."""
+
+    kind: Literal["npz"]
+    path: str
+    """File path, relative to the spec's folder."""
+    inputs: dict[str, str] | None = None
+    """Model input name -> array key; default: key `x` for a single-input model, else the input names."""
+    target: str = "y"
+    """Array key of the targets."""
+
+
+class FunctionDatasetSpec(_Spec):
+    """A Python function that returns `(inputs, targets)`."""
+
+    kind: Literal["function"]
+    ref: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """`module:function`, imported from the spec's folder; returns (array or dict of arrays, targets)."""
+
+
+DatasetSpec = Annotated[SklearnDatasetSpec | NpzDatasetSpec | FunctionDatasetSpec, Field(discriminator="kind")]
+
+MetricName = Literal["accuracy", "f1", "mse", "mae", "cosine", "top_k"]
+METRIC_DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {
+    "accuracy": "maximize",
+    "f1": "maximize",
+    "cosine": "maximize",
+    "top_k": "maximize",
+    "mse": "minimize",
+    "mae": "minimize",
+}
+
+
+class MetricSpec(_Spec):
+    """Quality metric; a plain string such as `accuracy` is accepted as shorthand."""
+
+    name: MetricName
+    """accuracy / f1 (macro) / top_k on class scores or labels; mse / mae / cosine on values."""
+    k: int = Field(default=5, ge=1)
+    """k for top_k."""
+    direction: Literal["maximize", "minimize"] | None = None
+    """Whether higher or lower is better; derived from the metric, and checked if given."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _direction_matches(self) -> MetricSpec:
+        expected = METRIC_DIRECTIONS[self.name]
+        if self.direction is not None and self.direction != expected:
+            raise ValueError(f"{self.name} is better when higher/lower as `{expected}`, not `{self.direction}`")
+        return self
+
+    @property
+    def better(self) -> Literal["maximize", "minimize"]:
+        return METRIC_DIRECTIONS[self.name]
+
+
+class LatencySpec(_Spec):
+    """In-process ONNX Runtime timing done during evaluation."""
+
+    iterations: int = Field(default=200, ge=1, le=1_000_000)
+    """Timed batch-1 runs (after warm-up) for the p50/p99 latency."""
+    throughput_batch: int = Field(default=64, ge=1, le=65536)
+    """Batch size for the throughput figure."""
+    threads: int = Field(default=1, ge=0)
+    """ONNX Runtime intra-op threads (0 lets ONNX Runtime choose)."""
+
+
+class EvaluationSpec(_Spec):
+    """How the model is judged: a held-out dataset and a metric."""
+
+    dataset: DatasetSpec
+    """Evaluation data."""
+    metric: MetricSpec
+    """Quality metric."""
+    output: str | None = None
+    """Output tensor the metric reads; the first output by default."""
+    max_samples: int | None = Field(default=None, ge=1)
+    """Cap on evaluated samples (the first N)."""
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+    """Timing settings."""
+
+
+class OptimizeStepSpec(_Spec):
+    """One optimization step (implemented by the optimization work; listed here to validate early)."""
+
+    step: Literal["graph", "quantize_dynamic", "quantize_static", "fp16", "weight_only", "prune", "distill"]
+    """Which optimization."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Step parameters."""
+
+
+class ServeSpec(_Spec):
+    """Serving settings used by `shipyard serve`."""
+
+    max_batch_size: int = Field(default=64, ge=0)
+    """Largest batch the dynamic batcher forms (0 disables batching)."""
+    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    """Longest a request waits for others to join its batch."""
+    preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    """Batch sizes the batcher aims for."""
+    max_queue_size: int = Field(default=1024, ge=1)
+    """Requests queued per model before new ones are refused (503)."""
+    instances: int = Field(default=1, ge=1, le=64)
+    """Model instances (sessions) run in parallel."""
+    intra_op_threads: int = Field(default=1, ge=0)
+    """ONNX Runtime intra-op threads per instance (0 lets ONNX Runtime choose)."""
+    execution_providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    """Providers in order of preference; those not available on the machine are skipped."""
+
+    @model_validator(mode="after")
+    def _preferred_fit(self) -> ServeSpec:
+        too_big = [b for b in self.preferred_batch_sizes if b > self.max_batch_size]
+        if too_big:
+            raise ValueError(f"preferred_batch_sizes {too_big} exceed max_batch_size {self.max_batch_size}")
+        return self
+
+
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+
+
+class ResourcesSpec(_Spec):
+    """Kubernetes-style resource quantities for one replica."""
+
+    cpu: str = Field(default="1", pattern=_QUANTITY)
+    """CPU request, e.g. `500m` or `2`."""
+    memory: str = Field(default="1Gi", pattern=_QUANTITY)
+    """Memory request, e.g. `512Mi`."""
+
+
+class DeploySpec(_Spec):
+    """Deployment settings used by `shipyard deploy`."""
+
+    target: Literal["local", "docker", "kubernetes", "kserve", "ray"] = "local"
+    """Where to deploy."""
+    min_replicas: int = Field(default=1, ge=0)
+    """Fewest replicas."""
+    max_replicas: int = Field(default=1, ge=1)
+    """Most replicas."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """Per-replica resources."""
+    image: str | None = None
+    """Container image to run (docker, kubernetes, kserve)."""
+    namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Kubernetes namespace."""
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> DeploySpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class ShipyardSpec(_Spec):
+    """A `shipyard.yaml`: one model from file to service."""
+
+    version: Literal[1] = 1
+    """Spec format version."""
+    name: str = Field(pattern=NAME_PATTERN)
+    """Model name in the registry (letters, digits, `_.-`)."""
+    description: str = ""
+    """Free text stored in the manifest."""
+    model: ModelSourceSpec
+    """The trained model to ship."""
+    convert: ConvertSpec = Field(default_factory=ConvertSpec)
+    """Conversion to ONNX."""
+    evaluation: EvaluationSpec | None = None
+    """Held-out evaluation; without it only conversion and timing run."""
+    optimize: list[OptimizeStepSpec] = Field(default_factory=list)
+    """Optimization steps, in order."""
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+    """Serving settings."""
+    deploy: DeploySpec = Field(default_factory=DeploySpec)
+    """Deployment settings."""
+
+
+def resolve_path(base: Path, value: str) -> Path:
+    """A spec path made absolute against the spec's folder (`file://` URIs accepted)."""
+    if value.startswith("file://"):
+        value = value[len("file://") :]
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
