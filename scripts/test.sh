@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-ruff check src tests bench
-ruff format --check src tests bench
+ruff check
+ruff format --check
 mypy
 # pytest exits 5 when it collected nothing; that is a failure here like any other non-zero code.
 pytest "$@"

@@ -38,7 +38,12 @@ class RichReporter:
     @contextlib.contextmanager
     def step(self, description: str) -> Iterator[StepProgress]:
         task = self.progress.add_task(description, total=None)
-        yield _TaskProgress(self.progress, task)
+        try:
+            yield _TaskProgress(self.progress, task)
+        except BaseException:
+            self.progress.update(task, description=f"[red]✗ {description}[/]")
+            self.progress.stop_task(task)
+            raise
         total = self.progress.tasks[task].total or 1
         self.progress.update(task, completed=total, total=total)
 

@@ -250,13 +250,14 @@ def pull(
     print(f"{manifest.name}:{manifest.version}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one red line and an exit code by kind, never a traceback."""
     try:
-        app()
+        app(args=argv)
     except ShipyardError as exc:
         for i, line in enumerate(str(exc).splitlines()):
-            err.print(f"[bold red]error:[/] {escape(line)}" if i == 0 else f"       {escape(line)}", highlight=False)
+            text = f"[bold red]error:[/] {escape(line)}" if i == 0 else f"       {escape(line)}"
+            err.print(text, highlight=False, soft_wrap=True)
         sys.exit(EXIT_CODES[exc.kind])
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]: nothing was registered")
@@ -264,6 +265,6 @@ def main() -> None:
     except Exception as exc:
         if os.environ.get("SHIPYARD_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", soft_wrap=True)
         err.print("set SHIPYARD_DEBUG=1 for the traceback and report it as a bug")
         sys.exit(1)

@@ -17,7 +17,7 @@ def pack(folder: Path, dest: Path) -> Path:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     with (
         dest.open("wb") as raw,
-        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
         for path in files:

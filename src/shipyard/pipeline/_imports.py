@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +23,28 @@ def _forget_shadowed(top: str, base_dir: Path) -> None:
             del sys.modules[name]
 
 
+@contextlib.contextmanager
+def on_sys_path(base_dir: Path) -> Iterator[None]:
+    """The spec's folder first on sys.path for the duration (user modules, classes named in pickles)."""
+    sys.path.insert(0, str(base_dir.resolve()))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(base_dir.resolve()))
+
+
 def import_object(ref: str, base_dir: Path) -> Any:
     """Import `package.module:name` with `base_dir` first on sys.path; ModelLoadError if it fails."""
     module_name, _, attr = ref.partition(":")
     base_dir = base_dir.resolve()
     _forget_shadowed(module_name.split(".")[0], base_dir)
-    sys.path.insert(0, str(base_dir))
     try:
-        module = importlib.import_module(module_name)
+        with on_sys_path(base_dir):
+            module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelLoadError(f"cannot import {module_name!r} (from {base_dir}): {exc}") from None
     except Exception as exc:  # the user's module raised while importing
         raise ModelLoadError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        sys.path.remove(str(base_dir))
     try:
         return getattr(module, attr)
     except AttributeError:

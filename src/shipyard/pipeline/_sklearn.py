@@ -9,6 +9,7 @@ import numpy as np
 
 from shipyard._extras import require
 from shipyard.errors import ConversionError, ModelLoadError, UnsafeModelError
+from shipyard.pipeline._imports import on_sys_path
 from shipyard.pipeline.context import ExportResult
 from shipyard.spec.models import ConvertSpec, ModelSourceSpec, SignatureSpec, TensorSpec, resolve_path
 
@@ -18,7 +19,7 @@ _TRUSTED_ROOTS = ("sklearn", "numpy", "scipy", "builtins", "collections")
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
 
 
-def _load_estimator(path: Path, trust_pickle: bool) -> Any:
+def _load_estimator(path: Path, trust_pickle: bool, base_dir: Path) -> Any:
     if path.suffix == ".skops":
         sio = require("skops.io", "sklearn", "Loading .skops models")
         try:
@@ -40,7 +41,8 @@ def _load_estimator(path: Path, trust_pickle: bool) -> Any:
             )
         joblib = require("joblib", "sklearn", "Loading pickled scikit-learn models")
         try:
-            return joblib.load(str(path))
+            with on_sys_path(base_dir):  # the pickle names the user's classes by module path
+                return joblib.load(str(path))
         except Exception as exc:
             raise ModelLoadError(f"{path}: cannot unpickle: {type(exc).__name__}: {exc}") from None
     raise ModelLoadError(f"{path}: scikit-learn models must be .skops (or a trusted .pkl/.joblib)")
@@ -57,7 +59,7 @@ class SklearnSource:
 
     def __init__(self, source: ModelSourceSpec, base_dir: Path) -> None:
         assert source.path is not None
-        self.estimator = _load_estimator(resolve_path(base_dir, source.path), source.trust_pickle)
+        self.estimator = _load_estimator(resolve_path(base_dir, source.path), source.trust_pickle, base_dir)
         if not hasattr(self.estimator, "predict"):
             raise ModelLoadError(f"{source.path}: loaded a {type(self.estimator).__name__}, not an estimator")
         self._classifier = hasattr(_final_estimator(self.estimator), "predict_proba")

@@ -19,7 +19,7 @@ import numpy as np
 
 from shipyard._extras import require
 from shipyard.errors import ConversionError, ModelLoadError, UnsafeModelError
-from shipyard.pipeline._imports import import_object
+from shipyard.pipeline._imports import import_object, on_sys_path
 from shipyard.pipeline._onnx import numpy_dtype
 from shipyard.pipeline.context import ExportResult
 from shipyard.spec.models import ConvertSpec, ModelSourceSpec, SignatureSpec, resolve_path
@@ -123,7 +123,8 @@ def _load_module(source: ModelSourceSpec, base_dir: Path) -> tuple[Any, str]:
             raise ModelLoadError(f"{path}: not a TorchScript, torch.export or PyTorch file: {exc}") from None
         raise ModelLoadError(f"{path} is a state dict, not a model: give `module: pkg.mod:Class` and `weights:`")
     try:
-        module = torch.load(str(path), map_location="cpu", weights_only=False)
+        with on_sys_path(base_dir):  # the pickle names the user's classes by module path
+            module = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot load pickled module: {exc}") from None
     if not isinstance(module, torch.nn.Module):
@@ -150,7 +151,7 @@ class TorchSource:
     def predict(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         torch = self._torch
         args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: TorchScript modules reject inference tensors
             out = self.module(*args)
         outputs = list(out) if isinstance(out, (tuple, list)) else [out]
         return [o.detach().cpu().numpy() for o in outputs]

@@ -97,7 +97,8 @@ class ConvertStep:
         try:
             original = run_in_chunks(ctx.source.predict, feeds, chunk)
         except Exception as exc:  # the user's model code
-            raise ConversionError(f"the original model failed on the verification inputs: {exc}") from None
+            last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise ConversionError(f"the original model failed on the verification inputs: {last_line}") from None
         errors = compare_outputs(original, converted, [t.name for t in ctx.signature.outputs], spec.tolerance)
         ctx.metrics.update(errors)
         progress.update(3, 3)

@@ -1,0 +1,57 @@
+"""Helpers shared by tests: small models built in the test, specs, publishing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from shipyard.artifact import create_manifest
+from shipyard.registry import LocalRegistry
+from shipyard.spec.models import SignatureSpec, TensorSpec
+
+SIGNATURE = SignatureSpec(inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 2])])
+
+
+def make_mlp_onnx(path: Path, seed: int = 0, features: int = 16, classes: int = 4) -> Path:
+    """A tiny Gemm-ReLU-Gemm classifier with a dynamic batch dimension, built with onnx.helper."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((features, 8)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, classes)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_spec(folder: Path, spec: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "shipyard.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def publish(registry: LocalRegistry, name: str = "m", payload: bytes = b"model") -> int:
+    with registry.stage() as staged:
+        (staged / "model.onnx").write_bytes(payload)
+        create_manifest(staged, name=name, model_file="model.onnx", signature=SIGNATURE)
+        manifest = registry.publish(staged)
+    assert manifest.version is not None
+    return manifest.version

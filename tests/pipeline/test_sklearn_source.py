@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shipyard.errors import UnsafeModelError
+from shipyard.pipeline import build
+from shipyard.pipeline.datasets import sklearn_split
+from shipyard.registry import LocalRegistry
+from shipyard.spec import load_spec
+from shipyard.spec.models import SklearnDatasetSpec
+from tests._helpers import write_spec
+
+sklearn = pytest.importorskip("sklearn", reason="the sklearn extra is not installed")
+sio = pytest.importorskip("skops.io", reason="the sklearn extra is not installed")
+
+from sklearn.linear_model import LogisticRegression, Ridge  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+
+def _fit(name: str, estimator: Any) -> Any:
+    x_train, _, y_train, _ = sklearn_split(SklearnDatasetSpec(kind="sklearn", name=name))  # type: ignore[arg-type]
+    return estimator.fit(x_train, y_train)
+
+
+def _spec(folder: Path, path: str, dataset: str, metric: str, **model: Any) -> Path:
+    return write_spec(
+        folder,
+        {
+            "name": "sk",
+            "model": {"format": "sklearn", "path": path, **model},
+            "evaluation": {
+                "dataset": {"kind": "sklearn", "name": dataset},
+                "metric": metric,
+                "latency": {"iterations": 20},
+            },
+        },
+    )
+
+
+def test_skops_classifier_pipeline(tmp_path: Path, registry: LocalRegistry) -> None:
+    model = _fit("iris", make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)))
+    sio.dump(model, tmp_path / "clf.skops")
+    manifest = build(load_spec(_spec(tmp_path, "clf.skops", "iris", "accuracy")), registry)
+    assert [t.name for t in manifest.signature.outputs] == ["label", "probabilities"]
+    assert manifest.signature.inputs[0].shape == ["batch", 4]
+    assert manifest.metrics["accuracy"] == manifest.metrics["accuracy_original"]
+    assert manifest.metrics["accuracy"] > 0.85
+    assert manifest.lineage[1].params["converter"] == "skl2onnx"
+
+
+def test_regressor_with_mse(tmp_path: Path, registry: LocalRegistry) -> None:
+    sio.dump(_fit("diabetes", Ridge()), tmp_path / "reg.skops")
+    manifest = build(load_spec(_spec(tmp_path, "reg.skops", "diabetes", "mse")), registry)
+    assert manifest.metrics["mse"] == pytest.approx(manifest.metrics["mse_original"], rel=1e-4)
+
+
+def test_pickle_is_refused_unless_trusted(tmp_path: Path, registry: LocalRegistry) -> None:
+    (tmp_path / "clf.pkl").write_bytes(pickle.dumps(_fit("iris", LogisticRegression(max_iter=500))))
+    with pytest.raises(UnsafeModelError, match=r"is a pickle: unpickling runs arbitrary code.*skops"):
+        build(load_spec(_spec(tmp_path, "clf.pkl", "iris", "accuracy")), registry)
+    assert registry.all_versions() == []
+    manifest = build(load_spec(_spec(tmp_path, "clf.pkl", "iris", "accuracy", trust_pickle=True)), registry)
+    assert manifest.metrics["accuracy"] > 0.85
+
+
+class Custom(LogisticRegression):  # a type outside scikit-learn: not trusted in a .skops file
+    pass
+
+
+def test_skops_with_foreign_types_is_refused(tmp_path: Path, registry: LocalRegistry) -> None:
+    sio.dump(_fit("iris", Custom(max_iter=500)), tmp_path / "custom.skops")
+    with pytest.raises(UnsafeModelError, match="outside scikit-learn"):
+        build(load_spec(_spec(tmp_path, "custom.skops", "iris", "accuracy")), registry)
+    assert registry.all_versions() == []
