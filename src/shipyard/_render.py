@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -86,8 +87,13 @@ def manifest_table(manifest: Manifest) -> Table:
     table.add_row("size", human_bytes(manifest.size_bytes))
     for kind, tensors in (("input", manifest.signature.inputs), ("output", manifest.signature.outputs)):
         for t in tensors:
-            table.add_row(f"{kind} {t.name}", f"{t.dtype} {t.shape}")
-    table.add_row("lineage", " → ".join(f"{s.step} ({s.seconds:.1f}s)" for s in manifest.lineage))
+            table.add_row(f"{kind} {t.name}", escape(f"{t.dtype} [{', '.join(map(str, t.shape))}]"))
+    convert = next((s for s in manifest.lineage if s.step == "convert"), None)
+    if convert is not None:
+        how = convert.params.get("exporter") or convert.params.get("converter")
+        opset = convert.params.get("opset")
+        table.add_row("converted with", f"{how}" + (f", opset {opset}" if opset else ""))
+    table.add_row("lineage", " → ".join(f"{s.step} {s.seconds:.1f}s" for s in manifest.lineage))
     table.add_row("content hash", manifest.content_hash[:23] + "…")
     return table
 
