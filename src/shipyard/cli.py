@@ -42,6 +42,8 @@ EXIT_CODES = {
     ErrorKind.CORRUPT: 7,
     ErrorKind.MISSING_DEPENDENCY: 8,
     ErrorKind.UNAVAILABLE: 9,
+    ErrorKind.OVERLOADED: 9,
+    ErrorKind.TOO_LARGE: 2,
 }
 EXAMPLES = ("digits",)
 
@@ -248,6 +250,39 @@ def pull(
     manifest = remote_storage.pull(_registry(registry), uri)
     err.print(f"[green]pulled[/] {uri} as {manifest.name}:{manifest.version}")
     print(f"{manifest.name}:{manifest.version}")
+
+
+@app.command()
+def serve(
+    models: list[str] = typer.Argument(None, help="NAME, NAME:VERSION or NAME@ALIAS to serve (default: every model)."),
+    registry: str | None = RegistryOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    http_port: int = typer.Option(8000, "--http-port", help="REST (Open Inference Protocol) port."),
+    grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC (GRPCInferenceService) port."),
+    metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics port (0: off)."),
+    max_body_mb: float = typer.Option(64, "--max-body-mb", help="Largest request body accepted (413 above)."),
+) -> None:
+    """Serve registry versions over the Open Inference Protocol (REST + gRPC) with dynamic batching."""
+    import asyncio
+    import logging
+
+    from shipyard.serve.server import ServeSettings, run
+
+    reg = _registry(registry)
+    refs = list(models or []) or reg.models()
+    if not refs:
+        raise NotFoundError(f"no models to serve in {reg.root}")
+    settings = ServeSettings(
+        models=refs, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+    )  # fmt: skip
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        uvloop.run(run(settings, reg))
+    except ImportError:
+        asyncio.run(run(settings, reg))
 
 
 def main(argv: list[str] | None = None) -> None:

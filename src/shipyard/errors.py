@@ -18,6 +18,8 @@ class ErrorKind(enum.Enum):
     CORRUPT = "corrupt"  # stored data does not match its recorded hashes or cannot be parsed
     MISSING_DEPENDENCY = "missing_dependency"
     UNAVAILABLE = "unavailable"
+    OVERLOADED = "overloaded"  # a bounded queue is full: retry later
+    TOO_LARGE = "too_large"  # a request exceeds a configured size limit
     INTERNAL = "internal"
 
 
@@ -78,3 +80,11 @@ class MissingExtraError(ShipyardError):
 
 class UnavailableError(ShipyardError):
     kind = ErrorKind.UNAVAILABLE
+
+
+class OverloadedError(ShipyardError):
+    kind = ErrorKind.OVERLOADED
+
+
+class TooLargeError(ShipyardError):
+    kind = ErrorKind.TOO_LARGE

@@ -1,0 +1,205 @@
+"""Everything REST and gRPC share: health, metadata, config, statistics, repository and inference.
+
+Inputs and outputs are plain Python/numpy; the transports only decode and encode.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from shipyard import __version__
+from shipyard.errors import InvalidInputError, NotFoundError
+from shipyard.serve.datatypes import SPEC_TO_V2
+from shipyard.serve.repository import ModelHandle, ModelRepository
+from shipyard.serve.types import InferOutput, InferRequest, InferResponse
+from shipyard.spec.models import TensorSpec
+
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
+
+
+def _v2_shape(tensor: TensorSpec) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in tensor.shape]
+
+
+def _tensor_metadata(tensor: TensorSpec) -> dict[str, Any]:
+    return {"name": tensor.name, "datatype": SPEC_TO_V2[tensor.dtype], "shape": _v2_shape(tensor)}
+
+
+def _check_input(tensor: TensorSpec, datatype: str, shape: list[int]) -> None:
+    expected = SPEC_TO_V2[tensor.dtype]
+    if datatype != expected:
+        raise InvalidInputError(f"input {tensor.name!r}: datatype {datatype}, the model expects {expected}")
+    if len(shape) != len(tensor.shape):
+        raise InvalidInputError(
+            f"input {tensor.name!r}: shape {shape} has rank {len(shape)}, expected {_v2_shape(tensor)}"
+        )
+    for got, want in zip(shape, tensor.shape, strict=True):
+        if isinstance(want, int) and got != want:
+            raise InvalidInputError(f"input {tensor.name!r}: shape {shape} does not match {_v2_shape(tensor)}")
+
+
+class DataPlane:
+    """The transport-agnostic server API."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+        self.loading_done = False  # set once the start-up loads (and warm-ups) have finished
+
+    # --- health and metadata -----------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.loading_done and not self.repository.failed
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "shipyard", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        try:
+            self.repository.get(name, version)
+        except NotFoundError:
+            return False
+        return True
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        handle = self.repository.get(name, version)
+        signature = handle.manifest.signature
+        return {
+            "name": name,
+            "versions": [str(v) for v in self.repository.versions(name)],
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {"name": t.name, "datatype": SPEC_TO_V2[t.dtype], "shape": _v2_shape(t)} for t in signature.inputs
+            ],
+            "outputs": [
+                {"name": t.name, "datatype": SPEC_TO_V2[t.dtype], "shape": _v2_shape(t)} for t in signature.outputs
+            ],
+        }
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's model configuration (JSON form): what perf_analyzer and tritonclient read."""
+        handle = self.repository.get(name, version)
+        batched = handle.batchable and handle.batcher.max_batch_size > 0
+
+        def tensors(specs: list[TensorSpec]) -> list[dict[str, Any]]:
+            return [
+                {"name": t.name, "data_type": f"TYPE_{'STRING' if t.dtype == 'string' else SPEC_TO_V2[t.dtype]}",
+                 "dims": _v2_shape(t)[1:] if batched else _v2_shape(t)}
+                for t in specs
+            ]  # fmt: skip
+
+        config: dict[str, Any] = {
+            "name": name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "version_policy": {"latest": {"num_versions": 1}},
+            "max_batch_size": handle.batcher.max_batch_size if batched else 0,
+            "input": tensors(handle.manifest.signature.inputs),
+            "output": tensors(handle.manifest.signature.outputs),
+            "instance_group": [{"name": name, "kind": "KIND_CPU", "count": handle.settings.instances}],
+        }
+        if batched:
+            config["dynamic_batching"] = {
+                "preferred_batch_size": handle.settings.preferred_batch_sizes,
+                "max_queue_delay_microseconds": int(handle.settings.max_queue_delay_ms * 1000),
+            }
+        return config
+
+    def model_statistics(self, name: str | None, version: str | None) -> dict[str, Any]:
+        if name is None:
+            handles = self.repository.handles()
+        elif version:
+            handles = [self.repository.get(name, version)]
+        else:
+            handles = [self.repository.get(name, str(v)) for v in self.repository.versions(name)]
+            if not handles:
+                raise NotFoundError(f"model {name!r} is not loaded")
+        return {"model_stats": [h.stats.snapshot() for h in handles]}
+
+    # --- repository ----------------------------------------------------------------------------
+
+    def repository_index(self) -> list[dict[str, str]]:
+        loaded = {(h.name, h.version) for h in self.repository.handles()}
+        index = []
+        for record in self.repository.registry.all_versions():
+            state = "READY" if (record.name, record.version) in loaded else "UNAVAILABLE"
+            index.append({"name": record.name, "version": str(record.version), "state": state, "reason": ""})
+        return index
+
+    async def load_model(self, name: str) -> None:
+        await self.repository.load(name)
+
+    async def unload_model(self, name: str) -> None:
+        await self.repository.unload(name)
+
+    # --- inference -----------------------------------------------------------------------------
+
+    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        """Validate against the model's signature, batch, run, and select the requested outputs."""
+        start = time.perf_counter_ns()
+        handle = self.repository.get(name, version)
+        samples = 1
+        try:
+            self._check_requested(handle, request)
+            feeds, samples = self._feeds(handle, request)
+            outputs = await handle.batcher.submit(feeds, samples)
+        except BaseException:
+            handle.stats.request_done(False, time.perf_counter_ns() - start, samples)
+            raise
+        response = self._response(handle, request, outputs)
+        handle.stats.request_done(True, time.perf_counter_ns() - start, samples)
+        return response
+
+    @staticmethod
+    def _feeds(handle: ModelHandle, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
+        expected = {t.name: t for t in handle.manifest.signature.inputs}
+        feeds: dict[str, np.ndarray] = {}
+        for item in request.inputs:
+            tensor = expected.get(item.name)
+            if tensor is None:
+                raise InvalidInputError(f"unexpected input {item.name!r}; the model takes {', '.join(expected)}")
+            if item.name in feeds:
+                raise InvalidInputError(f"input {item.name!r} given twice")
+            _check_input(tensor, item.datatype, item.shape)
+            data = item.data
+            if tensor.dtype == "string":  # ONNX Runtime string tensors hold str
+                data = np.array([x.decode("utf-8", "replace") for x in data.reshape(-1)], dtype=object).reshape(
+                    item.shape
+                )
+            feeds[item.name] = data
+        missing = [n for n in expected if n not in feeds]
+        if missing:
+            raise InvalidInputError(f"missing inputs: {', '.join(missing)}")
+        if not handle.batchable:
+            return feeds, 1
+        sizes = {a.shape[0] for a in feeds.values()}
+        if len(sizes) != 1:
+            raise InvalidInputError(f"inputs disagree on the batch dimension: {sorted(sizes)}")
+        return feeds, sizes.pop()
+
+    @staticmethod
+    def _check_requested(handle: ModelHandle, request: InferRequest) -> None:
+        names = {t.name for t in handle.manifest.signature.outputs}
+        for wanted in request.outputs or []:
+            if wanted.name not in names:
+                raise InvalidInputError(f"unknown output {wanted.name!r}; the model has {', '.join(sorted(names))}")
+
+    @staticmethod
+    def _response(handle: ModelHandle, request: InferRequest, outputs: list[np.ndarray]) -> InferResponse:
+        specs = handle.manifest.signature.outputs
+        by_name = {t.name: (t, array) for t, array in zip(specs, outputs, strict=True)}
+        wanted = [(o.name, o.parameters) for o in request.outputs] if request.outputs else [(t.name, {}) for t in specs]
+        result = []
+        for out_name, params in wanted:
+            tensor, array = by_name[out_name]
+            datatype = SPEC_TO_V2[tensor.dtype]
+            if datatype == "BYTES":
+                array = np.array([x.encode() if isinstance(x, str) else x for x in array.reshape(-1)],
+                                 dtype=object).reshape(array.shape)  # fmt: skip
+            result.append(InferOutput(out_name, datatype, list(array.shape), array, params))
+        return InferResponse(handle.name, str(handle.version), result, request.id)

@@ -1,0 +1,181 @@
+"""The gRPC transport: Triton/KServe's GRPCInferenceService over grpc.aio, using tritonclient's stubs.
+
+Messages are converted to the domain types and back; error kinds become gRPC status codes here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError
+from shipyard.serve.dataplane import DataPlane
+from shipyard.serve.datatypes import from_list, from_raw, to_raw
+from shipyard.serve.types import InferInput, InferRequest, InferResponse, RequestedOutput
+
+logger = logging.getLogger(__name__)
+
+GRPC_STATUS = {
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.UNSAFE: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.FAILED_CHECK: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.CORRUPT: grpc.StatusCode.INTERNAL,
+    ErrorKind.MISSING_DEPENDENCY: grpc.StatusCode.INTERNAL,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}  # fmt: skip
+
+T = TypeVar("T")
+
+
+def _parameters(params: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        which = value.WhichOneof("parameter_choice")
+        if which is not None:
+            out[key] = getattr(value, which)
+    return out
+
+
+def decode_infer(message: service_pb2.ModelInferRequest) -> InferRequest:
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidInputError(f"{len(raw)} raw_input_contents for {len(message.inputs)} inputs")
+    inputs = []
+    for i, item in enumerate(message.inputs):
+        shape = list(item.shape)
+        if raw:
+            data = from_raw(item.datatype, shape, raw[i])
+        else:
+            field = _CONTENTS_FIELD.get(item.datatype)
+            if field is None:
+                raise InvalidInputError(f"input {item.name!r}: {item.datatype} needs raw_input_contents")
+            data = from_list(item.datatype, shape, list(getattr(item.contents, field)))
+        inputs.append(InferInput(item.name, item.datatype, shape, data, _parameters(item.parameters)))
+    outputs = [RequestedOutput(o.name, _parameters(o.parameters)) for o in message.outputs] or None
+    return InferRequest(inputs, outputs, message.id or None, _parameters(message.parameters))
+
+
+def encode_infer(response: InferResponse) -> service_pb2.ModelInferResponse:
+    message = service_pb2.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id or ""
+    )
+    for out in response.outputs:
+        message.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        message.raw_output_contents.append(to_raw(out.datatype, out.data))
+    return message
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """GRPCInferenceService over the data plane."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dp = dataplane
+
+    @staticmethod
+    async def _call(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except ShipyardError as exc:
+            code = GRPC_STATUS[exc.kind]
+            if code == grpc.StatusCode.INTERNAL:
+                logger.error("internal error: %s", exc)
+            await context.abort(code, exc.message if code != grpc.StatusCode.INTERNAL else "internal error")
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            logger.exception("unhandled gRPC error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("context.abort returns only by raising")
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method names)
+        return service_pb2.ServerLiveResponse(live=self.dp.live())
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return service_pb2.ServerReadyResponse(ready=self.dp.ready())
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return service_pb2.ServerMetadataResponse(**self.dp.server_metadata())
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return service_pb2.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version or None))
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async def run() -> Any:
+            meta = self.dp.model_metadata(request.name, request.version or None)
+            return json_format.ParseDict(meta, service_pb2.ModelMetadataResponse())
+
+        return await self._call(context, run)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async def run() -> Any:
+            config = self.dp.model_config(request.name, request.version or None)
+            proto = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+            return service_pb2.ModelConfigResponse(config=proto)
+
+        return await self._call(context, run)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async def run() -> Any:
+            stats = self.dp.model_statistics(request.name or None, request.version or None)
+            return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse())
+
+        return await self._call(context, run)
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async def run() -> Any:
+            return json_format.ParseDict({"models": self.dp.repository_index()}, service_pb2.RepositoryIndexResponse())
+
+        return await self._call(context, run)
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async def run() -> Any:
+            await self.dp.load_model(request.model_name)
+            return service_pb2.RepositoryModelLoadResponse()
+
+        return await self._call(context, run)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async def run() -> Any:
+            await self.dp.unload_model(request.model_name)
+            return service_pb2.RepositoryModelUnloadResponse()
+
+        return await self._call(context, run)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+        async def run() -> Any:
+            response = await self.dp.infer(request.model_name, request.model_version or None, decode_infer(request))
+            return encode_infer(response)
+
+        return await self._call(context, run)
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        # Errors go into the stream (Triton's ModelStreamInferResponse.error_message), which keeps it open.
+        async for request in request_iterator:
+            try:
+                response = await self.dp.infer(request.model_name, request.model_version or None, decode_infer(request))
+                yield service_pb2.ModelStreamInferResponse(infer_response=encode_infer(response))
+            except ShipyardError as exc:
+                message = exc.message if GRPC_STATUS[exc.kind] != grpc.StatusCode.INTERNAL else "internal error"
+                yield service_pb2.ModelStreamInferResponse(error_message=message)
+            except Exception:
+                logger.exception("unhandled stream error")
+                yield service_pb2.ModelStreamInferResponse(error_message="internal error")
+
+
+def add_servicer(server: grpc.aio.Server, dataplane: DataPlane) -> None:
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)

@@ -1,0 +1,145 @@
+"""Loaded models: many names and versions, hot load/unload, and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from shipyard.artifact.manifest import Manifest
+from shipyard.errors import InvalidInputError, NotFoundError, ShipyardError
+from shipyard.pipeline._onnx import is_batchable
+from shipyard.registry import LocalRegistry
+from shipyard.registry.refs import ModelRef, parse_ref
+from shipyard.serve.batching import Batcher
+from shipyard.serve.metrics import ServerMetrics
+from shipyard.serve.runtime import OrtRuntime
+from shipyard.serve.stats import ModelStats
+from shipyard.spec.models import ServeSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelHandle:
+    """One loaded version: its runtime, batcher, settings and statistics."""
+
+    name: str
+    version: int
+    manifest: Manifest
+    settings: ServeSpec
+    runtime: OrtRuntime
+    batcher: Batcher
+    stats: ModelStats
+    batchable: bool
+
+    def warm_up_sizes(self) -> list[int]:
+        if not self.batchable or self.batcher.max_batch_size <= 1:
+            return [1]
+        sizes = {1, self.batcher.max_batch_size, *self.settings.preferred_batch_sizes}
+        size = 2
+        while size < self.batcher.max_batch_size:
+            sizes.add(size)
+            size *= 2
+        return sorted(sizes)
+
+
+def serve_settings(manifest: Manifest) -> ServeSpec:
+    """The serve section the model was built with (defaults for imported models)."""
+    section = (manifest.spec or {}).get("serve")
+    return ServeSpec.model_validate(section) if section else ServeSpec()
+
+
+class ModelRepository:
+    """Models by name and version; requests without a version get the newest loaded one."""
+
+    def __init__(self, registry: LocalRegistry, metrics: ServerMetrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self._models: dict[str, dict[int, ModelHandle]] = {}
+        self._lock = asyncio.Lock()  # serializes load/unload; inference never takes it
+        self.failed: dict[str, str] = {}  # ref -> why it failed to load
+
+    async def load(self, ref: str | ModelRef) -> ModelHandle:
+        """Load (or return the already loaded) version a registry reference names; ready when this returns."""
+        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        async with self._lock:
+            record = self.registry.resolve(parsed)
+            existing = self._models.get(record.name, {}).get(record.version)
+            if existing is not None:
+                return existing
+            manifest = self.registry.manifest(record)
+            settings = serve_settings(manifest)
+            runtime = OrtRuntime(self.registry.path(record), manifest, settings)
+            stats = ModelStats(record.name, record.version, self.metrics)
+            batchable = is_batchable(manifest.signature)
+            batcher = Batcher(
+                runtime.infer,
+                stats,
+                max_batch_size=settings.max_batch_size if batchable else 0,
+                max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+                preferred_sizes=settings.preferred_batch_sizes,
+                max_queue_size=settings.max_queue_size,
+                instances=settings.instances,
+            )
+            handle = ModelHandle(record.name, record.version, manifest, settings, runtime, batcher, stats, batchable)
+            await runtime.load()
+            try:
+                await runtime.warm_up(handle.warm_up_sizes())
+            except Exception:
+                await runtime.unload()
+                raise
+            batcher.start()
+            self._models.setdefault(record.name, {})[record.version] = handle
+            self.failed.pop(str(parsed), None)
+            logger.info("loaded %s:%s (%s)", record.name, record.version, ", ".join(runtime.providers))
+            return handle
+
+    async def load_all(self, refs: list[str]) -> None:
+        """Load each reference; one that fails is reported and the others still load."""
+        for ref in refs:
+            try:
+                await self.load(ref)
+            except ShipyardError as exc:
+                self.failed[ref] = str(exc)
+                logger.error("could not load %s: %s", ref, exc)
+
+    async def unload(self, name: str, version: int | None = None) -> list[int]:
+        """Stop routing new requests to the version(s), let queued ones finish, then free them."""
+        async with self._lock:
+            versions = self._models.get(name)
+            if not versions or (version is not None and version not in versions):
+                raise NotFoundError(f"model {name!r}{f' version {version}' if version else ''} is not loaded")
+            targets = [version] if version is not None else sorted(versions)
+            handles = [versions.pop(v) for v in targets]
+            if not versions:
+                del self._models[name]
+        for handle in handles:
+            await handle.batcher.stop()
+            await handle.runtime.unload()
+            handle.stats.forget()
+        return targets
+
+    async def unload_all(self) -> None:
+        for name in list(self._models):
+            await self.unload(name)
+
+    def get(self, name: str, version: str | None = None) -> ModelHandle:
+        """The handle for a request; NotFoundError naming what is loaded otherwise."""
+        versions = self._models.get(name)
+        if not versions:
+            raise NotFoundError(f"model {name!r} is not loaded")
+        if not version:
+            return versions[max(versions)]
+        if not version.isdigit():
+            raise InvalidInputError(f"model version must be a number, got {version!r}")
+        handle = versions.get(int(version))
+        if handle is None:
+            raise NotFoundError(f"model {name!r} has no loaded version {version} (loaded: {sorted(versions)})")
+        return handle
+
+    def handles(self) -> list[ModelHandle]:
+        return [h for versions in self._models.values() for h in versions.values()]
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))

@@ -1,0 +1,124 @@
+"""The composition root: settings in, a running REST + gRPC + metrics server out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import uvicorn
+from prometheus_client import start_http_server
+
+from shipyard.registry import LocalRegistry
+from shipyard.serve.dataplane import DataPlane
+from shipyard.serve.grpc import add_servicer
+from shipyard.serve.metrics import ServerMetrics
+from shipyard.serve.repository import ModelRepository
+from shipyard.serve.rest import RestApp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Process-level serving configuration (per-model settings come from each model's spec)."""
+
+    models: list[str]
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002  # 0 disables the metrics listener
+    max_body_bytes: int = 64 << 20
+    drain_seconds: float = 30.0
+
+
+class _Uvicorn(uvicorn.Server):
+    # The server owns signal handling (it must also drain gRPC and the batchers), so uvicorn
+    # must not install its own handlers or re-raise the signal when it exits.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ShipyardServer:
+    """REST (uvicorn), gRPC (grpc.aio) and Prometheus listeners over one data plane."""
+
+    def __init__(self, settings: ServeSettings, registry: LocalRegistry) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.repository = ModelRepository(registry, self.metrics)
+        self.dataplane = DataPlane(self.repository)
+        self.app = RestApp(self.dataplane, settings.max_body_bytes)
+        self._stop = asyncio.Event()
+        self.http: _Uvicorn | None = None
+        self.grpc: grpc.aio.Server | None = None
+        self._metrics_server: Any = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def start(self) -> None:
+        """Open the listeners (live at once), then load and warm every model (ready after)."""
+        s = self.settings
+        if s.metrics_port:
+            self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.max_body_bytes),
+                ("grpc.max_send_message_length", 1 << 30),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        add_servicer(self.grpc, self.dataplane)
+        self.grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        await self.grpc.start()
+        config = uvicorn.Config(
+            self.app, host=s.host, port=s.http_port, http="httptools", loop="none", lifespan="off",
+            access_log=False, log_level="warning", timeout_graceful_shutdown=int(s.drain_seconds),
+        )  # fmt: skip
+        self.http = _Uvicorn(config)
+        self._http_task = asyncio.create_task(self.http.serve())
+        while not self.http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises the bind error
+                raise OSError(f"HTTP server stopped during start-up on {s.host}:{s.http_port}")
+            await asyncio.sleep(0.01)
+        await self.repository.load_all(s.models)
+        self.dataplane.loading_done = True
+
+    async def serve_forever(self) -> None:
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish, drain batchers, unload."""
+        self.dataplane.loading_done = False  # readiness drops first so load balancers move away
+        if self.http is not None:
+            self.http.should_exit = True
+        if self.grpc is not None:
+            await self.grpc.stop(self.settings.drain_seconds)
+        if self.http is not None:
+            await self._http_task
+        await self.repository.unload_all()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+
+
+async def run(settings: ServeSettings, registry: LocalRegistry) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    server = ShipyardServer(settings, registry)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_stop)
+    await server.start()
+    logger.info(
+        "serving %d model version(s): HTTP %s:%d, gRPC %s:%d, metrics :%d",
+        len(server.repository.handles()), settings.host, settings.http_port, settings.host, settings.grpc_port,
+        settings.metrics_port,
+    )  # fmt: skip
+    await server.serve_forever()
