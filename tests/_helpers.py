@@ -55,3 +55,46 @@ def publish(registry: LocalRegistry, name: str = "m", payload: bytes = b"model")
         manifest = registry.publish(staged)
     assert manifest.version is not None
     return manifest.version
+
+
+ONNX_TYPES = {
+    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}  # fmt: skip
+
+
+def make_identity_onnx(path: Path, datatype: str, width: int = 3) -> Path:
+    """y = Identity(x) for one V2 datatype, shape [batch, width]: exercises every datatype end to end."""
+    elem = ONNX_TYPES[datatype]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        f"identity_{datatype.lower()}",
+        [helper.make_tensor_value_info("x", elem, ["batch", width])],
+        [helper.make_tensor_value_info("y", elem, ["batch", width])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def sample_data(datatype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Values that exercise the datatype's range (negative numbers, large unsigned, non-ASCII text)."""
+    rng = np.random.default_rng(seed)
+    count = int(np.prod(shape))
+    if datatype == "BYTES":
+        words = [f"wörd-{i}".encode() if i % 2 else f"\x00bin ✓ {i}".encode() for i in range(count)]
+        return np.array(words, dtype=np.object_).reshape(shape)
+    if datatype == "BOOL":
+        return rng.random(shape) > 0.5
+    from shipyard.serve.datatypes import V2_TO_NUMPY
+
+    dtype = V2_TO_NUMPY[datatype]
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    return (rng.standard_normal(shape) * 100).astype(dtype)

@@ -161,6 +161,7 @@ class Batcher:
                 feeds = batch[0].feeds
             else:
                 feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
+            assembled = time.perf_counter_ns()
             try:
                 outputs = await self._run(feeds)
             except ShipyardError as exc:
@@ -170,9 +171,10 @@ class Batcher:
                 logger.exception("inference failed")
                 self._fail(batch, ShipyardError("inference failed (see the server log)"))
                 return
+            ran = time.perf_counter_ns()
             total = sum(p.size for p in batch)
-            self._stats.batch_done(total, time.perf_counter_ns() - start)
             self._split(batch, outputs, total)
+            self._stats.batch_done(total, assembled - start, ran - assembled, time.perf_counter_ns() - ran)
         finally:
             self._busy -= 1
             self._slots.release()

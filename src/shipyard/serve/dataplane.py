@@ -41,6 +41,24 @@ def _check_input(tensor: TensorSpec, datatype: str, shape: list[int]) -> None:
             raise InvalidInputError(f"input {tensor.name!r}: shape {shape} does not match {_v2_shape(tensor)}")
 
 
+def _as_text(name: str, data: np.ndarray) -> np.ndarray:
+    # onnxruntime's Python binding passes string tensors as str (it would store repr() of bytes).
+    try:
+        text = [x.decode("utf-8") for x in data.reshape(-1)]
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"input {name!r}: BYTES elements for a string tensor must be UTF-8 text") from None
+    return np.array(text, dtype=object).reshape(data.shape)
+
+
+def _version_parameter(parameters: dict[str, Any]) -> int | None:
+    version = parameters.get("version")
+    if version is None:
+        return None
+    if isinstance(version, int) or (isinstance(version, str) and version.isdigit()):
+        return int(version)
+    raise InvalidInputError(f"parameter 'version' must be a number, got {version!r}")
+
+
 class DataPlane:
     """The transport-agnostic server API."""
 
@@ -131,11 +149,14 @@ class DataPlane:
             index.append({"name": record.name, "version": str(record.version), "state": state, "reason": ""})
         return index
 
-    async def load_model(self, name: str) -> None:
-        await self.repository.load(name)
+    async def load_model(self, name: str, parameters: dict[str, Any]) -> None:
+        """Load the newest registered version, or the one named by parameter `version` (an extension)."""
+        version = _version_parameter(parameters)
+        await self.repository.load(name if version is None else f"{name}:{version}")
 
-    async def unload_model(self, name: str) -> None:
-        await self.repository.unload(name)
+    async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
+        """Unload every loaded version, or only parameter `version`; queued requests finish first."""
+        await self.repository.unload(name, _version_parameter(parameters))
 
     # --- inference -----------------------------------------------------------------------------
 

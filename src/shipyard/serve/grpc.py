@@ -144,14 +144,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
-            await self.dp.load_model(request.model_name)
+            await self.dp.load_model(request.model_name, _parameters(request.parameters))
             return service_pb2.RepositoryModelLoadResponse()
 
         return await self._call(context, run)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
-            await self.dp.unload_model(request.model_name)
+            await self.dp.unload_model(request.model_name, _parameters(request.parameters))
             return service_pb2.RepositoryModelUnloadResponse()
 
         return await self._call(context, run)

@@ -12,7 +12,7 @@ from typing import Any
 
 from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError, TooLargeError
 from shipyard.serve.dataplane import DataPlane
-from shipyard.serve.rest_codec import HEADER_LENGTH, decode_request, encode_json, encode_response
+from shipyard.serve.rest_codec import HEADER_LENGTH, decode_parameters, decode_request, encode_json, encode_response
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class RestApp:
         if rest[0] == "models":
             return await self._models(rest[1:], method, scope, receive)
         if rest[0] == "repository":
-            return await self._repository(rest[1:], method)
+            return await self._repository(rest[1:], method, scope, receive)
         return _error(404, f"no route for {scope['path']}")
 
     @staticmethod
@@ -169,15 +169,17 @@ class RestApp:
         headers = [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH.encode(), str(json_length).encode())]
         return _Response(200, payload, headers)
 
-    async def _repository(self, rest: list[str], method: str) -> _Response:
+    async def _repository(self, rest: list[str], method: str, scope: Scope, receive: Receive) -> _Response:
         if method != "POST":
             return _error(405, "use POST")
         if rest == ["index"]:
             return _json(self.dataplane.repository_index())
         if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
+            body = await self._body(scope, receive)
+            parameters = decode_parameters(body)
             if rest[2] == "load":
-                await self.dataplane.load_model(rest[1])
+                await self.dataplane.load_model(rest[1], parameters)
             else:
-                await self.dataplane.unload_model(rest[1])
+                await self.dataplane.unload_model(rest[1], parameters)
             return _json({})
         return _error(404, "no such repository route")

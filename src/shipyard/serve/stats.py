@@ -32,11 +32,13 @@ class ModelStats:
     success: _Duration = field(default_factory=_Duration)
     fail: _Duration = field(default_factory=_Duration)
     queue: _Duration = field(default_factory=_Duration)
+    compute_input: _Duration = field(default_factory=_Duration)
     compute: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
-    batches: dict[int, _Duration] = field(default_factory=dict)
+    batches: dict[int, tuple[_Duration, _Duration, _Duration]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         labels = (self.name, str(self.version))
@@ -64,11 +66,16 @@ class ModelStats:
         self.queue.add(queue_ns)
         self._queue_seconds.observe(queue_ns / 1e9)
 
-    def batch_done(self, samples: int, compute_ns: int) -> None:
+    def batch_done(self, samples: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One executed batch: assembling its inputs, running the model, splitting the outputs."""
         self.execution_count += 1
-        self.compute.add(compute_ns)
-        self.batches.setdefault(samples, _Duration()).add(compute_ns)
-        self._compute_seconds.observe(compute_ns / 1e9)
+        self.compute_input.add(input_ns)
+        self.compute.add(infer_ns)
+        self.compute_output.add(output_ns)
+        per_size = self.batches.setdefault(samples, (_Duration(), _Duration(), _Duration()))
+        for duration, ns in zip(per_size, (input_ns, infer_ns, output_ns), strict=True):
+            duration.add(ns)
+        self._compute_seconds.observe(infer_ns / 1e9)
         self._batch_size.observe(samples)
 
     def queue_depth(self, depth: int) -> None:
@@ -96,14 +103,19 @@ class ModelStats:
                 "success": self.success.as_dict(),
                 "fail": self.fail.as_dict(),
                 "queue": self.queue.as_dict(),
-                "compute_input": zero,
+                "compute_input": self.compute_input.as_dict(),
                 "compute_infer": self.compute.as_dict(),
-                "compute_output": zero,
+                "compute_output": self.compute_output.as_dict(),
                 "cache_hit": zero,
                 "cache_miss": zero,
             },
             "batch_stats": [
-                {"batch_size": size, "compute_input": zero, "compute_infer": d.as_dict(), "compute_output": zero}
-                for size, d in sorted(self.batches.items())
+                {
+                    "batch_size": size,
+                    "compute_input": i.as_dict(),
+                    "compute_infer": c.as_dict(),
+                    "compute_output": o.as_dict(),
+                }
+                for size, (i, c, o) in sorted(self.batches.items())
             ],
         }

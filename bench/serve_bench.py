@@ -1,0 +1,137 @@
+"""Serving benchmark: perf_analyzer against `shipyard serve` on the reference MLP, versus in-process ONNX Runtime.
+
+Run:  .venv/bin/python bench/serve_bench.py [--passes 3] [--window-ms 5000] [--concurrency 1 4 16]
+
+Prints a markdown table: throughput (inferences/s) and p50/p99 latency per protocol and concurrency,
+each throughput also as a ratio to the in-process batch-1 floor measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from reference import write_reference_mlp  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def in_process_floor(model: Path, seconds: float) -> dict[str, float]:
+    """session.run in a loop, one intra-op thread: batch-1 inferences/s and p50, batch-64 samples/s."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    result = {}
+    for batch in (1, 64):
+        feeds = {"input": np.random.default_rng(0).random((batch, 784), dtype=np.float32)}
+        for _ in range(50):
+            session.run(None, feeds)
+        times = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        result[f"b{batch}_per_s"] = batch * len(times) / sum(times)
+        result[f"b{batch}_p50_us"] = statistics.median(times) * 1e6
+    return result
+
+
+def start_server(registry: Path, http: int, grpc: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "shipyard", "serve", "mlp", "--registry", str(registry),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not become ready: {proc.stderr.read().decode() if proc.stderr else ''}")
+
+
+def perf_analyzer(tool: str, protocol: str, port: int, concurrency: int, window_ms: int) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile(suffix=".csv") as out:
+        cmd = [tool, "-m", "mlp", "-u", f"127.0.0.1:{port}", "-i", protocol, "-b", "1",
+               "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(window_ms),
+               "--stability-percentage", "1000", "--max-trials", "3", "-f", out.name]  # fmt: skip
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=window_ms / 1000 * 6 + 60)
+        if run.returncode != 0:
+            raise RuntimeError(f"perf_analyzer failed: {run.stdout[-2000:]} {run.stderr[-2000:]}")
+        with open(out.name) as results:
+            row = next(csv.DictReader(results))
+    return {
+        "per_s": float(row["Inferences/Second"]),
+        "p50_us": float(row["p50 latency"]),
+        "p99_us": float(row["p99 latency"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--window-ms", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-queue-delay-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    tool = subprocess.run(["bash", str(HERE / "fetch_perf_analyzer.sh")], capture_output=True, text=True, check=True)
+    perf_tool = tool.stdout.strip().splitlines()[-1]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        write_reference_mlp(work / "mlp.onnx")
+        spec = {"name": "mlp", "model": {"format": "onnx", "path": "mlp.onnx"},
+                "serve": {"max_batch_size": 64, "max_queue_delay_ms": args.max_queue_delay_ms,
+                          "intra_op_threads": 1, "instances": 1}}  # fmt: skip
+        (work / "shipyard.yaml").write_text(yaml.safe_dump(spec))
+        env = {**os.environ, "SHIPYARD_REGISTRY": str(work / "registry")}
+        subprocess.run([sys.executable, "-m", "shipyard", "build", str(work / "shipyard.yaml")], env=env,
+                       check=True, capture_output=True)  # fmt: skip
+        floor = in_process_floor(work / "mlp.onnx", seconds=args.window_ms / 1000)
+        http, grpc = free_port(), free_port()
+        server = start_server(work / "registry", http, grpc)
+        rows = []
+        try:
+            for protocol, port in (("http", http), ("grpc", grpc)):
+                for concurrency in args.concurrency:
+                    passes = [perf_analyzer(perf_tool, protocol, port, concurrency, args.window_ms)
+                              for _ in range(args.passes)]  # fmt: skip
+                    median = {k: statistics.median(p[k] for p in passes) for k in passes[0]}
+                    rows.append((protocol, concurrency, median))
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+    print(f"In-process ONNX Runtime floor (1 thread): batch 1 {floor['b1_per_s']:,.0f} inf/s "
+          f"(p50 {floor['b1_p50_us']:.0f} µs); batch 64 {floor['b64_per_s']:,.0f} samples/s\n")  # fmt: skip
+    print("| protocol | concurrency | throughput (inf/s) | ratio to batch-1 floor | p50 (ms) | p99 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for protocol, concurrency, m in rows:
+        print(f"| {protocol} | {concurrency} | {m['per_s']:,.0f} | {m['per_s'] / floor['b1_per_s']:.2f}x | "
+              f"{m['p50_us'] / 1000:.3f} | {m['p99_us'] / 1000:.3f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

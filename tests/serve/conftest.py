@@ -1,0 +1,111 @@
+"""A real `shipyard serve` process on loopback, serving one identity model per V2 datatype and an MLP."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shipyard.pipeline import import_onnx
+from shipyard.registry import LocalRegistry
+from shipyard.serve.datatypes import V2_TO_NUMPY
+from tests._helpers import make_identity_onnx, make_mlp_onnx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    registry: LocalRegistry
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def base(self) -> str:
+        return f"http://{self.http_url}"
+
+
+def start_server(
+    registry: LocalRegistry, log: Path, *models: str, max_body_mb: float = 1.0, wait_ready: bool = True
+) -> RunningServer:
+    """Start `shipyard serve` and wait until it is ready (or only live, with wait_ready=False)."""
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "shipyard", "serve", *models, "--registry", str(registry.root),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+           "--max-body-mb", str(max_body_mb)]  # fmt: skip
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    server = RunningServer(process, registry, http, grpc, metrics, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()}")
+        try:
+            probe = "ready" if wait_ready else "live"
+            if httpx.get(f"{server.base()}/v2/health/{probe}", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"server not ready in 60 s: {log.read_text()}")
+
+
+def stop_server(server: RunningServer) -> int:
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        return server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        raise
+
+
+@pytest.fixture(scope="session")
+def model_registry(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
+    root = tmp_path_factory.mktemp("serve")
+    registry = LocalRegistry(root / "registry")
+    for datatype in V2_TO_NUMPY:
+        path = make_identity_onnx(root / f"{datatype}.onnx", datatype)
+        import_onnx(path, f"id_{datatype.lower()}", registry)
+    import_onnx(make_mlp_onnx(root / "mlp.onnx"), "mlp", registry)
+    import_onnx(make_mlp_onnx(root / "mlp2.onnx", seed=1), "mlp", registry)  # version 2, loaded on demand
+    return registry
+
+
+@pytest.fixture(scope="session")
+def server(model_registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    models = [f"id_{d.lower()}" for d in V2_TO_NUMPY] + ["mlp:1"]
+    running = start_server(model_registry, tmp_path_factory.mktemp("log") / "server.log", *models)
+    yield running
+    assert stop_server(running) == 0, running.log.read_text()
+    assert "Traceback" not in running.log.read_text()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loopback only: make sure no environment proxy setting reroutes the clients.
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

@@ -1,0 +1,202 @@
+"""Bad input gets a V2 error (JSON `{"error": ...}` with the right status) and the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shipyard.registry import LocalRegistry
+from shipyard.serve.dataplane import DataPlane
+from shipyard.serve.metrics import ServerMetrics
+from shipyard.serve.repository import ModelRepository
+from shipyard.serve.rest import RestApp
+from tests.serve.conftest import RunningServer
+
+GOOD = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
+
+
+def _infer(server: RunningServer, body: bytes | dict[str, object], model: str = "mlp",
+           headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{server.base()}/v2/models/{model}/infer", content=content, headers=headers or {}, timeout=10)
+
+
+def _binary_body(header_extra: dict[str, object] | None = None, raw: bytes = b"\x00" * 64) -> tuple[bytes, int]:
+    header = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
+                          "parameters": {"binary_data_size": len(raw), **(header_extra or {})}}]}  # fmt: skip
+    encoded = json.dumps(header).encode()
+    return encoded + raw, len(encoded)
+
+
+def _good(**changes: object) -> dict[str, object]:
+    return {"inputs": [{**GOOD["inputs"][0], **changes}]}  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    ("body", "model", "status", "message"),
+    [
+        (b"{not json", "mlp", 400, "malformed JSON"),
+        (b"[]", "mlp", 400, "must be a JSON object"),
+        ({"inputs": []}, "mlp", 400, "'inputs' must be a non-empty list"),
+        (_good(name="wrong"), "mlp", 400, "unexpected input 'wrong'"),
+        (_good(shape=[1, 15], data=[0.5] * 15), "mlp", 400, "does not match [-1, 16]"),
+        (_good(shape=[2, 16]), "mlp", 400, "data has 16 elements, shape [2, 16] needs 32"),
+        (_good(datatype="INT32", data=[1] * 16), "mlp", 400, "datatype INT32"),
+        (_good(datatype="FP99"), "mlp", 400, "unknown datatype 'FP99'"),
+        (_good(shape="1x16"), "mlp", 400, "shape must be a list of integers"),
+        ({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32"}]}, "mlp", 400, "neither 'data'"),
+        (_good(shape=[65, 16], data=[0.5] * 1040), "mlp", 400, "exceeds the model's max_batch_size 64"),
+        (GOOD, "unknown", 404, "model 'unknown' is not loaded"),
+        (GOOD, "mlp/versions/7", 404, "no loaded version 7"),
+        (GOOD, "mlp/versions/x", 400, "must be a number"),
+    ],
+)
+def test_bad_requests(server: RunningServer, body: bytes | dict[str, object], model: str, status: int,
+                      message: str) -> None:  # fmt: skip
+    response = _infer(server, body, model)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert _infer(server, GOOD).status_code == 200  # still serving
+
+
+def test_binary_extension_errors(server: RunningServer) -> None:
+    body, length = _binary_body()
+    ok = _infer(server, body, headers={"Inference-Header-Content-Length": str(length)})
+    assert ok.status_code == 200, ok.text
+    lies = [
+        ({"Inference-Header-Content-Length": str(len(body) + 5)}, "does not fit a body"),
+        ({"Inference-Header-Content-Length": str(length - 3)}, "malformed JSON"),
+        ({"Inference-Header-Content-Length": "abc"}, "must be a number"),
+    ]
+    for headers, message in lies:
+        response = _infer(server, body, headers=headers)
+        assert response.status_code == 400
+        assert message in response.json()["error"]
+    short, length = _binary_body(raw=b"\x00" * 60)
+    response = _infer(server, short, headers={"Inference-Header-Content-Length": str(length)})
+    assert "raw data is 60 bytes, but FP32[1, 16] needs 64 bytes" in response.json()["error"]
+    extra, length = _binary_body()
+    response = _infer(server, extra + b"junk", headers={"Inference-Header-Content-Length": str(length)})
+    assert "4 bytes of binary data are not claimed" in response.json()["error"]
+    claim, length = _binary_body(raw=b"\x00" * 64)
+    claim = claim.replace(b'"binary_data_size": 64', b'"binary_data_size": 640')
+    response = _infer(server, claim, headers={"Inference-Header-Content-Length": str(length + 1)})
+    assert response.status_code == 400
+
+
+def test_body_over_the_limit_is_413(server: RunningServer) -> None:
+    big = b"{" + b" " * (1 << 20) + b"}"  # the server runs with --max-body-mb 1
+    response = _infer(server, big)
+    assert response.status_code == 413
+    assert "exceeds the limit" in response.json()["error"]
+
+    def chunks() -> object:  # no Content-Length: the limit is enforced while reading
+        for _ in range(40):
+            yield b" " * 65536
+
+    streamed = httpx.post(f"{server.base()}/v2/models/mlp/infer", content=chunks(), timeout=10)  # type: ignore[arg-type]
+    assert streamed.status_code == 413
+
+
+def test_json_accepted_whatever_the_content_type_and_never_compressed(server: RunningServer) -> None:
+    response = httpx.post(
+        f"{server.base()}/v2/models/mlp/infer", content=json.dumps(GOOD).encode(),
+        headers={"Content-Type": "application/octet-stream", "Accept-Encoding": "gzip"}, timeout=10,
+    )  # fmt: skip
+    assert response.status_code == 200
+    assert "content-encoding" not in response.headers
+    assert len(response.json()["outputs"][0]["data"]) == 4
+
+
+def test_routes_and_methods(server: RunningServer) -> None:
+    base = server.base()
+    assert httpx.get(f"{base}/v2/nothing").status_code == 404
+    assert httpx.get(f"{base}/other").status_code == 404
+    assert httpx.get(f"{base}/v2/models/mlp/infer").status_code == 405
+    assert httpx.post(f"{base}/v2/health/live").status_code == 405
+    assert httpx.get(f"{base}/v2/models/mlp/ready").json() == {"name": "mlp", "ready": True}
+    assert httpx.get(f"{base}/v2/models/nope/ready").status_code == 503
+    assert httpx.get(f"{base}/v2/health/live").json() == {"live": True}
+
+
+# --- in process: a full queue and random bodies -----------------------------------------------
+
+
+@pytest.fixture
+async def app(model_registry: LocalRegistry) -> AsyncIterator[tuple[RestApp, ModelRepository]]:
+    repository = ModelRepository(model_registry, ServerMetrics())
+    dataplane = DataPlane(repository)
+    await repository.load("mlp:1")
+    dataplane.loading_done = True
+    yield RestApp(dataplane, max_body_bytes=1 << 20), repository
+    await repository.unload_all()
+
+
+async def test_full_queue_answers_503(app: tuple[RestApp, ModelRepository]) -> None:
+    rest, repository = app
+    handle = repository.get("mlp")
+    handle.batcher._max_queue = 2  # a tiny queue for this test
+    big = {"inputs": [{"name": "x", "shape": [64, 16], "datatype": "FP32", "data": [0.1] * 1024}]}
+    transport = httpx.ASGITransport(app=rest)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        responses = await asyncio.gather(*(client.post("/v2/models/mlp/infer", json=big) for _ in range(40)))
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503}
+        assert codes.count(503) > 0
+        assert "queue is full" in next(r for r in responses if r.status_code == 503).json()["error"]
+        assert (await client.post("/v2/models/mlp/infer", json=GOOD)).status_code == 200
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+tensor = st.fixed_dictionaries(
+    {"name": st.sampled_from(["x", "y", ""]), "datatype": st.sampled_from(["FP32", "INT64", "BYTES", "BOOL", "X"])},
+    optional={"shape": st.lists(st.integers(-2, 20), max_size=3), "data": json_values,
+              "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-5, 100)})},
+)  # fmt: skip
+PRINTABLE = st.characters(min_codepoint=32, max_codepoint=126)  # header values are ASCII
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {"inputs": st.lists(tensor, max_size=3)}, optional={"outputs": json_values, "id": json_values}
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=bodies,
+    header=st.none()
+    | st.integers(-5, 300).map(str)
+    | st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=5),
+)
+async def test_random_bodies_never_cause_a_5xx(
+    app: tuple[RestApp, ModelRepository], body: bytes, header: str | None
+) -> None:
+    rest, _ = app
+    headers = {} if header is None else {"Inference-Header-Content-Length": header}
+    transport = httpx.ASGITransport(app=rest)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/v2/models/mlp/infer", content=body, headers=headers)
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code != 200:
+            assert isinstance(response.json()["error"], str)
+        assert (await client.get("/v2/health/live")).status_code == 200
+
+
+def test_server_is_alive_after_all_of_it(server: RunningServer) -> None:
+    assert httpx.get(f"{server.base()}/v2/health/ready").status_code == 200
+    x = np.ones((1, 16), dtype=np.float32)
+    assert _infer(server, {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}).status_code == 200  # fmt: skip

@@ -1,0 +1,165 @@
+"""Hot load/unload and version switches under a running load; metrics; graceful stop; perf_analyzer."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from shipyard.registry import LocalRegistry
+from tests.serve.conftest import RunningServer, start_server, stop_server
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture
+def private_server(model_registry: LocalRegistry, tmp_path: Path) -> Iterator[RunningServer]:
+    running = start_server(model_registry, tmp_path / "server.log", "mlp:1")
+    yield running
+    assert stop_server(running) == 0, running.log.read_text()
+
+
+def _reference(registry: LocalRegistry, ref: str, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(registry.path(ref) / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]  # type: ignore[no-any-return]
+
+
+class Load:
+    """Client threads (HTTP and gRPC) sending requests until stopped; every answer is checked."""
+
+    def __init__(self, server: RunningServer, expected: list[np.ndarray], x: np.ndarray) -> None:
+        self.server, self.expected, self.x = server, expected, x
+        self.sent = self.failed = self.wrong = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i % 2 == 0,)) for i in range(4)]
+
+    def _run(self, use_grpc: bool) -> None:
+        module = grpcclient if use_grpc else httpclient
+        client = module.InferenceServerClient(self.server.grpc_url if use_grpc else self.server.http_url)
+        deadline = time.monotonic() + 60  # bounded, whatever happens
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            inp = module.InferInput("x", list(self.x.shape), "FP32")
+            inp.set_data_from_numpy(self.x)
+            try:
+                got = client.infer("mlp", [inp]).as_numpy("logits")
+                ok = any(np.allclose(got, e, rtol=1e-5) for e in self.expected)
+                with self._lock:
+                    self.sent += 1
+                    self.wrong += not ok
+            except Exception as exc:
+                with self._lock:
+                    self.sent += 1
+                    self.failed += 1
+                    self.errors.append(str(exc))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 30
+        while self.sent < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def _repository(server: RunningServer, action: str, model: str, version: str | None = None) -> None:
+    body = {"parameters": {"version": version}} if version else {}
+    response = httpx.post(f"{server.base()}/v2/repository/models/{model}/{action}", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_version_switch_and_hot_load_under_load_lose_no_request(
+    private_server: RunningServer, model_registry: LocalRegistry
+) -> None:
+    x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(2, 16)
+    v1, v2 = _reference(model_registry, "mlp:1", x), _reference(model_registry, "mlp:2", x)
+    assert not np.allclose(v1, v2)
+    with Load(private_server, [v1, v2], x) as load:
+        load.wait_for(100)
+        _repository(private_server, "load", "mlp", "2")  # new version takes new requests
+        load.wait_for(load.sent + 100)
+        _repository(private_server, "unload", "mlp", "1")  # old version drains, then goes
+        load.wait_for(load.sent + 100)
+        _repository(private_server, "load", "id_fp32")  # another model comes and goes meanwhile
+        _repository(private_server, "unload", "id_fp32")
+        load.wait_for(load.sent + 100)
+    assert load.failed == 0, load.errors[:3]
+    assert load.wrong == 0
+    assert load.sent >= 400
+    meta = httpx.get(f"{private_server.base()}/v2/models/mlp").json()
+    assert meta["versions"] == ["2"]
+    response = httpclient.InferenceServerClient(private_server.http_url)
+    inp = httpclient.InferInput("x", [2, 16], "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_allclose(response.infer("mlp", [inp]).as_numpy("logits"), v2, rtol=1e-5)
+
+
+def test_grpc_repository_api(private_server: RunningServer) -> None:
+    client = grpcclient.InferenceServerClient(private_server.grpc_url)
+    client.load_model("id_int8")
+    assert client.is_model_ready("id_int8")
+    client.unload_model("id_int8")
+    assert not client.is_model_ready("id_int8")
+    with pytest.raises(Exception, match="no model named 'ghost'"):
+        client.load_model("ghost")
+
+
+def test_prometheus_metrics(private_server: RunningServer) -> None:
+    client = httpclient.InferenceServerClient(private_server.http_url)
+    inp = httpclient.InferInput("x", [3, 16], "FP32")
+    inp.set_data_from_numpy(np.ones((3, 16), np.float32))
+    for _ in range(5):
+        client.infer("mlp", [inp])
+    text = httpx.get(f"http://127.0.0.1:{private_server.metrics_port}/metrics").text
+    assert 'shipyard_inference_requests_total{model="mlp",outcome="success",version="1"} 5.0' in text
+    assert 'shipyard_batch_size_sum{model="mlp",version="1"}' in text
+    assert 'shipyard_queue_depth{model="mlp",version="1"}' in text
+    assert 'shipyard_request_duration_seconds_count{model="mlp",version="1"} 5.0' in text
+
+
+def test_a_model_that_fails_to_load_is_isolated(model_registry: LocalRegistry, tmp_path: Path) -> None:
+    running = start_server(model_registry, tmp_path / "s.log", "mlp:1", "ghost", wait_ready=False)
+    try:
+        base = running.base()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{base}/v2/models/mlp/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{base}/v2/health/ready").status_code == 503  # not every model loaded
+        ok = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}]}
+        assert httpx.post(f"{base}/v2/models/mlp/infer", json=ok).status_code == 200  # the others serve
+    finally:
+        stop_server(running)
+    assert "could not load ghost" in running.log.read_text()
+
+
+def test_perf_analyzer_smoke(private_server: RunningServer) -> None:
+    """The standard load generator runs against both protocols (a short window; figures live in bench/)."""
+    fetched = subprocess.run(["bash", str(BENCH / "fetch_perf_analyzer.sh")], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert fetched.returncode == 0, fetched.stderr
+    tool = fetched.stdout.strip().splitlines()[-1]
+    for protocol, url in (("http", private_server.http_url), ("grpc", private_server.grpc_url)):
+        run = subprocess.run(
+            [tool, "-m", "mlp", "-u", url, "-i", protocol, "--concurrency-range", "2:2",
+             "--measurement-interval", "1000", "--stability-percentage", "1000", "--max-trials", "3"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "Throughput:" in run.stdout
