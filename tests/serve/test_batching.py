@@ -150,3 +150,58 @@ async def test_queue_delay_under_load_waits_for_a_fuller_batch() -> None:
     await _with_timeout(asyncio.gather(first, *late))
     assert model.batches == [1, 4]  # the second instance waited and took all four
     await batcher.stop()
+
+
+class InlineModel:
+    """A synchronous model for inline mode: records batch sizes, doubles its input."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.batches.append(len(feeds["x"]))
+        return [feeds["x"] * 2]
+
+
+async def _never_called(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    raise AssertionError("inline batchers must not use the async path")
+
+
+def _inline_batcher(model: InlineModel, **kw: Any) -> Batcher:
+    options = {"max_batch_size": 8, "max_queue_delay_s": 0.0, "preferred_sizes": [], "max_queue_size": 100,
+               "instances": 1, **kw}  # fmt: skip
+    batcher = Batcher(_never_called, ModelStats("m", 1, ServerMetrics()), **options)
+    batcher.use_inline(model.run)
+    batcher.start()
+    return batcher
+
+
+async def test_inline_requests_of_one_loop_turn_form_one_batch() -> None:
+    model = InlineModel()
+    batcher = _inline_batcher(model)
+    alone = await _with_timeout(batcher.submit(_x(1), 1))
+    assert alone[0].tolist() == [[2.0, 2.0]]
+    results = await _with_timeout(asyncio.gather(*(batcher.submit(_x(i), 1) for i in range(11))))
+    assert model.batches == [1, 8, 3]  # max_batch_size 8, then the rest
+    assert [r[0][0, 0] for r in results] == [2 * i for i in range(11)]
+    await batcher.stop()
+
+
+async def test_inline_preferred_sizes_and_errors() -> None:
+    model = InlineModel()
+    batcher = _inline_batcher(model, preferred_sizes=[2, 4])
+    await _with_timeout(asyncio.gather(*(batcher.submit(_x(i), 1) for i in range(7))))
+    assert model.batches == [4, 2, 1]
+
+    def broken(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise RuntimeError("kernel exploded at 0x7f00")
+
+    failing = Batcher(_never_called, ModelStats("m", 2, ServerMetrics()), max_batch_size=8, max_queue_delay_s=0.0,
+                      preferred_sizes=[], max_queue_size=10, instances=1)  # fmt: skip
+    failing.use_inline(broken)
+    failing.start()
+    with pytest.raises(Exception, match=r"inference failed \(see the server log\)") as info:
+        await _with_timeout(failing.submit(_x(0), 1))
+    assert "0x7f00" not in str(info.value)  # internals stay in the log
+    await failing.stop()
+    await batcher.stop()

@@ -124,7 +124,7 @@ def test_metadata_config_and_statistics(server: RunningServer) -> None:
     config = grpc.get_model_config("mlp").config
     assert config.max_batch_size == 64
     assert list(config.input[0].dims) == [16]
-    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0  # Triton's default: no added wait
     assert http.get_model_config("id_bytes")["input"][0]["data_type"] == "TYPE_STRING"
     http.infer("mlp", _inputs(httpclient, sample_data("FP32", (3, 16)), "FP32"))
     stats = http.get_inference_statistics("mlp")["model_stats"][0]

@@ -85,14 +85,19 @@ class ModelRepository:
             handle = ModelHandle(record.name, record.version, manifest, settings, runtime, batcher, stats, batchable)
             await runtime.load()
             try:
-                await runtime.warm_up(handle.warm_up_sizes())
+                slowest = await runtime.warm_up(handle.warm_up_sizes())
             except Exception:
                 await runtime.unload()
                 raise
+            if settings.instances == 1 and slowest * 1000 < settings.inline_max_ms:
+                batcher.use_inline(runtime.run_sync)
             batcher.start()
             self._models.setdefault(record.name, {})[record.version] = handle
             self.failed.pop(str(parsed), None)
-            logger.info("loaded %s:%s (%s)", record.name, record.version, ", ".join(runtime.providers))
+            logger.info(
+                "loaded %s:%s (%s; slowest warm-up batch %.2f ms, %s)", record.name, record.version,
+                ", ".join(runtime.providers), slowest * 1000, "inline" if batcher.inline else "worker threads",
+            )  # fmt: skip
             return handle
 
     async def load_all(self, refs: list[str]) -> None:

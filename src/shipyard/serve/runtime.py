@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -72,7 +73,8 @@ class OrtRuntime:
         )
         await asyncio.get_running_loop().run_in_executor(self._executor, self._create_sessions)
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run_sync(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run on the calling thread (worker threads, or the event loop for models fast enough)."""
         session = self._sessions.get()
         try:
             return session.run(None, feeds)  # type: ignore[no-any-return]
@@ -82,13 +84,21 @@ class OrtRuntime:
     async def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._executor is None:
             raise ModelLoadError(f"{self.manifest.name}:{self.manifest.version} is not loaded")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, feeds)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.run_sync, feeds)
 
-    async def warm_up(self, batch_sizes: list[int]) -> None:
-        """Run every batch size in use once per instance, so no first request at a new size stalls."""
+    async def warm_up(self, batch_sizes: list[int]) -> float:
+        """Run every batch size in use on every instance, so no first request at a new size stalls.
+
+        Returns the slowest batch's compute time in seconds, timed after its warm-up run.
+        """
+        slowest = 0.0
         for size in batch_sizes:
             feeds = random_feeds(self.signature, batch=size, seed=size)
             await asyncio.gather(*(self.infer(feeds) for _ in range(self.settings.instances)))
+            start = time.perf_counter()
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.run_sync, feeds)
+            slowest = max(slowest, time.perf_counter() - start)
+        return slowest
 
     async def unload(self) -> None:
         if self._executor is not None:

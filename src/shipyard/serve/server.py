@@ -79,7 +79,7 @@ class ShipyardServer:
         await self.grpc.start()
         config = uvicorn.Config(
             self.app, host=s.host, port=s.http_port, http="httptools", loop="none", lifespan="off",
-            access_log=False, log_level="warning", timeout_graceful_shutdown=int(s.drain_seconds),
+            access_log=False, log_level="warning", timeout_graceful_shutdown=int(s.drain_seconds), proxy_headers=False,
         )  # fmt: skip
         self.http = _Uvicorn(config)
         self._http_task = asyncio.create_task(self.http.serve())

@@ -225,7 +225,7 @@ class ServeSpec(_Spec):
 
     max_batch_size: int = Field(default=64, ge=0)
     """Largest batch the dynamic batcher forms (0 disables batching)."""
-    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    max_queue_delay_ms: float = Field(default=0.0, ge=0)
     """Longest a request waits for others to join its batch."""
     preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
     """Batch sizes the batcher aims for."""
@@ -235,6 +235,9 @@ class ServeSpec(_Spec):
     """Model instances (sessions) run in parallel."""
     intra_op_threads: int = Field(default=1, ge=0)
     """ONNX Runtime intra-op threads per instance (0 lets ONNX Runtime choose)."""
+    inline_max_ms: float = Field(default=5.0, ge=0)
+    """Models whose largest batch runs faster than this (timed at warm-up) run on the event-loop thread,
+    saving a thread hop per batch; 0 always uses worker threads."""
     execution_providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     """Providers in order of preference; those not available on the machine are skipped."""
 
