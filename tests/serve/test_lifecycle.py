@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -163,3 +164,21 @@ def test_perf_analyzer_smoke(private_server: RunningServer) -> None:
         )  # fmt: skip
         assert run.returncode == 0, run.stdout + run.stderr
         assert "Throughput:" in run.stdout
+
+
+def test_taken_ports_are_a_clear_error(private_server: RunningServer) -> None:
+    for flags, what in (
+        (["--http-port", str(private_server.http_port)], "(REST)"),
+        (["--grpc-port", str(private_server.grpc_port)], "(gRPC)"),
+        (["--metrics-port", str(private_server.metrics_port)], "(metrics)"),
+    ):
+        ports = {"--http-port": "0", "--grpc-port": "0", "--metrics-port": "0"}
+        ports[flags[0]] = flags[1]
+        args = [a for pair in ports.items() for a in pair]
+        run = subprocess.run(
+            [sys.executable, "-m", "shipyard", "serve", "mlp:1", "-r", str(private_server.registry.root), *args],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert run.returncode == 9, run.stderr
+        assert f"cannot listen on 127.0.0.1:{flags[1]} {what}" in run.stderr
+        assert "Traceback" not in run.stderr

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ import grpc
 import uvicorn
 from prometheus_client import start_http_server
 
+from shipyard.errors import UnavailableError
 from shipyard.registry import LocalRegistry
 from shipyard.serve.dataplane import DataPlane
 from shipyard.serve.grpc import add_servicer
@@ -35,6 +37,16 @@ class ServeSettings:
     metrics_port: int = 8002  # 0 disables the metrics listener
     max_body_bytes: int = 64 << 20
     drain_seconds: float = 30.0
+
+
+def _listen(host: str, port: int, what: str) -> socket.socket:
+    """Bind the REST socket here, so a taken port is a clear error rather than uvicorn's sys.exit."""
+    try:
+        sock = socket.create_server((host, port), reuse_port=False, backlog=2048)
+    except OSError as exc:
+        raise UnavailableError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 class _Uvicorn(uvicorn.Server):
@@ -65,8 +77,15 @@ class ShipyardServer:
     async def start(self) -> None:
         """Open the listeners (live at once), then load and warm every model (ready after)."""
         s = self.settings
+        http_socket = _listen(s.host, s.http_port, "REST")
         if s.metrics_port:
-            self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            try:
+                self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            except OSError as exc:
+                http_socket.close()
+                raise UnavailableError(
+                    f"cannot listen on {s.host}:{s.metrics_port} (metrics): {exc.strerror}"
+                ) from None
         self.grpc = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", s.max_body_bytes),
@@ -75,18 +94,23 @@ class ShipyardServer:
             ]
         )
         add_servicer(self.grpc, self.dataplane)
-        self.grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        try:
+            self.grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError:
+            http_socket.close()
+            raise UnavailableError(
+                f"cannot listen on {s.host}:{s.grpc_port} (gRPC): address in use or not local"
+            ) from None
         await self.grpc.start()
         config = uvicorn.Config(
             self.app, host=s.host, port=s.http_port, http="httptools", loop="none", lifespan="off",
             access_log=False, log_level="warning", timeout_graceful_shutdown=int(s.drain_seconds), proxy_headers=False,
         )  # fmt: skip
         self.http = _Uvicorn(config)
-        self._http_task = asyncio.create_task(self.http.serve())
+        self._http_task = asyncio.create_task(self.http.serve(sockets=[http_socket]))
         while not self.http.started:
             if self._http_task.done():
-                self._http_task.result()  # raises the bind error
-                raise OSError(f"HTTP server stopped during start-up on {s.host}:{s.http_port}")
+                raise UnavailableError(f"the REST server stopped during start-up on {s.host}:{s.http_port}")
             await asyncio.sleep(0.01)
         await self.repository.load_all(s.models)
         self.dataplane.loading_done = True
