@@ -89,6 +89,18 @@ def perf_analyzer(tool: str, protocol: str, port: int, concurrency: int, window_
     }
 
 
+def run_matrix(
+    tool: str, targets: list[tuple[str, int]], concurrencies: list[int], passes: int, window_ms: int
+) -> list[tuple[str, int, dict[str, float]]]:
+    """perf_analyzer for every (protocol, port) x concurrency, `passes` times each; the medians."""
+    rows = []
+    for protocol, port in targets:
+        for concurrency in concurrencies:
+            runs = [perf_analyzer(tool, protocol, port, concurrency, window_ms) for _ in range(passes)]
+            rows.append((protocol, concurrency, {k: statistics.median(r[k] for r in runs) for k in runs[0]}))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--passes", type=int, default=3)
@@ -112,14 +124,10 @@ def main() -> None:
         floor = in_process_floor(work / "mlp.onnx", seconds=args.window_ms / 1000)
         http, grpc = free_port(), free_port()
         server = start_server(work / "registry", http, grpc)
-        rows = []
         try:
-            for protocol, port in (("http", http), ("grpc", grpc)):
-                for concurrency in args.concurrency:
-                    passes = [perf_analyzer(perf_tool, protocol, port, concurrency, args.window_ms)
-                              for _ in range(args.passes)]  # fmt: skip
-                    median = {k: statistics.median(p[k] for p in passes) for k in passes[0]}
-                    rows.append((protocol, concurrency, median))
+            rows = run_matrix(
+                perf_tool, [("http", http), ("grpc", grpc)], args.concurrency, args.passes, args.window_ms
+            )
         finally:
             server.terminate()
             server.wait(timeout=60)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import free_port, perf_analyzer  # noqa: E402
+from serve_bench import free_port, run_matrix  # noqa: E402
 
 CONFIG = {"name": "mlp", "platform": "onnxruntime_onnx", "max_batch_size": 64,
           "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [784]}],
@@ -129,19 +128,17 @@ def main() -> None:
             break
         except httpx.HTTPError:
             time.sleep(0.2)
-    print("| protocol | concurrency | throughput (inf/s) | p50 (ms) | p99 (ms) |")
-    print("|---|---:|---:|---:|---:|")
     try:
-        for protocol, port in (("http", http_port), ("grpc", grpc_port)):
-            for concurrency in args.concurrency:
-                passes = [perf_analyzer(perf_tool, protocol, port, concurrency, args.window_ms)
-                          for _ in range(args.passes)]  # fmt: skip
-                m = {k: statistics.median(p[k] for p in passes) for k in passes[0]}
-                print(f"| {protocol} (canned) | {concurrency} | {m['per_s']:,.0f} | {m['p50_us'] / 1000:.3f} | "
-                      f"{m['p99_us'] / 1000:.3f} |", flush=True)  # fmt: skip
+        rows = run_matrix(perf_tool, [("http", http_port), ("grpc", grpc_port)], args.concurrency, args.passes,
+                          args.window_ms)  # fmt: skip
     finally:
         server.terminate()
         server.join(timeout=10)
+    print("| protocol | concurrency | throughput (inf/s) | p50 (ms) | p99 (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    for protocol, concurrency, m in rows:
+        print(f"| {protocol} (canned) | {concurrency} | {m['per_s']:,.0f} | {m['p50_us'] / 1000:.3f} | "
+              f"{m['p99_us'] / 1000:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

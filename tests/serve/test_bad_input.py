@@ -200,3 +200,12 @@ def test_server_is_alive_after_all_of_it(server: RunningServer) -> None:
     x = np.ones((1, 16), dtype=np.float32)
     assert _infer(server, {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
                                        "data": x.ravel().tolist()}]}).status_code == 200  # fmt: skip
+
+
+def test_bytes_for_a_string_tensor_must_be_utf8(server: RunningServer) -> None:
+    raw = b"\x01\x00\x00\x00\xff" * 3  # three one-byte elements, not UTF-8
+    header = json.dumps({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()  # fmt: skip
+    response = _infer(server, header + raw, "id_bytes", {"Inference-Header-Content-Length": str(len(header))})
+    assert response.status_code == 400
+    assert "must be UTF-8 text" in response.json()["error"]

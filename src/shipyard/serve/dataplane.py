@@ -12,33 +12,21 @@ import numpy as np
 
 from shipyard import __version__
 from shipyard.errors import InvalidInputError, NotFoundError
-from shipyard.serve.datatypes import SPEC_TO_V2
 from shipyard.serve.repository import ModelHandle, ModelRepository
-from shipyard.serve.types import InferOutput, InferRequest, InferResponse
-from shipyard.spec.models import TensorSpec
+from shipyard.serve.schema import TensorSchema
+from shipyard.serve.types import InferRequest, InferResponse, Tensor
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
 
 
-def _v2_shape(tensor: TensorSpec) -> list[int]:
-    return [d if isinstance(d, int) else -1 for d in tensor.shape]
-
-
-def _tensor_metadata(tensor: TensorSpec) -> dict[str, Any]:
-    return {"name": tensor.name, "datatype": SPEC_TO_V2[tensor.dtype], "shape": _v2_shape(tensor)}
-
-
-def _check_input(tensor: TensorSpec, datatype: str, shape: list[int]) -> None:
-    expected = SPEC_TO_V2[tensor.dtype]
-    if datatype != expected:
-        raise InvalidInputError(f"input {tensor.name!r}: datatype {datatype}, the model expects {expected}")
+def _check_input(tensor: TensorSchema, datatype: str, shape: list[int]) -> None:
+    if datatype != tensor.datatype:
+        raise InvalidInputError(f"input {tensor.name!r}: datatype {datatype}, the model expects {tensor.datatype}")
     if len(shape) != len(tensor.shape):
-        raise InvalidInputError(
-            f"input {tensor.name!r}: shape {shape} has rank {len(shape)}, expected {_v2_shape(tensor)}"
-        )
+        raise InvalidInputError(f"input {tensor.name!r}: shape {shape} does not have the rank of {tensor.shape}")
     for got, want in zip(shape, tensor.shape, strict=True):
-        if isinstance(want, int) and got != want:
-            raise InvalidInputError(f"input {tensor.name!r}: shape {shape} does not match {_v2_shape(tensor)}")
+        if want != -1 and got != want:
+            raise InvalidInputError(f"input {tensor.name!r}: shape {shape} does not match {tensor.shape}")
 
 
 def _as_text(name: str, data: np.ndarray) -> np.ndarray:
@@ -85,18 +73,13 @@ class DataPlane:
         return True
 
     def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
-        handle = self.repository.get(name, version)
-        signature = handle.manifest.signature
+        schema = self.repository.get(name, version).schema
         return {
             "name": name,
             "versions": [str(v) for v in self.repository.versions(name)],
             "platform": "onnxruntime_onnx",
-            "inputs": [
-                {"name": t.name, "datatype": SPEC_TO_V2[t.dtype], "shape": _v2_shape(t)} for t in signature.inputs
-            ],
-            "outputs": [
-                {"name": t.name, "datatype": SPEC_TO_V2[t.dtype], "shape": _v2_shape(t)} for t in signature.outputs
-            ],
+            "inputs": [t.metadata() for t in schema.inputs.values()],
+            "outputs": [t.metadata() for t in schema.outputs.values()],
         }
 
     def model_config(self, name: str, version: str | None) -> dict[str, Any]:
@@ -104,11 +87,11 @@ class DataPlane:
         handle = self.repository.get(name, version)
         batched = handle.batchable and handle.batcher.max_batch_size > 0
 
-        def tensors(specs: list[TensorSpec]) -> list[dict[str, Any]]:
+        def tensors(specs: dict[str, TensorSchema]) -> list[dict[str, Any]]:
             return [
-                {"name": t.name, "data_type": f"TYPE_{'STRING' if t.dtype == 'string' else SPEC_TO_V2[t.dtype]}",
-                 "dims": _v2_shape(t)[1:] if batched else _v2_shape(t)}
-                for t in specs
+                {"name": t.name, "data_type": "TYPE_STRING" if t.text else f"TYPE_{t.datatype}",
+                 "dims": t.shape[1:] if batched else t.shape}
+                for t in specs.values()
             ]  # fmt: skip
 
         config: dict[str, Any] = {
@@ -117,8 +100,8 @@ class DataPlane:
             "backend": "onnxruntime",
             "version_policy": {"latest": {"num_versions": 1}},
             "max_batch_size": handle.batcher.max_batch_size if batched else 0,
-            "input": tensors(handle.manifest.signature.inputs),
-            "output": tensors(handle.manifest.signature.outputs),
+            "input": tensors(handle.schema.inputs),
+            "output": tensors(handle.schema.outputs),
             "instance_group": [{"name": name, "kind": "KIND_CPU", "count": handle.settings.instances}],
         }
         if batched:
@@ -178,7 +161,7 @@ class DataPlane:
 
     @staticmethod
     def _feeds(handle: ModelHandle, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
-        expected = {t.name: t for t in handle.manifest.signature.inputs}
+        expected = handle.schema.inputs
         feeds: dict[str, np.ndarray] = {}
         for item in request.inputs:
             tensor = expected.get(item.name)
@@ -187,15 +170,9 @@ class DataPlane:
             if item.name in feeds:
                 raise InvalidInputError(f"input {item.name!r} given twice")
             _check_input(tensor, item.datatype, item.shape)
-            data = item.data
-            if tensor.dtype == "string":  # ONNX Runtime string tensors hold str
-                data = np.array([x.decode("utf-8", "replace") for x in data.reshape(-1)], dtype=object).reshape(
-                    item.shape
-                )
-            feeds[item.name] = data
-        missing = [n for n in expected if n not in feeds]
-        if missing:
-            raise InvalidInputError(f"missing inputs: {', '.join(missing)}")
+            feeds[item.name] = _as_text(item.name, item.data) if tensor.text else item.data
+        if len(feeds) != len(expected):
+            raise InvalidInputError(f"missing inputs: {', '.join(n for n in expected if n not in feeds)}")
         if not handle.batchable:
             return feeds, 1
         sizes = {a.shape[0] for a in feeds.values()}
@@ -205,22 +182,22 @@ class DataPlane:
 
     @staticmethod
     def _check_requested(handle: ModelHandle, request: InferRequest) -> None:
-        names = {t.name for t in handle.manifest.signature.outputs}
-        for wanted in request.outputs or []:
+        names = handle.schema.outputs
+        for wanted in request.outputs or ():
             if wanted.name not in names:
                 raise InvalidInputError(f"unknown output {wanted.name!r}; the model has {', '.join(sorted(names))}")
 
     @staticmethod
     def _response(handle: ModelHandle, request: InferRequest, outputs: list[np.ndarray]) -> InferResponse:
-        specs = handle.manifest.signature.outputs
-        by_name = {t.name: (t, array) for t, array in zip(specs, outputs, strict=True)}
-        wanted = [(o.name, o.parameters) for o in request.outputs] if request.outputs else [(t.name, {}) for t in specs]
+        schema = handle.schema
+        by_name = dict(zip(schema.output_order, outputs, strict=True))
+        wanted = [(o.name, o.parameters) for o in request.outputs] if request.outputs else None
         result = []
-        for out_name, params in wanted:
-            tensor, array = by_name[out_name]
-            datatype = SPEC_TO_V2[tensor.dtype]
-            if datatype == "BYTES":
-                array = np.array([x.encode() if isinstance(x, str) else x for x in array.reshape(-1)],
-                                 dtype=object).reshape(array.shape)  # fmt: skip
-            result.append(InferOutput(out_name, datatype, list(array.shape), array, params))
+        for out_name, params in wanted or ((n, {}) for n in schema.output_order):
+            array = by_name[out_name]
+            datatype = schema.outputs[out_name].datatype
+            if datatype == "BYTES":  # onnxruntime returns str; the wire carries bytes
+                encoded = [x.encode() if isinstance(x, str) else x for x in array.reshape(-1)]
+                array = np.array(encoded, dtype=object).reshape(array.shape)
+            result.append(Tensor(out_name, datatype, list(array.shape), array, params))
         return InferResponse(handle.name, str(handle.version), result, request.id)

@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError
 from shipyard.serve.dataplane import DataPlane
 from shipyard.serve.datatypes import from_list, from_raw, to_raw
-from shipyard.serve.types import InferInput, InferRequest, InferResponse, RequestedOutput
+from shipyard.serve.types import InferRequest, InferResponse, RequestedOutput, Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def decode_infer(message: service_pb2.ModelInferRequest) -> InferRequest:
             if field is None:
                 raise InvalidInputError(f"input {item.name!r}: {item.datatype} needs raw_input_contents")
             data = from_list(item.datatype, shape, list(getattr(item.contents, field)))
-        inputs.append(InferInput(item.name, item.datatype, shape, data, _parameters(item.parameters)))
+        inputs.append(Tensor(item.name, item.datatype, shape, data, _parameters(item.parameters)))
     outputs = [RequestedOutput(o.name, _parameters(o.parameters)) for o in message.outputs] or None
     return InferRequest(inputs, outputs, message.id or None, _parameters(message.parameters))
 

@@ -14,6 +14,7 @@ from shipyard.registry.refs import ModelRef, parse_ref
 from shipyard.serve.batching import Batcher
 from shipyard.serve.metrics import ServerMetrics
 from shipyard.serve.runtime import OrtRuntime
+from shipyard.serve.schema import ModelSchema
 from shipyard.serve.stats import ModelStats
 from shipyard.spec.models import ServeSpec
 
@@ -32,6 +33,7 @@ class ModelHandle:
     batcher: Batcher
     stats: ModelStats
     batchable: bool
+    schema: ModelSchema
 
     def warm_up_sizes(self) -> list[int]:
         if not self.batchable or self.batcher.max_batch_size <= 1:
@@ -82,7 +84,10 @@ class ModelRepository:
                 max_queue_size=settings.max_queue_size,
                 instances=settings.instances,
             )
-            handle = ModelHandle(record.name, record.version, manifest, settings, runtime, batcher, stats, batchable)
+            handle = ModelHandle(
+                record.name, record.version, manifest, settings, runtime, batcher, stats, batchable,
+                ModelSchema.of(manifest.signature),
+            )  # fmt: skip
             await runtime.load()
             try:
                 slowest = await runtime.warm_up(handle.warm_up_sizes())

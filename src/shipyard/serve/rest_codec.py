@@ -9,7 +9,7 @@ import orjson
 
 from shipyard.errors import InvalidInputError
 from shipyard.serve.datatypes import from_list, from_raw, to_list, to_raw
-from shipyard.serve.types import InferInput, InferRequest, InferResponse, RequestedOutput
+from shipyard.serve.types import InferRequest, InferResponse, RequestedOutput, Tensor
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -63,7 +63,7 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
             data = from_list(datatype, shape, item["data"])
         else:
             raise InvalidInputError(f"input {name!r} has neither 'data' nor binary_data_size")
-        inputs.append(InferInput(name, datatype, shape, data, params))
+        inputs.append(Tensor(name, datatype, shape, data, params))
     if offset != len(binary):
         raise InvalidInputError(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
     outputs = None

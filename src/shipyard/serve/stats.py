@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shipyard.serve.metrics import ServerMetrics
+from shipyard.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, ServerMetrics
 
 
 @dataclass
@@ -40,31 +40,38 @@ class ModelStats:
     last_inference_ms: int = 0
     batches: dict[int, tuple[_Duration, _Duration, _Duration]] = field(default_factory=dict)
 
+    queue_depth_now: int = 0
+    request_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    queue_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    compute_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+
     def __post_init__(self) -> None:
-        labels = (self.name, str(self.version))
-        m = self.metrics
-        self._ok = m.requests.labels(*labels, "success")
-        self._failed = m.requests.labels(*labels, "failure")
-        self._request_seconds = m.request_seconds.labels(*labels)
-        self._queue_seconds = m.queue_seconds.labels(*labels)
-        self._compute_seconds = m.compute_seconds.labels(*labels)
-        self._batch_size = m.batch_size.labels(*labels)
-        self._depth = m.queue_depth.labels(*labels)
+        self.metrics.track(self)
+
+    def outcome_counts(self) -> tuple[int, int]:
+        return self.success.count, self.fail.count
+
+    def histograms(self) -> dict[str, Histogram]:
+        return {
+            "shipyard_request_duration_seconds": self.request_seconds,
+            "shipyard_queue_duration_seconds": self.queue_seconds,
+            "shipyard_compute_duration_seconds": self.compute_seconds,
+            "shipyard_batch_size": self.batch_size,
+        }
 
     def request_done(self, ok: bool, total_ns: int, samples: int) -> None:
         if ok:
             self.success.add(total_ns)
             self.inference_count += samples
-            self._ok.inc()
         else:
             self.fail.add(total_ns)
-            self._failed.inc()
         self.last_inference_ms = int(time.time() * 1000)
-        self._request_seconds.observe(total_ns / 1e9)
+        self.request_seconds.observe(total_ns / 1e9)
 
     def queued(self, queue_ns: int) -> None:
         self.queue.add(queue_ns)
-        self._queue_seconds.observe(queue_ns / 1e9)
+        self.queue_seconds.observe(queue_ns / 1e9)
 
     def batch_done(self, samples: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One executed batch: assembling its inputs, running the model, splitting the outputs."""
@@ -75,20 +82,15 @@ class ModelStats:
         per_size = self.batches.setdefault(samples, (_Duration(), _Duration(), _Duration()))
         for duration, ns in zip(per_size, (input_ns, infer_ns, output_ns), strict=True):
             duration.add(ns)
-        self._compute_seconds.observe(infer_ns / 1e9)
-        self._batch_size.observe(samples)
+        self.compute_seconds.observe(infer_ns / 1e9)
+        self.batch_size.observe(samples)
 
     def queue_depth(self, depth: int) -> None:
-        self._depth.set(depth)
+        self.queue_depth_now = depth
 
     def forget(self) -> None:
         """Drop this version's Prometheus series once it is unloaded."""
-        labels = (self.name, str(self.version))
-        for family in (self.metrics.request_seconds, self.metrics.queue_seconds, self.metrics.compute_seconds,
-                       self.metrics.batch_size, self.metrics.queue_depth):  # fmt: skip
-            family.remove(*labels)
-        for outcome in ("success", "failure"):
-            self.metrics.requests.remove(*labels, outcome)
+        self.metrics.forget(self)
 
     def snapshot(self) -> dict[str, Any]:
         """Triton's ModelStatistics layout (JSON field names as in its HTTP extension)."""

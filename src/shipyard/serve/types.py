@@ -11,7 +11,9 @@ Parameters = dict[str, Any]
 
 
 @dataclass(slots=True)
-class InferInput:
+class Tensor:
+    """A named tensor with its V2 datatype: a request input or a response output."""
+
     name: str
     datatype: str
     shape: list[int]
@@ -27,18 +29,9 @@ class RequestedOutput:
 
 @dataclass(slots=True)
 class InferRequest:
-    inputs: list[InferInput]
+    inputs: list[Tensor]
     outputs: list[RequestedOutput] | None = None  # None: every output
     id: str | None = None
-    parameters: Parameters = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class InferOutput:
-    name: str
-    datatype: str
-    shape: list[int]
-    data: np.ndarray
     parameters: Parameters = field(default_factory=dict)
 
 
@@ -46,6 +39,6 @@ class InferOutput:
 class InferResponse:
     model_name: str
     model_version: str
-    outputs: list[InferOutput]
+    outputs: list[Tensor]
     id: str | None = None
     parameters: Parameters = field(default_factory=dict)
