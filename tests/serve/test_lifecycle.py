@@ -16,7 +16,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
+from tests._helpers import make_slow_onnx
 from tests.serve.conftest import RunningServer, start_server, stop_server
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -182,3 +184,37 @@ def test_taken_ports_are_a_clear_error(private_server: RunningServer) -> None:
         assert run.returncode == 9, run.stderr
         assert f"cannot listen on 127.0.0.1:{flags[1]} {what}" in run.stderr
         assert "Traceback" not in run.stderr
+
+
+def test_sigterm_drains_requests_in_flight(tmp_path: Path) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    import_onnx(make_slow_onnx(tmp_path / "slow.onnx"), "slow", registry)
+    running = start_server(registry, tmp_path / "server.log", "slow", max_body_mb=64)
+    x = np.ones((64, 1024), np.float32)
+    finished: list[tuple[float, int]] = []
+
+    def call() -> None:
+        client = httpclient.InferenceServerClient(running.http_url, network_timeout=60)
+        inp = httpclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        try:
+            client.infer("slow", [inp])
+            finished.append((time.monotonic(), 200))
+        except Exception:
+            finished.append((time.monotonic(), 0))
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until the server has all six (queued or running)
+        stats = httpx.get(f"{running.base()}/v2/models/slow/stats").json()["model_stats"][0]
+        if stats["execution_count"] >= 1 or stats["queue"]["count"] >= 1:
+            break
+        time.sleep(0.005)
+    sent_term = time.monotonic()
+    assert stop_server(running) == 0
+    for t in threads:
+        t.join(timeout=60)
+    assert [code for _, code in finished] == [200] * 6
+    assert any(when > sent_term for when, _ in finished)  # some were still in flight at SIGTERM
