@@ -18,22 +18,29 @@ from shipyard.spec.models import SignatureSpec, TensorSpec
 SIGNATURE = SignatureSpec(inputs=[TensorSpec(name="x", dtype="float32", shape=["batch", 2])])
 
 
-def make_mlp_onnx(path: Path, seed: int = 0, features: int = 16, classes: int = 4) -> Path:
-    """A tiny Gemm-ReLU-Gemm classifier with a dynamic batch dimension, built with onnx.helper."""
+def make_mlp_onnx(path: Path, seed: int = 0, sizes: tuple[int, ...] = (16, 8, 4), outlier: float = 0.0) -> Path:
+    """A MatMul-ReLU-...-MatMul classifier with a dynamic batch dimension, built with onnx.helper.
+
+    `outlier` plants one huge weight per layer, so per-tensor INT8 quantization loses the others.
+    """
     rng = np.random.default_rng(seed)
-    w1 = numpy_helper.from_array(rng.standard_normal((features, 8)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((8, classes)).astype(np.float32), "w2")
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("MatMul", ["r", "w2"], ["logits"]),
-    ]
+    nodes, inits, current = [], [], "x"
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        if outlier:
+            w[0, 0] = outlier
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        last = i == len(sizes) - 2
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], ["logits" if last else f"m{i}"]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"m{i}"], [f"r{i}"]))
+            current = f"r{i}"
     graph = helper.make_graph(
         nodes,
         "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-        initializer=[w1, w2],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", sizes[-1]])],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9

@@ -31,6 +31,7 @@ ONNX_TO_DTYPE: dict[int, str] = {
 }
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
+_SINGLE_FILE_LIMIT = 1_800_000_000  # below protobuf's 2 GiB message limit, with margin
 
 
 def numpy_dtype(dtype: str) -> np.dtype[np.generic]:
@@ -78,15 +79,20 @@ def has_external_data(model: onnx.ModelProto) -> bool:
 
 
 def place_model(source: Path, graph: onnx.ModelProto, dest_dir: Path) -> Path:
-    """Put a checked ONNX model into `dest_dir` as model.onnx (weights beside it in one file if external)."""
+    """Put a checked ONNX model into `dest_dir` as model.onnx, self-contained unless it exceeds protobuf's 2 GB.
+
+    Exporters may write weights to side files; they are gathered here (onnx.load refuses external-data
+    paths that leave the model's folder), so the artifact never depends on files outside it.
+    """
     dest = dest_dir / MODEL_FILE
-    if has_external_data(graph):
-        # onnx.load refuses external-data paths that leave the model's folder; re-saving gathers
-        # the weights into one file inside the artifact.
-        full = onnx.load(str(source), load_external_data=True)
-        onnx.save_model(full, str(dest), save_as_external_data=True, location=EXTERNAL_DATA_FILE)
-    else:
+    if not has_external_data(graph):
         shutil.copyfile(source, dest)
+        return dest
+    full = onnx.load(str(source), load_external_data=True)
+    if full.ByteSize() < _SINGLE_FILE_LIMIT:
+        onnx.save_model(full, str(dest))
+    else:
+        onnx.save_model(full, str(dest), save_as_external_data=True, location=EXTERNAL_DATA_FILE)
     return dest
 
 

@@ -18,7 +18,7 @@ _WARMUP = 10
 _THROUGHPUT_SECONDS = 0.5
 
 
-def _output_index(evaluation: EvaluationSpec, signature: SignatureSpec) -> int:
+def output_index(evaluation: EvaluationSpec, signature: SignatureSpec) -> int:
     names = [t.name for t in signature.outputs]
     if evaluation.output is None:
         return 0
@@ -68,7 +68,7 @@ class EvaluateStep:
         params: dict[str, Any] = {"threads": latency.threads}
         ctx.metrics["size_bytes"] = float(sum(p.stat().st_size for p in ctx.artifact_dir.rglob("*") if p.is_file()))
         if evaluation is not None and ctx.eval_data is not None and ctx.source is not None:
-            index = _output_index(evaluation, signature)
+            index = output_index(evaluation, signature)
             chunk = 256 if is_batchable(signature) else 1
             feeds, target = ctx.eval_data.inputs, ctx.eval_data.target
             converted = run_in_chunks(lambda f: list(sess.run(None, f)), feeds, chunk)[index]

@@ -13,14 +13,15 @@ from typing import Protocol
 from shipyard.artifact.hashing import sha256_file
 from shipyard.artifact.layout import create_manifest
 from shipyard.artifact.manifest import LineageStep, Manifest
-from shipyard.errors import SpecError
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.convert import ConvertStep
 from shipyard.pipeline.evaluate import EvaluateStep
 from shipyard.pipeline.load import LoadStep
+from shipyard.pipeline.optimize.search import OptimizeStep
 from shipyard.pipeline.step import NullProgress, Progress, Step
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec, parse_spec
+from shipyard.spec.models import ShipyardSpec
 
 
 class Reporter(Protocol):
@@ -35,8 +36,11 @@ class NullReporter:
         yield NullProgress()
 
 
-def default_steps() -> list[Step]:
-    return [LoadStep(), ConvertStep(), EvaluateStep()]
+def default_steps(spec: ShipyardSpec) -> list[Step]:
+    steps: list[Step] = [LoadStep(), ConvertStep(), EvaluateStep()]
+    if spec.optimize is not None:
+        steps.append(OptimizeStep())
+    return steps
 
 
 def _current_hash(ctx: BuildContext) -> str | None:
@@ -50,15 +54,10 @@ def build(loaded: LoadedSpec, registry: LocalRegistry, reporter: Reporter | None
     folder is removed, so nothing partial ever appears in the registry.
     """
     spec = loaded.spec
-    if spec.optimize:
-        raise SpecError(
-            f"{loaded.path}: optimize: this version of Shipyard has no optimization steps yet; "
-            "remove the `optimize:` entries to build"
-        )
     reporter = reporter or NullReporter()
     with registry.stage() as staged, tempfile.TemporaryDirectory(prefix="shipyard-") as scratch:
         ctx = BuildContext(loaded=loaded, artifact_dir=staged, scratch_dir=Path(scratch))
-        for step in default_steps():
+        for step in default_steps(spec):
             before = _current_hash(ctx)
             start = time.perf_counter()
             with reporter.step(step.description) as progress:

@@ -212,12 +212,35 @@ class EvaluationSpec(_Spec):
 
 
 class OptimizeStepSpec(_Spec):
-    """One optimization step (implemented by the optimization work; listed here to validate early)."""
+    """One optimization step and its parameters."""
 
-    step: Literal["graph", "quantize_dynamic", "quantize_static", "fp16", "weight_only", "prune", "distill"]
-    """Which optimization."""
+    step: Literal["graph", "quantize_dynamic", "quantize_static", "fp16"]
+    """graph: ONNX Runtime offline graph optimization; quantize_dynamic / quantize_static: INT8 (static
+    uses calibration data, QDQ format); fp16: half-precision weights and compute."""
     params: dict[str, Any] = Field(default_factory=dict)
-    """Step parameters."""
+    """Step parameters (graph: level; quantize_*: per_channel, weight_type, nodes_to_exclude; static:
+    method MinMax/Entropy/Percentile, calibration_samples; fp16: keep_io_types)."""
+
+
+class OptimizeSpec(_Spec):
+    """Search for the fastest variant that keeps the metric within budget."""
+
+    steps: list[OptimizeStepSpec] = Field(min_length=1)
+    """Steps to try, in order; each accepted step becomes the parent of the next."""
+    max_drop: float = Field(default=0.01, ge=0)
+    """Largest allowed metric loss versus the unoptimized model (absolute, or a fraction with `relative`)."""
+    relative: bool = False
+    """Read `max_drop` as a fraction of the unoptimized model's metric."""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    """The drop's bootstrap upper bound at this confidence must stay within budget."""
+    bootstrap: int = Field(default=500, ge=50, le=100_000)
+    """Bootstrap resamples of the evaluation set."""
+    min_speedup: float = Field(default=0.05, ge=0)
+    """A candidate must be at least this fraction faster (p50, batch 1) than its parent."""
+    max_trials: int = Field(default=16, ge=1)
+    """Most candidates to try."""
+    timeout_s: float = Field(default=1800, gt=0)
+    """Stop trying new candidates after this long; the best so far is kept."""
 
 
 class ServeSpec(_Spec):
@@ -287,6 +310,12 @@ class DeploySpec(_Spec):
 class ShipyardSpec(_Spec):
     """A `shipyard.yaml`: one model from file to service."""
 
+    @model_validator(mode="after")
+    def _optimize_needs_evaluation(self) -> ShipyardSpec:
+        if self.optimize is not None and self.evaluation is None:
+            raise ValueError("`optimize` needs an `evaluation` section: candidates are judged on it")
+        return self
+
     version: Literal[1] = 1
     """Spec format version."""
     name: str = Field(pattern=NAME_PATTERN)
@@ -299,8 +328,8 @@ class ShipyardSpec(_Spec):
     """Conversion to ONNX."""
     evaluation: EvaluationSpec | None = None
     """Held-out evaluation; without it only conversion and timing run."""
-    optimize: list[OptimizeStepSpec] = Field(default_factory=list)
-    """Optimization steps, in order."""
+    optimize: OptimizeSpec | None = None
+    """Accuracy-guarded optimization (needs `evaluation`)."""
     serve: ServeSpec = Field(default_factory=ServeSpec)
     """Serving settings."""
     deploy: DeploySpec = Field(default_factory=DeploySpec)

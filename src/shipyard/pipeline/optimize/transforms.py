@@ -1,0 +1,125 @@
+"""The optimization steps: each turns a parent ONNX file into a candidate file (same signature).
+
+All of them are onnxruntime's own tools (graph optimizer, quantizer, float16 converter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from shipyard.errors import InvalidInputError
+
+Calibration = dict[str, np.ndarray]
+Transform = Callable[[Path, Path, dict[str, Any], Calibration], dict[str, Any]]
+
+_GRAPH_LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+}
+
+
+def _known(params: dict[str, Any], allowed: set[str], step: str) -> None:
+    unknown = set(params) - allowed
+    if unknown:
+        raise InvalidInputError(
+            f"optimize step {step}: unknown parameters {sorted(unknown)}; allowed {sorted(allowed)}"
+        )
+
+
+def graph(source: Path, dest: Path, params: dict[str, Any], calibration: Calibration) -> dict[str, Any]:
+    """ONNX Runtime offline optimization (constant folding, fusions) saved as a new graph.
+
+    `extended` fusions are CPU-portable; `all` would bake layouts specific to this machine's CPU.
+    """
+    _known(params, {"level"}, "graph")
+    level = params.get("level", "extended")
+    if level not in _GRAPH_LEVELS:
+        raise InvalidInputError(f"optimize step graph: level must be one of {sorted(_GRAPH_LEVELS)}, not {level!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _GRAPH_LEVELS[level]
+    options.optimized_model_filepath = str(dest)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return {"level": level}
+
+
+def quantize_dynamic(source: Path, dest: Path, params: dict[str, Any], calibration: Calibration) -> dict[str, Any]:
+    """INT8 weights, activations quantized on the fly (MatMul/Gemm/attention-heavy models)."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    _known(params, {"per_channel", "weight_type", "nodes_to_exclude"}, "quantize_dynamic")
+    weight_type = params.get("weight_type", "QInt8")
+    ort_quantize_dynamic(
+        str(source), str(dest),
+        per_channel=bool(params.get("per_channel", False)),
+        weight_type=QuantType[weight_type],
+        nodes_to_exclude=list(params.get("nodes_to_exclude", [])),
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )  # fmt: skip
+    return {"per_channel": bool(params.get("per_channel", False)), "weight_type": weight_type,
+            "nodes_to_exclude": list(params.get("nodes_to_exclude", []))}  # fmt: skip
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over in-memory samples, one sample per call."""
+
+    def __init__(self, data: Calibration) -> None:
+        count = len(next(iter(data.values())))
+        self._items = iter([{k: v[i : i + 1] for k, v in data.items()} for i in range(count)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._items, None)
+
+
+def quantize_static(source: Path, dest: Path, params: dict[str, Any], calibration: Calibration) -> dict[str, Any]:
+    """INT8 weights and activations (QDQ format) with ranges calibrated on representative inputs."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    _known(params, {"method", "per_channel", "calibration_samples", "nodes_to_exclude"}, "quantize_static")
+    method = params.get("method", "MinMax")
+    if method not in ("MinMax", "Entropy", "Percentile"):
+        raise InvalidInputError("optimize step quantize_static: method must be MinMax, Entropy or Percentile")
+    samples = int(params.get("calibration_samples", 128))
+    subset = {k: v[:samples] for k, v in calibration.items()}
+    ort_quantize_static(
+        str(source), str(dest), _Reader(subset),
+        quant_format=QuantFormat.QDQ,
+        per_channel=bool(params.get("per_channel", True)),
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod[method],
+        nodes_to_exclude=list(params.get("nodes_to_exclude", [])),
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )  # fmt: skip
+    return {"method": method, "per_channel": bool(params.get("per_channel", True)),
+            "calibration_samples": len(next(iter(subset.values()))),
+            "nodes_to_exclude": list(params.get("nodes_to_exclude", []))}  # fmt: skip
+
+
+def fp16(source: Path, dest: Path, params: dict[str, Any], calibration: Calibration) -> dict[str, Any]:
+    """Half-precision weights and compute; inputs/outputs stay FP32 unless keep_io_types is false."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    _known(params, {"keep_io_types"}, "fp16")
+    keep = bool(params.get("keep_io_types", True))
+    converted = OnnxModel(convert_float_to_float16(onnx.load(str(source)), keep_io_types=keep))
+    converted.topological_sort()  # the converter appends the input casts after their consumers
+    onnx.save(converted.model, str(dest))
+    return {"keep_io_types": keep}
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "graph": graph,
+    "quantize_dynamic": quantize_dynamic,
+    "quantize_static": quantize_static,
+    "fp16": fp16,
+}

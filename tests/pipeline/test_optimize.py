@@ -1,0 +1,117 @@
+"""The optimization steps and guards on models built in the test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from shipyard.errors import SpecError
+from shipyard.pipeline import build
+from shipyard.pipeline.optimize.transforms import TRANSFORMS
+from shipyard.registry import LocalRegistry
+from shipyard.spec import load_spec, parse_spec
+from tests._helpers import make_mlp_onnx, write_spec
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # type: ignore[no-any-return]
+
+
+def _project(folder: Path, model: Path, optimize: dict[str, Any], samples: int = 400) -> Path:
+    """Evaluation labels are the FP32 model's own predictions: its accuracy is 1.0 by construction."""
+    x = np.random.default_rng(1).standard_normal((samples, 256)).astype(np.float32)
+    np.savez(folder / "eval.npz", x=x, y=_run(model, x).argmax(1))
+    return write_spec(folder, {
+        "name": "opt", "model": {"format": "onnx", "path": model.name},
+        "evaluation": {"dataset": {"kind": "npz", "path": "eval.npz"}, "metric": "accuracy",
+                       "latency": {"iterations": 50}},
+        "optimize": optimize,
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("step", sorted(TRANSFORMS))
+def test_each_step_gives_a_valid_and_numerically_sane_model(tmp_path: Path, step: str) -> None:
+    source = make_mlp_onnx(tmp_path / "fp32.onnx", sizes=(256, 256, 256, 10))
+    x = np.random.default_rng(2).standard_normal((64, 256)).astype(np.float32)
+    dest = tmp_path / f"{step}.onnx"
+    try:
+        params = TRANSFORMS[step](source, dest, {}, {"x": x})
+    except Exception as exc:  # the converter's own failure is a rejected candidate, not a crash
+        pytest.fail(f"{step} failed: {exc}")
+    onnx.checker.check_model(str(dest))
+    reference, got = _run(source, x), _run(dest, x)
+    assert got.shape == reference.shape
+    assert np.mean(got.argmax(1) == reference.argmax(1)) >= 0.9
+    cosine = np.sum(got * reference, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
+    assert cosine.mean() > 0.99
+    assert isinstance(params, dict)
+    if step.startswith("quantize"):
+        assert dest.stat().st_size < source.stat().st_size / 2.5  # INT8 weights
+
+
+def test_unknown_step_parameters_are_rejected(tmp_path: Path) -> None:
+    source = make_mlp_onnx(tmp_path / "fp32.onnx", sizes=(256, 10))
+    with pytest.raises(Exception, match=r"unknown parameters \['colour'\]"):
+        TRANSFORMS["graph"](source, tmp_path / "out.onnx", {"colour": "red"}, {})
+
+
+def test_accuracy_guard_rejects_a_model_built_to_break_under_int8(tmp_path: Path, registry: LocalRegistry) -> None:
+    model = make_mlp_onnx(tmp_path / "fragile.onnx", sizes=(256, 256, 10), outlier=5000.0)
+    spec = _project(tmp_path, model, {"steps": [{"step": "quantize_dynamic"}], "max_drop": 0.01})
+    manifest = build(load_spec(spec), registry)
+    (candidate,) = manifest.lineage[-1].params["candidates"]
+    assert not candidate["accepted"]
+    assert "loss up to" in candidate["reason"]
+    assert "exceeds the budget 0.01" in candidate["reason"]
+    assert candidate["metric"] < 0.9
+    assert manifest.metrics["accuracy"] == 1.0  # the unoptimized model was registered
+    assert "accuracy_unoptimized" not in manifest.metrics
+
+
+def test_speed_guard_rejects_a_slower_candidate(tmp_path: Path, registry: LocalRegistry) -> None:
+    # On a model this small, dynamic quantization's extra quantize/dequantize work costs more than it saves.
+    model = make_mlp_onnx(tmp_path / "tiny.onnx", sizes=(256, 8, 10))
+    spec = _project(tmp_path, model, {"steps": [{"step": "quantize_dynamic"}], "max_drop": 1.0})
+    manifest = build(load_spec(spec), registry)
+    (candidate,) = manifest.lineage[-1].params["candidates"]
+    assert not candidate["accepted"]
+    assert candidate["reason"].startswith("not faster than its parent")
+    assert candidate["p50_ms"] > candidate["parent_p50_ms"] * 0.95
+
+
+def test_accepted_steps_replace_the_model_and_keep_the_old_figures(tmp_path: Path, registry: LocalRegistry) -> None:
+    model = make_mlp_onnx(tmp_path / "big.onnx", sizes=(256, 1024, 1024, 10))
+    spec = _project(tmp_path, model, {"steps": [{"step": "quantize_static", "params": {"calibration_samples": 64}}],
+                                      "max_drop": 0.05, "min_speedup": 0.0})  # fmt: skip
+    manifest = build(load_spec(spec), registry)
+    (candidate,) = manifest.lineage[-1].params["candidates"]
+    assert candidate["accepted"], candidate["reason"]
+    assert manifest.lineage[-1].params["applied"] == [{"step": "quantize_static", "params": candidate["params"]}]
+    assert manifest.metrics["size_bytes"] < manifest.metrics["size_bytes_unoptimized"] / 2.5
+    assert manifest.metrics["accuracy_unoptimized"] == 1.0
+    assert manifest.metrics["accuracy"] >= 0.95
+    folder = registry.path("opt:1")
+    registry.manifest("opt:1", verify=True)
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(folder / "model.onnx")).graph.node)
+
+
+def test_failed_and_unreached_trials_still_register_the_best(tmp_path: Path, registry: LocalRegistry) -> None:
+    model = make_mlp_onnx(tmp_path / "m.onnx", sizes=(256, 64, 10))
+    steps = [{"step": "graph", "params": {"level": "turbo"}}, {"step": "graph"}, {"step": "quantize_dynamic"}]
+    spec = _project(tmp_path, model, {"steps": steps, "max_trials": 2, "min_speedup": 0.0, "max_drop": 1.0})
+    manifest = build(load_spec(spec), registry)
+    candidates = manifest.lineage[-1].params["candidates"]
+    assert candidates[0]["reason"].startswith("failed: optimize step graph: level must be one of")
+    assert candidates[2]["reason"] == "not tried: trial or time budget spent"
+    assert manifest.version == 1
+
+
+def test_optimize_needs_an_evaluation_section() -> None:
+    with pytest.raises(SpecError, match="`optimize` needs an `evaluation` section"):
+        parse_spec({"name": "m", "model": {"format": "onnx", "path": "m.onnx"},
+                    "optimize": {"steps": [{"step": "graph"}]}}, "s")  # fmt: skip
