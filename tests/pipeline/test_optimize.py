@@ -23,8 +23,13 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def _project(folder: Path, model: Path, optimize: dict[str, Any], samples: int = 400) -> Path:
-    """Evaluation labels are the FP32 model's own predictions: its accuracy is 1.0 by construction."""
+    """Evaluation labels are the FP32 model's own predictions: its accuracy is 1.0 by construction.
+
+    Feature 0 is always 0, so the outlier weight that make_mlp_onnx can plant on it never shows in the
+    activations: only per-tensor weight quantization of that one layer is harmed.
+    """
     x = np.random.default_rng(1).standard_normal((samples, 256)).astype(np.float32)
+    x[:, 0] = 0.0
     np.savez(folder / "eval.npz", x=x, y=_run(model, x).argmax(1))
     return write_spec(folder, {
         "name": "opt", "model": {"format": "onnx", "path": model.name},
@@ -46,9 +51,10 @@ def test_each_step_gives_a_valid_and_numerically_sane_model(tmp_path: Path, step
     onnx.checker.check_model(str(dest))
     reference, got = _run(source, x), _run(dest, x)
     assert got.shape == reference.shape
-    assert np.mean(got.argmax(1) == reference.argmax(1)) >= 0.9
+    lossy = step == "weight_only"  # 4-bit weights: sane, but visibly coarser than INT8
+    assert np.mean(got.argmax(1) == reference.argmax(1)) >= (0.8 if lossy else 0.9)
     cosine = np.sum(got * reference, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
-    assert cosine.mean() > 0.99
+    assert cosine.mean() > (0.97 if lossy else 0.99)
     assert isinstance(params, dict)
     if step.startswith("quantize"):
         assert dest.stat().st_size < source.stat().st_size / 2.5  # INT8 weights
@@ -62,7 +68,7 @@ def test_unknown_step_parameters_are_rejected(tmp_path: Path) -> None:
 
 def test_accuracy_guard_rejects_a_model_built_to_break_under_int8(tmp_path: Path, registry: LocalRegistry) -> None:
     model = make_mlp_onnx(tmp_path / "fragile.onnx", sizes=(256, 256, 10), outlier=5000.0)
-    spec = _project(tmp_path, model, {"steps": [{"step": "quantize_dynamic"}], "max_drop": 0.01})
+    spec = _project(tmp_path, model, {"steps": [{"step": "quantize_dynamic"}], "max_drop": 0.01, "fallback_trials": 0})
     manifest = build(load_spec(spec), registry)
     (candidate,) = manifest.lineage[-1].params["candidates"]
     assert not candidate["accepted"]
@@ -71,6 +77,19 @@ def test_accuracy_guard_rejects_a_model_built_to_break_under_int8(tmp_path: Path
     assert candidate["metric"] < 0.9
     assert manifest.metrics["accuracy"] == 1.0  # the unoptimized model was registered
     assert "accuracy_unoptimized" not in manifest.metrics
+
+
+def test_fallback_keeps_the_harmful_node_in_float_and_recovers(tmp_path: Path, registry: LocalRegistry) -> None:
+    model = make_mlp_onnx(tmp_path / "fragile.onnx", sizes=(256, 256, 1024, 1024, 10), outlier=5000.0)
+    optimize = {"steps": [{"step": "quantize_dynamic"}], "max_drop": 0.05, "min_speedup": 0.0}
+    manifest = build(load_spec(_project(tmp_path, model, optimize)), registry)
+    first, second = manifest.lineage[-1].params["candidates"][:2]
+    assert not first["accepted"]
+    assert first["failed_guard"] == "metric"
+    assert second["fallback"] == ["MatMul_0"]  # the layer with the outlier weight, ranked worst
+    assert second["metric"] > 0.95
+    assert second["accepted"], second["reason"]
+    assert manifest.lineage[-1].params["applied"][0]["params"]["nodes_to_exclude"] == ["MatMul_0"]
 
 
 def test_speed_guard_rejects_a_slower_candidate(tmp_path: Path, registry: LocalRegistry) -> None:

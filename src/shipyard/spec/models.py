@@ -214,9 +214,10 @@ class EvaluationSpec(_Spec):
 class OptimizeStepSpec(_Spec):
     """One optimization step and its parameters."""
 
-    step: Literal["graph", "quantize_dynamic", "quantize_static", "fp16"]
+    step: Literal["graph", "quantize_dynamic", "quantize_static", "weight_only", "fp16"]
     """graph: ONNX Runtime offline graph optimization; quantize_dynamic / quantize_static: INT8 (static
-    uses calibration data, QDQ format); fp16: half-precision weights and compute."""
+    uses calibration data, QDQ format); weight_only: 4/8-bit MatMul weights (MatMulNBits); fp16:
+    half-precision weights and compute."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Step parameters (graph: level; quantize_*: per_channel, weight_type, nodes_to_exclude; static:
     method MinMax/Entropy/Percentile, calibration_samples; fp16: keep_io_types)."""
@@ -238,7 +239,9 @@ class OptimizeSpec(_Spec):
     min_speedup: float = Field(default=0.05, ge=0)
     """A candidate must be at least this fraction faster (p50, batch 1) than its parent."""
     max_trials: int = Field(default=16, ge=1)
-    """Most candidates to try."""
+    """Most candidates to try (fallback retries count)."""
+    fallback_trials: int = Field(default=4, ge=0)
+    """When a quantized candidate loses too much, retry it keeping the 1, 2, 4, … worst nodes in float."""
     timeout_s: float = Field(default=1800, gt=0)
     """Stop trying new candidates after this long; the best so far is kept."""
 

@@ -6,20 +6,25 @@ registers the best variant found (the unoptimized model if none passed).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from shipyard.errors import ShipyardError
 from shipyard.pipeline._onnx import MODEL_FILE, check_onnx, random_feeds, run_in_chunks, session
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.evaluate import measure_latency, output_index
+from shipyard.pipeline.optimize.fallback import rank_nodes
 from shipyard.pipeline.optimize.guard import check_metric, paired_p50_ms
-from shipyard.pipeline.optimize.transforms import TRANSFORMS
+from shipyard.pipeline.optimize.transforms import QUANTIZERS, TRANSFORMS
 from shipyard.pipeline.step import NullProgress, Progress
 from shipyard.spec.models import LatencySpec, MetricSpec, OptimizeSpec
 
@@ -40,6 +45,36 @@ class Candidate:
     p50_ms: float | None = None
     parent_p50_ms: float | None = None
     size_bytes: int | None = None
+    failed_guard: str | None = None  # "metric", "speed" or "error"
+    fallback: list[str] = field(default_factory=list)  # nodes kept in float
+    path: Path | None = None
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest keeps (the scratch path is not part of it)."""
+        out = asdict(self)
+        del out["path"]
+        return out
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _named_copy(source: Path, dest: Path) -> Path:
+    """Copy the model, giving unnamed nodes names: quantizers exclude nodes by name."""
+    model = onnx.load(str(source))
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    onnx.save(model, str(dest))
+    return dest
 
 
 class OptimizeStep:
@@ -51,13 +86,12 @@ class OptimizeStep:
         model_path, signature = ctx.require_model()
         if spec is None or evaluation is None or data is None:
             raise RuntimeError("pipeline order: optimize runs only with an evaluation set")
+        if (model_path.parent / f"{MODEL_FILE}.data").exists():
+            raise ShipyardError("optimizing models with external weights (> 2 GB) is not supported yet")
         index = output_index(evaluation, signature)
         work = ctx.scratch_dir / "optimize"
         work.mkdir()
-        best = work / "base.onnx"
-        shutil.copyfile(model_path, best)
-        if (model_path.parent / f"{MODEL_FILE}.data").exists():
-            raise ShipyardError("optimizing models with external weights (> 2 GB) is not supported yet")
+        best = _named_copy(model_path, work / "base.onnx")
 
         def predict(path: Path) -> np.ndarray:
             sess = session(path)
@@ -67,38 +101,65 @@ class OptimizeStep:
         single = random_feeds(signature, batch=1, seed=3)
         candidates: list[Candidate] = []
         started = time.monotonic()
-        for trial, step in enumerate(spec.steps):
-            progress.update(trial, len(spec.steps))
-            if trial >= spec.max_trials or time.monotonic() - started > spec.timeout_s:
-                candidates.append(
-                    Candidate(trial, step.step, step.params, False, "not tried: trial or time budget spent")
-                )
-                continue
-            dest = work / f"trial{trial}-{step.step}.onnx"
+
+        def attempt(step: str, params: dict[str, Any], parent: Path) -> Candidate:
+            trial = len(candidates)
+            dest = work / f"trial{trial}-{step}.onnx"
             try:
-                params = TRANSFORMS[step.step](best, dest, step.params, data.inputs)
+                with _quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
+                    applied = TRANSFORMS[step](parent, dest, params, data.inputs)
                 check_onnx(dest)
-                verdict = Candidate(trial, step.step, params, False, "", size_bytes=dest.stat().st_size)
-                self._judge(
-                    verdict, spec, evaluation.metric, data.target, base_pred, predict(dest), (best, dest), single
-                )
-            except KeyboardInterrupt:
-                candidates.append(Candidate(trial, step.step, step.params, False, "interrupted: search stopped"))
-                break
+                verdict = Candidate(trial, step, applied, False, "", size_bytes=dest.stat().st_size)
+                judged = predict(dest)
+                self._judge(verdict, spec, evaluation.metric, data.target, base_pred, judged, (parent, dest), single)
             except ShipyardError as exc:
-                verdict = Candidate(trial, step.step, step.params, False, f"failed: {exc}")
+                verdict = Candidate(trial, step, params, False, f"failed: {exc}", failed_guard="error")
             except Exception as exc:  # the quantizer's and converter's own errors
-                verdict = Candidate(trial, step.step, step.params, False, f"failed: {type(exc).__name__}: {exc}")
-            candidates.append(verdict)
-            if verdict.accepted:
-                best = dest
+                reason = f"failed: {type(exc).__name__}: {exc}"
+                verdict = Candidate(trial, step, params, False, reason, failed_guard="error")
+            verdict.path = dest
+            return verdict
+
+        try:
+            for number, step in enumerate(spec.steps):
+                progress.update(number, len(spec.steps))
+                fallback: list[str] = []
+                ranking: list[str] | None = None
+                retries = 0
+                while True:
+                    if len(candidates) >= spec.max_trials or time.monotonic() - started > spec.timeout_s:
+                        skipped = "not tried: trial or time budget spent"
+                        candidates.append(Candidate(len(candidates), step.step, step.params, False, skipped))
+                        break
+                    params = dict(step.params)
+                    if fallback:
+                        params["nodes_to_exclude"] = sorted({*params.get("nodes_to_exclude", []), *fallback})
+                    verdict = attempt(step.step, params, best)
+                    verdict.fallback = fallback
+                    candidates.append(verdict)
+                    if verdict.accepted and verdict.path is not None:
+                        best = verdict.path
+                        break
+                    recoverable = step.step in QUANTIZERS and verdict.failed_guard == "metric"
+                    if not recoverable or retries >= spec.fallback_trials:
+                        break
+                    retries += 1
+                    if ranking is None:
+                        with _quiet_root_logger():
+                            ranking = rank_nodes(step.step, dict(step.params), best, data.inputs, work)
+                    wider = ranking[: max(1, 2 * len(fallback))]
+                    if len(wider) <= len(fallback) or len(wider) >= len(ranking):
+                        break  # falling back further would leave nothing quantized
+                    fallback = wider
+        except KeyboardInterrupt:
+            candidates.append(Candidate(len(candidates), "-", {}, False, "interrupted: search stopped"))
         progress.update(len(spec.steps), len(spec.steps))
         accepted = [c for c in candidates if c.accepted]
         if accepted:
             self._adopt(ctx, best, evaluation.metric.name, accepted[-1].metric)
         return {
             "applied": [{"step": c.step, "params": c.params} for c in accepted],
-            "candidates": [asdict(c) for c in candidates],
+            "candidates": [c.record() for c in candidates],
             "budget": {"max_drop": spec.max_drop, "relative": spec.relative, "confidence": spec.confidence},
         }
 
@@ -117,12 +178,14 @@ class OptimizeStep:
         check = check_metric(metric, spec, base_pred, pred, target)
         candidate.metric, candidate.drop_bound = check.value, check.drop_bound
         if not check.passed:
+            candidate.failed_guard = "metric"
             candidate.reason = (f"{metric.name} loss up to {check.drop_bound:.4g} "
                                 f"({spec.confidence:.0%} bound) exceeds the budget {check.budget:.4g}")  # fmt: skip
             return
         parent_ms, ms = paired_p50_ms(session(models[0]), session(models[1]), single)
         candidate.p50_ms, candidate.parent_p50_ms = ms, parent_ms
         if ms > parent_ms * (1 - spec.min_speedup):
+            candidate.failed_guard = "speed"
             candidate.reason = (f"not faster than its parent: p50 {ms:.3f} ms vs {parent_ms:.3f} ms "
                                 f"(needs {spec.min_speedup:.0%} less)")  # fmt: skip
             return

@@ -54,13 +54,14 @@ def quantize_dynamic(source: Path, dest: Path, params: dict[str, Any], calibrati
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    _known(params, {"per_channel", "weight_type", "nodes_to_exclude"}, "quantize_dynamic")
+    _known(params, {"per_channel", "weight_type", "nodes_to_exclude", "nodes_to_quantize"}, "quantize_dynamic")
     weight_type = params.get("weight_type", "QInt8")
     ort_quantize_dynamic(
         str(source), str(dest),
         per_channel=bool(params.get("per_channel", False)),
         weight_type=QuantType[weight_type],
         nodes_to_exclude=list(params.get("nodes_to_exclude", [])),
+        nodes_to_quantize=list(params.get("nodes_to_quantize", [])),
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )  # fmt: skip
     return {"per_channel": bool(params.get("per_channel", False)), "weight_type": weight_type,
@@ -83,7 +84,8 @@ def quantize_static(source: Path, dest: Path, params: dict[str, Any], calibratio
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    _known(params, {"method", "per_channel", "calibration_samples", "nodes_to_exclude"}, "quantize_static")
+    _known(params, {"method", "per_channel", "calibration_samples", "nodes_to_exclude", "nodes_to_quantize"},
+           "quantize_static")  # fmt: skip
     method = params.get("method", "MinMax")
     if method not in ("MinMax", "Entropy", "Percentile"):
         raise InvalidInputError("optimize step quantize_static: method must be MinMax, Entropy or Percentile")
@@ -97,6 +99,7 @@ def quantize_static(source: Path, dest: Path, params: dict[str, Any], calibratio
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod[method],
         nodes_to_exclude=list(params.get("nodes_to_exclude", [])),
+        nodes_to_quantize=list(params.get("nodes_to_quantize", [])),
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )  # fmt: skip
     return {"method": method, "per_channel": bool(params.get("per_channel", True)),
@@ -117,7 +120,28 @@ def fp16(source: Path, dest: Path, params: dict[str, Any], calibration: Calibrat
     return {"keep_io_types": keep}
 
 
+def weight_only(source: Path, dest: Path, params: dict[str, Any], calibration: Calibration) -> dict[str, Any]:
+    """4-bit (or 8-bit) block-quantized MatMul weights (MatMulNBits) for MatMul-heavy transformer models."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    _known(params, {"bits", "block_size", "symmetric", "nodes_to_exclude", "nodes_to_quantize"}, "weight_only")
+    bits, block = int(params.get("bits", 4)), int(params.get("block_size", 32))
+    if bits not in (4, 8):
+        raise InvalidInputError("optimize step weight_only: bits must be 4 or 8")
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(source)), bits=bits, block_size=block, is_symmetric=bool(params.get("symmetric", True)),
+        nodes_to_exclude=list(params.get("nodes_to_exclude", [])),
+        nodes_to_include=list(params.get("nodes_to_quantize", [])) or None,
+    )  # fmt: skip
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dest), use_external_data_format=False)
+    return {"bits": bits, "block_size": block, "symmetric": bool(params.get("symmetric", True)),
+            "nodes_to_exclude": list(params.get("nodes_to_exclude", []))}  # fmt: skip
+
+
+QUANTIZERS = ("quantize_dynamic", "quantize_static", "weight_only")
 TRANSFORMS: dict[str, Transform] = {
+    "weight_only": weight_only,
     "graph": graph,
     "quantize_dynamic": quantize_dynamic,
     "quantize_static": quantize_static,
