@@ -15,6 +15,7 @@ from rich.markup import escape
 from shipyard import __version__
 from shipyard._render import RichReporter, diff_table, manifest_table, versions_table
 from shipyard.artifact.diff import diff_manifests
+from shipyard.artifact.manifest import Manifest
 from shipyard.errors import ConflictError, ErrorKind, NotFoundError, ShipyardError
 from shipyard.registry import ENV_VAR, LocalRegistry, open_registry
 from shipyard.registry import remote as remote_storage
@@ -121,6 +122,9 @@ def build(
         manifest = run_build(loaded, reg, reporter)
     _show_manifest(manifest, as_json)
     err.print(f"[green]registered[/] {manifest.name}:{manifest.version} in {reg.root}")
+    if loaded.spec.optimize is not None:
+        written = _write_report(manifest, loaded.base_dir / "reports")
+        err.print(f"optimization report: {written}")
 
 
 @app.command("import")
@@ -141,14 +145,38 @@ def import_(
     err.print(f"[green]registered[/] {manifest.name}:{manifest.version} in {reg.root}")
 
 
-def _show_manifest(manifest: object, as_json: bool) -> None:
-    from shipyard.artifact.manifest import Manifest
-
-    assert isinstance(manifest, Manifest)
+def _show_manifest(manifest: Manifest, as_json: bool) -> None:
     if as_json:
         _print_json(manifest.model_dump(mode="json"))
     else:
         out.print(manifest_table(manifest))
+
+
+def _write_report(manifest: Manifest, folder: Path) -> Path:
+    from shipyard.pipeline.optimize.report import html_page, markdown
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{manifest.name}-{manifest.version}"
+    stem.with_suffix(".md").write_text(markdown(manifest), encoding="utf-8")
+    page = stem.with_suffix(".html")
+    page.write_text(html_page(manifest), encoding="utf-8")
+    return page
+
+
+@app.command()
+def report(
+    ref: str = typer.Argument(..., help="NAME:VERSION built with an optimize section."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for NAME-VERSION.md and .html (else: print markdown)."),
+    registry: str | None = RegistryOption,
+) -> None:
+    """Regenerate the optimization report of a version: every candidate, why it was kept or rejected."""
+    from shipyard.pipeline.optimize.report import markdown
+
+    manifest = _registry(registry).manifest(ref)
+    if out is None:
+        print(markdown(manifest))
+        return
+    err.print(f"[green]wrote[/] {_write_report(manifest, out)} (and .md)")
 
 
 @models_app.command("list")

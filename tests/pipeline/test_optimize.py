@@ -134,3 +134,27 @@ def test_optimize_needs_an_evaluation_section() -> None:
     with pytest.raises(SpecError, match="`optimize` needs an `evaluation` section"):
         parse_spec({"name": "m", "model": {"format": "onnx", "path": "m.onnx"},
                     "optimize": {"steps": [{"step": "graph"}]}}, "s")  # fmt: skip
+
+
+def test_report_command_regenerates_markdown_and_html(tmp_path: Path, cli: Any) -> None:
+    model = make_mlp_onnx(tmp_path / "m.onnx", sizes=(256, 64, 10))
+    spec = _project(tmp_path, model, {"steps": [{"step": "graph"}, {"step": "quantize_dynamic"}], "max_drop": 1.0})
+    reg = str(tmp_path / "registry")
+    built = cli("build", str(spec), "-r", reg)
+    assert built.code == 0, built.err
+    assert "optimization report:" in built.err
+    assert (tmp_path / "reports" / "opt-1.html").is_file()
+    printed = cli("report", "opt:1", "-r", reg)
+    assert printed.code == 0
+    assert "# Optimization report: opt:1" in printed.out
+    assert "| 1 | quantize_dynamic" in printed.out
+    written = cli("report", "opt:1", "-r", reg, "--out", str(tmp_path / "again"))
+    assert written.code == 0
+    page = (tmp_path / "again" / "opt-1.html").read_text()
+    assert "data:image/png;base64," in page
+    assert "quantize_dynamic" in page
+    imported = cli("import", str(model), "--name", "plain", "-r", reg)
+    assert imported.code == 0
+    refused = cli("report", "plain:1", "-r", reg)
+    assert refused.code == 2
+    assert "built without an `optimize:` section" in refused.err

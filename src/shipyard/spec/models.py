@@ -237,7 +237,9 @@ class OptimizeSpec(_Spec):
     bootstrap: int = Field(default=500, ge=50, le=100_000)
     """Bootstrap resamples of the evaluation set."""
     min_speedup: float = Field(default=0.05, ge=0)
-    """A candidate must be at least this fraction faster (p50, batch 1) than its parent."""
+    """A candidate must be at least this fraction faster (p50 at `speed_batch`) than its parent."""
+    speed_batch: int = Field(default=1, ge=1, le=4096)
+    """Batch size candidates are timed at: 1 for latency-bound services, larger for throughput."""
     max_trials: int = Field(default=16, ge=1)
     """Most candidates to try (fallback retries count)."""
     fallback_trials: int = Field(default=4, ge=0)

@@ -49,7 +49,7 @@ def check_metric(
 def paired_p50_ms(
     parent: ort.InferenceSession, candidate: ort.InferenceSession, feeds: dict[str, np.ndarray], rounds: int = 200
 ) -> tuple[float, float]:
-    """Batch-1 p50 latency of both models, timed alternately so machine noise hits both alike."""
+    """p50 latency of both models on `feeds`, timed alternately so machine noise hits both alike."""
     for _ in range(10):
         parent.run(None, feeds)
         candidate.run(None, feeds)

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from shipyard.errors import ShipyardError
-from shipyard.pipeline._onnx import MODEL_FILE, check_onnx, random_feeds, run_in_chunks, session
+from shipyard.pipeline._onnx import MODEL_FILE, check_onnx, is_batchable, random_feeds, run_in_chunks, session
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.evaluate import measure_latency, output_index
 from shipyard.pipeline.optimize.fallback import rank_nodes
@@ -98,7 +98,7 @@ class OptimizeStep:
             return run_in_chunks(lambda f: list(sess.run(None, f)), data.inputs, _CHUNK)[index]
 
         base_pred = predict(best)
-        single = random_feeds(signature, batch=1, seed=3)
+        single = random_feeds(signature, batch=spec.speed_batch if is_batchable(signature) else 1, seed=3)
         candidates: list[Candidate] = []
         started = time.monotonic()
 
@@ -160,7 +160,12 @@ class OptimizeStep:
         return {
             "applied": [{"step": c.step, "params": c.params} for c in accepted],
             "candidates": [c.record() for c in candidates],
-            "budget": {"max_drop": spec.max_drop, "relative": spec.relative, "confidence": spec.confidence},
+            "budget": {
+                "max_drop": spec.max_drop,
+                "relative": spec.relative,
+                "confidence": spec.confidence,
+                "speed_batch": spec.speed_batch,
+            },
         }
 
     @staticmethod
