@@ -10,7 +10,7 @@ import numpy as np
 from shipyard.errors import EvaluationError
 from shipyard.pipeline import metrics
 from shipyard.pipeline._onnx import is_batchable, random_feeds, run_in_chunks, session
-from shipyard.pipeline.context import BuildContext
+from shipyard.pipeline.context import BuildContext, EvalData
 from shipyard.pipeline.step import Progress
 from shipyard.spec.models import EvaluationSpec, LatencySpec, SignatureSpec
 
@@ -27,9 +27,18 @@ def output_index(evaluation: EvaluationSpec, signature: SignatureSpec) -> int:
     return names.index(evaluation.output)
 
 
-def measure_latency(run: Any, signature: SignatureSpec, spec: LatencySpec, progress: Progress) -> dict[str, float]:
+def timing_feeds(signature: SignatureSpec, data: EvalData | None, batch: int) -> dict[str, np.ndarray]:
+    """Evaluation samples when there are enough (real shapes, e.g. sequence lengths), else random inputs."""
+    if data is not None and len(data) >= batch:
+        return data.head(batch)
+    return random_feeds(signature, batch=batch, seed=batch)
+
+
+def measure_latency(
+    run: Any, signature: SignatureSpec, spec: LatencySpec, progress: Progress, data: EvalData | None = None
+) -> dict[str, float]:
     """p50/p99 of batch-1 runs and samples/s at `throughput_batch`, timed with perf_counter."""
-    single = random_feeds(signature, batch=1, seed=1)
+    single = timing_feeds(signature, data, 1)
     for _ in range(_WARMUP):
         run(single)
     times = np.empty(spec.iterations)
@@ -44,7 +53,7 @@ def measure_latency(run: Any, signature: SignatureSpec, spec: LatencySpec, progr
         "latency_p99_ms": float(np.percentile(times, 99) * 1e3),
     }
     batch = spec.throughput_batch if is_batchable(signature) else 1
-    feeds = random_feeds(signature, batch=batch, seed=2)
+    feeds = timing_feeds(signature, data, batch)
     run(feeds)
     runs, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < _THROUGHPUT_SECONDS or runs < 3:
@@ -78,6 +87,8 @@ class EvaluateStep:
             ctx.metrics[f"{name}_original"] = metrics.compute(evaluation.metric, np.asarray(original), target)
             params.update(metric=name, direction=evaluation.metric.better, samples=len(target))
         if all(t.dtype != "string" for t in signature.inputs):
-            ctx.metrics.update(measure_latency(lambda f: sess.run(None, f), signature, latency, progress))
+            ctx.metrics.update(
+                measure_latency(lambda f: sess.run(None, f), signature, latency, progress, ctx.eval_data)
+            )
             params.update(iterations=latency.iterations)
         return params

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from shipyard.errors import ShipyardError
-from shipyard.pipeline._onnx import MODEL_FILE, check_onnx, is_batchable, random_feeds, run_in_chunks, session
+from shipyard.pipeline._onnx import MODEL_FILE, check_onnx, is_batchable, run_in_chunks, session
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.evaluate import measure_latency, output_index
 from shipyard.pipeline.optimize.fallback import rank_nodes
@@ -46,6 +46,7 @@ class Candidate:
     parent_p50_ms: float | None = None
     size_bytes: int | None = None
     failed_guard: str | None = None  # "metric", "speed" or "error"
+    built_on: int | None = None  # the trial whose model this one transformed (None: the unoptimized model)
     fallback: list[str] = field(default_factory=list)  # nodes kept in float
     path: Path | None = None
 
@@ -77,6 +78,15 @@ def _named_copy(source: Path, dest: Path) -> Path:
     return dest
 
 
+def _chain(candidates: list[Candidate], winner: Candidate | None) -> list[Candidate]:
+    """The steps that produced the winner, first to last, following `built_on` links."""
+    chain: list[Candidate] = []
+    while winner is not None:
+        chain.insert(0, winner)
+        winner = candidates[winner.built_on] if winner.built_on is not None else None
+    return chain
+
+
 class OptimizeStep:
     name = "optimize"
     description = "Optimize (guarded search)"
@@ -91,35 +101,41 @@ class OptimizeStep:
         index = output_index(evaluation, signature)
         work = ctx.scratch_dir / "optimize"
         work.mkdir()
-        best = _named_copy(model_path, work / "base.onnx")
+        base = best = _named_copy(model_path, work / "base.onnx")
 
         def predict(path: Path) -> np.ndarray:
             sess = session(path)
             return run_in_chunks(lambda f: list(sess.run(None, f)), data.inputs, _CHUNK)[index]
 
         base_pred = predict(best)
-        single = random_feeds(signature, batch=spec.speed_batch if is_batchable(signature) else 1, seed=3)
+        # Timed on real evaluation samples: random inputs can take shapes (e.g. sequence lengths) nobody sends.
+        single = data.head(spec.speed_batch if is_batchable(signature) else 1)
         candidates: list[Candidate] = []
         started = time.monotonic()
 
-        def attempt(step: str, params: dict[str, Any], parent: Path) -> Candidate:
+        def attempt(step: str, params: dict[str, Any], source: Candidate | None) -> Candidate:
+            """Apply `step` to `source` (None: the unoptimized model); always judged against `best`."""
             trial = len(candidates)
             dest = work / f"trial{trial}-{step}.onnx"
+            parent = source.path if source is not None and source.path is not None else base
             try:
                 with _quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
                     applied = TRANSFORMS[step](parent, dest, params, data.inputs)
                 check_onnx(dest)
                 verdict = Candidate(trial, step, applied, False, "", size_bytes=dest.stat().st_size)
                 judged = predict(dest)
-                self._judge(verdict, spec, evaluation.metric, data.target, base_pred, judged, (parent, dest), single)
+                self._judge(verdict, spec, evaluation.metric, data.target, base_pred, judged, (best, dest), single)
             except ShipyardError as exc:
                 verdict = Candidate(trial, step, params, False, f"failed: {exc}", failed_guard="error")
             except Exception as exc:  # the quantizer's and converter's own errors
                 reason = f"failed: {type(exc).__name__}: {exc}"
                 verdict = Candidate(trial, step, params, False, reason, failed_guard="error")
             verdict.path = dest
+            verdict.built_on = None if source is None else source.trial
             return verdict
 
+        winner: Candidate | None = None  # the accepted candidate `best` is, None for the unoptimized model
+        held: Candidate | None = None  # good enough, but not faster on its own: later steps may build on it
         try:
             for number, step in enumerate(spec.steps):
                 progress.update(number, len(spec.steps))
@@ -134,11 +150,11 @@ class OptimizeStep:
                     params = dict(step.params)
                     if fallback:
                         params["nodes_to_exclude"] = sorted({*params.get("nodes_to_exclude", []), *fallback})
-                    verdict = attempt(step.step, params, best)
+                    verdict = attempt(step.step, params, winner)
                     verdict.fallback = fallback
                     candidates.append(verdict)
                     if verdict.accepted and verdict.path is not None:
-                        best = verdict.path
+                        best, winner = verdict.path, verdict
                         break
                     recoverable = step.step in QUANTIZERS and verdict.failed_guard == "metric"
                     if not recoverable or retries >= spec.fallback_trials:
@@ -151,14 +167,25 @@ class OptimizeStep:
                     if len(wider) <= len(fallback) or len(wider) >= len(ranking):
                         break  # falling back further would leave nothing quantized
                     fallback = wider
+                alone = candidates[-1]
+                # A step that kept the metric but was not faster alone (e.g. fusion) may pay off once a
+                # later step builds on it: try this step on top of it too. Judged against the best so far,
+                # so acceptance means it beats whatever this step achieved alone.
+                if held is not None and len(candidates) < spec.max_trials:
+                    combined = attempt(step.step, dict(step.params), held)
+                    candidates.append(combined)
+                    if combined.accepted and combined.path is not None:
+                        best, winner = combined.path, combined
+                if alone.failed_guard == "speed":
+                    held = alone
         except KeyboardInterrupt:
             candidates.append(Candidate(len(candidates), "-", {}, False, "interrupted: search stopped"))
         progress.update(len(spec.steps), len(spec.steps))
-        accepted = [c for c in candidates if c.accepted]
-        if accepted:
-            self._adopt(ctx, best, evaluation.metric.name, accepted[-1].metric)
+        chain = _chain(candidates, winner)
+        if winner is not None:
+            self._adopt(ctx, best, evaluation.metric.name, winner.metric)
         return {
-            "applied": [{"step": c.step, "params": c.params} for c in accepted],
+            "applied": [{"step": c.step, "params": c.params} for c in chain],
             "candidates": [c.record() for c in candidates],
             "budget": {
                 "max_drop": spec.max_drop,
@@ -211,4 +238,5 @@ class OptimizeStep:
         evaluation = ctx.loaded.spec.evaluation
         latency = evaluation.latency if evaluation is not None else LatencySpec()
         sess = session(model_path, threads=latency.threads)
-        ctx.metrics.update(measure_latency(lambda f: sess.run(None, f), signature, latency, NullProgress()))
+        timed = measure_latency(lambda f: sess.run(None, f), signature, latency, NullProgress(), ctx.eval_data)
+        ctx.metrics.update(timed)

@@ -36,9 +36,18 @@ def graph(source: Path, dest: Path, params: dict[str, Any], calibration: Calibra
     """ONNX Runtime offline optimization (constant folding, fusions) saved as a new graph.
 
     `extended` fusions are CPU-portable; `all` would bake layouts specific to this machine's CPU.
+    With `transformer: bert` (or gpt2, …), onnxruntime's transformer optimizer fuses attention, layer
+    norm and GELU first.
     """
-    _known(params, {"level"}, "graph")
+    _known(params, {"level", "transformer"}, "graph")
     level = params.get("level", "extended")
+    transformer = params.get("transformer")
+    if transformer is not None:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        fused = optimize_model(str(source), model_type=str(transformer), num_heads=0, hidden_size=0, opt_level=0)
+        fused.save_model_to_file(str(dest), use_external_data_format=False)
+        source = dest
     if level not in _GRAPH_LEVELS:
         raise InvalidInputError(f"optimize step graph: level must be one of {sorted(_GRAPH_LEVELS)}, not {level!r}")
     options = ort.SessionOptions()
@@ -46,7 +55,7 @@ def graph(source: Path, dest: Path, params: dict[str, Any], calibration: Calibra
     options.optimized_model_filepath = str(dest)
     options.log_severity_level = 3
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-    return {"level": level}
+    return {"level": level, "transformer": transformer} if transformer else {"level": level}
 
 
 def quantize_dynamic(source: Path, dest: Path, params: dict[str, Any], calibration: Calibration) -> dict[str, Any]:
