@@ -207,7 +207,7 @@ def models_show(
     manifest = _registry(registry).manifest(ref, verify=verify)
     _show_manifest(manifest, as_json)
     if verify:
-        err.print(f"[green]verified[/] {len(manifest.files)} files against their sha256")
+        err.print(f"[green]verified[/] {len(manifest.files)} file(s) against their sha256")
 
 
 @models_app.command("diff")
