@@ -176,8 +176,7 @@ class OptimizeStep:
                     candidates.append(combined)
                     if combined.accepted and combined.path is not None:
                         best, winner = combined.path, combined
-                if alone.failed_guard == "speed":
-                    held = alone
+                held = alone if alone.failed_guard == "speed" else None
         except KeyboardInterrupt:
             candidates.append(Candidate(len(candidates), "-", {}, False, "interrupted: search stopped"))
         progress.update(len(spec.steps), len(spec.steps))
