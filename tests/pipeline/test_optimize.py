@@ -12,6 +12,7 @@ import pytest
 
 from shipyard.errors import SpecError
 from shipyard.pipeline import build
+from shipyard.pipeline.optimize.search import Candidate, applied_chain
 from shipyard.pipeline.optimize.transforms import TRANSFORMS
 from shipyard.registry import LocalRegistry
 from shipyard.spec import load_spec, parse_spec
@@ -158,3 +159,24 @@ def test_report_command_regenerates_markdown_and_html(tmp_path: Path, cli: Any) 
     refused = cli("report", "plain:1", "-r", reg)
     assert refused.code == 2
     assert "built without an `optimize:` section" in refused.err
+
+
+def test_later_steps_also_build_on_a_step_that_was_not_faster_alone(tmp_path: Path, registry: LocalRegistry) -> None:
+    model = make_mlp_onnx(tmp_path / "big.onnx", sizes=(256, 1024, 1024, 10))
+    steps = [{"step": "graph"}, {"step": "quantize_dynamic", "params": {"per_channel": True}}]
+    spec = _project(tmp_path, model, {"steps": steps, "max_drop": 0.05, "min_speedup": 0.3})
+    manifest = build(load_spec(spec), registry)
+    graph, alone, combined = manifest.lineage[-1].params["candidates"]
+    assert graph["failed_guard"] == "speed"  # graph optimization alone is not 30 % faster
+    assert alone["built_on"] is None
+    assert combined["built_on"] == 0  # the same quantization, tried on top of the graph-optimized model
+    assert combined["step"] == "quantize_dynamic"
+
+
+def test_the_applied_chain_follows_what_each_winner_was_built_on() -> None:
+    graph = Candidate(0, "graph", {}, False, "not faster alone", failed_guard="speed")
+    alone = Candidate(1, "quantize_dynamic", {}, True, "1.9x faster")
+    combined = Candidate(2, "quantize_dynamic", {}, True, "2.3x faster", built_on=0)
+    assert [c.trial for c in applied_chain([graph, alone, combined], combined)] == [0, 2]
+    assert [c.trial for c in applied_chain([graph, alone], alone)] == [1]
+    assert applied_chain([graph], None) == []

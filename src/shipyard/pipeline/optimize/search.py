@@ -78,7 +78,7 @@ def _named_copy(source: Path, dest: Path) -> Path:
     return dest
 
 
-def _chain(candidates: list[Candidate], winner: Candidate | None) -> list[Candidate]:
+def applied_chain(candidates: list[Candidate], winner: Candidate | None) -> list[Candidate]:
     """The steps that produced the winner, first to last, following `built_on` links."""
     chain: list[Candidate] = []
     while winner is not None:
@@ -180,7 +180,7 @@ class OptimizeStep:
         except KeyboardInterrupt:
             candidates.append(Candidate(len(candidates), "-", {}, False, "interrupted: search stopped"))
         progress.update(len(spec.steps), len(spec.steps))
-        chain = _chain(candidates, winner)
+        chain = applied_chain(candidates, winner)
         if winner is not None:
             self._adopt(ctx, best, evaluation.metric.name, winner.metric)
         return {
