@@ -17,7 +17,7 @@ from shipyard._render import RichReporter, diff_table, manifest_table, versions_
 from shipyard.artifact.diff import diff_manifests
 from shipyard.artifact.manifest import Manifest
 from shipyard.errors import ConflictError, ErrorKind, NotFoundError, ShipyardError
-from shipyard.registry import ENV_VAR, LocalRegistry, open_registry
+from shipyard.registry import ENV_VAR, open_registry
 from shipyard.registry import remote as remote_storage
 
 app = typer.Typer(
@@ -52,10 +52,6 @@ RegistryOption = typer.Option(
     None, "--registry", "-r", help=f"Registry folder (default: ${ENV_VAR}, else ~/.shipyard/registry)."
 )
 JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table (for scripts).")
-
-
-def _registry(location: str | None) -> LocalRegistry:
-    return open_registry(location)
 
 
 def _print_json(data: object) -> None:
@@ -111,12 +107,12 @@ def build(
     registry: str | None = RegistryOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Load, convert, verify and evaluate a model, then register it as a new version."""
+    """Load, convert, verify, evaluate (and optimize) a model, then register it as a new version."""
     from shipyard.pipeline import build as run_build
     from shipyard.spec import load_spec
 
     loaded = load_spec(spec)
-    reg = _registry(registry)
+    reg = open_registry(registry)
     reporter = RichReporter(err)
     with reporter.progress:
         manifest = run_build(loaded, reg, reporter)
@@ -137,7 +133,7 @@ def import_(
     """Register an ONNX file as it is: signature read from the graph, checked and timed."""
     from shipyard.pipeline import import_onnx
 
-    reg = _registry(registry)
+    reg = open_registry(registry)
     reporter = RichReporter(err)
     with reporter.progress:
         manifest = import_onnx(file, name, reg, reporter)
@@ -172,7 +168,7 @@ def report(
     """Regenerate the optimization report of a version: every candidate, why it was kept or rejected."""
     from shipyard.pipeline.optimize.report import markdown
 
-    manifest = _registry(registry).manifest(ref)
+    manifest = open_registry(registry).manifest(ref)
     if out is None:
         print(markdown(manifest))
         return
@@ -186,7 +182,7 @@ def models_list(
     as_json: bool = JsonOption,
 ) -> None:
     """List registered versions."""
-    reg = _registry(registry)
+    reg = open_registry(registry)
     records = reg.versions(name) if name else reg.all_versions()
     if as_json:
         _print_json([{**r.__dict__, "aliases": list(r.aliases)} for r in records])
@@ -204,7 +200,7 @@ def models_show(
     as_json: bool = JsonOption,
 ) -> None:
     """Show one version's manifest."""
-    manifest = _registry(registry).manifest(ref, verify=verify)
+    manifest = open_registry(registry).manifest(ref, verify=verify)
     _show_manifest(manifest, as_json)
     if verify:
         err.print(f"[green]verified[/] {len(manifest.files)} file(s) against their sha256")
@@ -218,7 +214,7 @@ def models_diff(
     as_json: bool = JsonOption,
 ) -> None:
     """Show what differs between two versions."""
-    reg = _registry(registry)
+    reg = open_registry(registry)
     rows = diff_manifests(reg.manifest(left), reg.manifest(right))
     if as_json:
         _print_json([{"field": f, "left": a, "right": b} for f, a, b in rows])
@@ -235,7 +231,7 @@ def models_rm(
     registry: str | None = RegistryOption,
 ) -> None:
     """Remove versions."""
-    removed = _registry(registry).remove(ref, force=force)
+    removed = open_registry(registry).remove(ref, force=force)
     err.print(f"[green]removed[/] {', '.join(r.ref for r in removed)}")
 
 
@@ -247,7 +243,7 @@ def models_alias(
     registry: str | None = RegistryOption,
 ) -> None:
     """Point an alias (production, staging, …) at a version, or delete it."""
-    reg = _registry(registry)
+    reg = open_registry(registry)
     if delete:
         name = ref.split(":")[0].split("@")[0]
         reg.remove_alias(name, alias)
@@ -264,7 +260,7 @@ def push(
     registry: str | None = RegistryOption,
 ) -> None:
     """Upload a version as a single-file archive (with a .sha256 sidecar) to a storage URI."""
-    target = remote_storage.push(_registry(registry), ref, uri)
+    target = remote_storage.push(open_registry(registry), ref, uri)
     err.print(f"[green]pushed[/] {ref} to {target}")
     print(target)
 
@@ -275,7 +271,7 @@ def pull(
     registry: str | None = RegistryOption,
 ) -> None:
     """Download an archive, verify it, and register it as a new local version."""
-    manifest = remote_storage.pull(_registry(registry), uri)
+    manifest = remote_storage.pull(open_registry(registry), uri)
     err.print(f"[green]pulled[/] {uri} as {manifest.name}:{manifest.version}")
     print(f"{manifest.name}:{manifest.version}")
 
@@ -296,7 +292,7 @@ def serve(
 
     from shipyard.serve.server import ServeSettings, run
 
-    reg = _registry(registry)
+    reg = open_registry(registry)
     refs = list(models or []) or reg.models()
     if not refs:
         raise NotFoundError(f"no models to serve in {reg.root}")

@@ -315,12 +315,6 @@ class DeploySpec(_Spec):
 class ShipyardSpec(_Spec):
     """A `shipyard.yaml`: one model from file to service."""
 
-    @model_validator(mode="after")
-    def _optimize_needs_evaluation(self) -> ShipyardSpec:
-        if self.optimize is not None and self.evaluation is None:
-            raise ValueError("`optimize` needs an `evaluation` section: candidates are judged on it")
-        return self
-
     version: Literal[1] = 1
     """Spec format version."""
     name: str = Field(pattern=NAME_PATTERN)
@@ -339,6 +333,12 @@ class ShipyardSpec(_Spec):
     """Serving settings."""
     deploy: DeploySpec = Field(default_factory=DeploySpec)
     """Deployment settings."""
+
+    @model_validator(mode="after")
+    def _optimize_needs_evaluation(self) -> ShipyardSpec:
+        if self.optimize is not None and self.evaluation is None:
+            raise ValueError("`optimize` needs an `evaluation` section: candidates are judged on it")
+        return self
 
 
 def resolve_path(base: Path, value: str) -> Path:
