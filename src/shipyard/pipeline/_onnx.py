@@ -131,12 +131,20 @@ def random_feeds(signature: SignatureSpec, batch: int, seed: int = 0, other_dims
     return feeds
 
 
-def run_in_chunks(
-    predict: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
-    feeds: dict[str, np.ndarray],
-    chunk: int,
-) -> list[np.ndarray]:
-    """Run `predict` over sample-major feeds `chunk` samples at a time and join the outputs."""
+_BATCH_CHUNK = 256  # samples per run when evaluating a batchable model over a whole dataset
+
+Predict = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def ort_predict(sess: ort.InferenceSession) -> Predict:
+    """A session's outputs as a list, in graph order."""
+    return lambda feeds: list(sess.run(None, feeds))
+
+
+def run_in_chunks(predict: Predict, feeds: dict[str, np.ndarray], signature: SignatureSpec) -> list[np.ndarray]:
+    """Run `predict` over sample-major feeds and join the outputs: 256 samples a run, or one at a time
+    for models without a dynamic batch dimension."""
+    chunk = _BATCH_CHUNK if is_batchable(signature) else 1
     total = len(next(iter(feeds.values())))
     parts = [predict({k: v[i : i + chunk] for k, v in feeds.items()}) for i in range(0, total, chunk)]
     return [np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(len(parts[0]))]

@@ -11,6 +11,7 @@ from shipyard.pipeline._onnx import (
     MODEL_FILE,
     check_onnx,
     is_batchable,
+    ort_predict,
     parameter_count,
     place_model,
     random_feeds,
@@ -21,8 +22,6 @@ from shipyard.pipeline._onnx import (
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.step import Progress
 from shipyard.spec.models import SignatureSpec, ToleranceSpec
-
-_CHUNK = 256
 
 
 def merge_signature(declared: SignatureSpec, graph: SignatureSpec) -> SignatureSpec:
@@ -92,14 +91,13 @@ class ConvertStep:
             feeds = random_feeds(ctx.signature, batch=min(spec.verify_samples, 16))
         else:
             feeds = random_feeds(ctx.signature, batch=1)
-        chunk = _CHUNK if is_batchable(ctx.signature) else 1
         sess = session(ctx.model_path)
         try:
-            converted = run_in_chunks(lambda f: list(sess.run(None, f)), feeds, chunk)
+            converted = run_in_chunks(ort_predict(sess), feeds, ctx.signature)
         except Exception as exc:  # onnxruntime's own exception types
             raise ConversionError(f"the ONNX model cannot run the verification inputs: {exc}") from None
         try:
-            original = run_in_chunks(ctx.source.predict, feeds, chunk)
+            original = run_in_chunks(ctx.source.predict, feeds, ctx.signature)
         except Exception as exc:  # the user's model code
             last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise ConversionError(f"the original model failed on the verification inputs: {last_line}") from None

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from shipyard.artifact.layout import folder_size
 from shipyard.errors import EvaluationError
 from shipyard.pipeline import metrics
-from shipyard.pipeline._onnx import is_batchable, random_feeds, run_in_chunks, session
+from shipyard.pipeline._onnx import is_batchable, ort_predict, random_feeds, run_in_chunks, session
 from shipyard.pipeline.context import BuildContext, EvalData
 from shipyard.pipeline.step import Progress
 from shipyard.spec.models import EvaluationSpec, LatencySpec, SignatureSpec
@@ -75,13 +76,12 @@ class EvaluateStep:
         latency = evaluation.latency if evaluation is not None else LatencySpec()
         sess = session(model_path, threads=latency.threads)
         params: dict[str, Any] = {"threads": latency.threads}
-        ctx.metrics["size_bytes"] = float(sum(p.stat().st_size for p in ctx.artifact_dir.rglob("*") if p.is_file()))
+        ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
         if evaluation is not None and ctx.eval_data is not None and ctx.source is not None:
             index = output_index(evaluation, signature)
-            chunk = 256 if is_batchable(signature) else 1
             feeds, target = ctx.eval_data.inputs, ctx.eval_data.target
-            converted = run_in_chunks(lambda f: list(sess.run(None, f)), feeds, chunk)[index]
-            original = run_in_chunks(ctx.source.predict, feeds, chunk)[index]
+            converted = run_in_chunks(ort_predict(sess), feeds, signature)[index]
+            original = run_in_chunks(ctx.source.predict, feeds, signature)[index]
             name = evaluation.metric.name
             ctx.metrics[name] = metrics.compute(evaluation.metric, converted, target)
             ctx.metrics[f"{name}_original"] = metrics.compute(evaluation.metric, np.asarray(original), target)

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from shipyard.artifact.layout import folder_size
 from shipyard.errors import ShipyardError
-from shipyard.pipeline._onnx import MODEL_FILE, check_onnx, is_batchable, run_in_chunks, session
+from shipyard.pipeline._onnx import MODEL_FILE, check_onnx, is_batchable, ort_predict, run_in_chunks, session
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.evaluate import measure_latency, output_index
 from shipyard.pipeline.optimize.fallback import rank_nodes
@@ -27,8 +28,6 @@ from shipyard.pipeline.optimize.guard import check_metric, paired_p50_ms
 from shipyard.pipeline.optimize.transforms import QUANTIZERS, TRANSFORMS
 from shipyard.pipeline.step import NullProgress, Progress
 from shipyard.spec.models import LatencySpec, MetricSpec, OptimizeSpec
-
-_CHUNK = 256
 
 
 @dataclass
@@ -104,8 +103,7 @@ class OptimizeStep:
         base = best = _named_copy(model_path, work / "base.onnx")
 
         def predict(path: Path) -> np.ndarray:
-            sess = session(path)
-            return run_in_chunks(lambda f: list(sess.run(None, f)), data.inputs, _CHUNK)[index]
+            return run_in_chunks(ort_predict(session(path)), data.inputs, signature)[index]
 
         base_pred = predict(best)
         # Timed on real evaluation samples: random inputs can take shapes (e.g. sequence lengths) nobody sends.
@@ -233,7 +231,7 @@ class OptimizeStep:
         shutil.copyfile(best, model_path)
         if value is not None:
             ctx.metrics[metric] = value
-        ctx.metrics["size_bytes"] = float(sum(p.stat().st_size for p in ctx.artifact_dir.rglob("*") if p.is_file()))
+        ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
         evaluation = ctx.loaded.spec.evaluation
         latency = evaluation.latency if evaluation is not None else LatencySpec()
         sess = session(model_path, threads=latency.threads)
