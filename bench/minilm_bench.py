@@ -11,11 +11,9 @@ metric. The table compares the FP32 ONNX model with the registered one at batch 
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,9 @@ import onnxruntime as ort
 import yaml
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _timing import ort_session, time_runs  # noqa: E402
+
 SEQUENCE = 128
 
 
@@ -64,24 +65,10 @@ def export(work: Path) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
 
 def timing(path: Path, feeds: dict[str, np.ndarray], threads: int, seconds: float = 5.0) -> tuple[float, float]:
     """p50 latency (ms) at batch 1 and throughput (sentences/s) at batch 32, sequence 128."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    one = {k: v[:1] for k, v in feeds.items()}
-    for _ in range(10):
-        session.run(None, one)
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        session.run(None, one)
-        times.append(time.perf_counter() - start)
-    many = {k: v[:32] for k, v in feeds.items()}
-    session.run(None, many)
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        session.run(None, many)
-        runs += 1
-    return statistics.median(times) * 1e3, runs * 32 / (time.perf_counter() - start)
+    session = ort_session(path, threads)
+    one = time_runs(session, {k: v[:1] for k, v in feeds.items()}, seconds)
+    many = time_runs(session, {k: v[:32] for k, v in feeds.items()}, seconds)
+    return one["p50_ms"], many["per_s"]
 
 
 def cosine(path: Path, feeds: dict[str, np.ndarray], target: np.ndarray) -> float:

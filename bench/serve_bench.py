@@ -21,11 +21,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _timing import ort_session, time_runs  # noqa: E402
 from reference import write_reference_mlp  # noqa: E402
 
 
@@ -37,23 +37,12 @@ def free_port() -> int:
 
 def in_process_floor(model: Path, seconds: float) -> dict[str, float]:
     """session.run in a loop, one intra-op thread: batch-1 inferences/s and p50, batch-64 samples/s."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model)
     result = {}
     for batch in (1, 64):
-        feeds = {"input": np.random.default_rng(0).random((batch, 784), dtype=np.float32)}
-        for _ in range(50):
-            session.run(None, feeds)
-        times = []
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        result[f"b{batch}_per_s"] = batch * len(times) / sum(times)
-        result[f"b{batch}_p50_us"] = statistics.median(times) * 1e6
+        timed = time_runs(session, {"input": np.random.default_rng(0).random((batch, 784), dtype=np.float32)}, seconds)
+        result[f"b{batch}_per_s"] = timed["per_s"]
+        result[f"b{batch}_p50_us"] = timed["p50_ms"] * 1e3
     return result
 
 

@@ -78,13 +78,12 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     return any(init.data_location == TensorProto.EXTERNAL for init in model.graph.initializer)
 
 
-def place_model(source: Path, graph: onnx.ModelProto, dest_dir: Path) -> Path:
-    """Put a checked ONNX model into `dest_dir` as model.onnx, self-contained unless it exceeds protobuf's 2 GB.
+def place_model(source: Path, graph: onnx.ModelProto, dest: Path) -> Path:
+    """Copy a checked ONNX model to `dest`, self-contained unless it exceeds protobuf's 2 GB.
 
     Exporters may write weights to side files; they are gathered here (onnx.load refuses external-data
     paths that leave the model's folder), so the artifact never depends on files outside it.
     """
-    dest = dest_dir / MODEL_FILE
     if not has_external_data(graph):
         shutil.copyfile(source, dest)
         return dest

@@ -137,13 +137,18 @@ class TorchSource:
 
     framework = "torch"
 
-    def __init__(self, source: ModelSourceSpec, base_dir: Path) -> None:
+    def __init__(self, module: Any, kind: str, program: Any = None) -> None:
         self._torch = _torch()
-        loaded, self.kind = _load_module(source, base_dir)
-        self._program = loaded if self.kind == "torch.export" else None
-        self.module = loaded.module() if self._program is not None else loaded
+        self.module, self.kind, self._program = module, kind, program
         if hasattr(self.module, "eval") and self._program is None:
             self.module.eval()
+
+    @classmethod
+    def load(cls, source: ModelSourceSpec, base_dir: Path) -> TorchSource:
+        loaded, kind = _load_module(source, base_dir)
+        if kind == "torch.export":
+            return cls(loaded.module(), kind, program=loaded)
+        return cls(loaded, kind)
 
     def parameter_count(self) -> int:
         return int(sum(p.numel() for p in self.module.parameters()))

@@ -80,7 +80,7 @@ class ConvertStep:
         exported = ctx.source.export_onnx(ctx.scratch_dir / MODEL_FILE, ctx.signature, spec)
         progress.update(1, 3)
         graph = check_onnx(exported.path)
-        ctx.model_path = place_model(exported.path, graph, ctx.artifact_dir)
+        ctx.model_path = place_model(exported.path, graph, ctx.artifact_dir / MODEL_FILE)
         ctx.signature = merge_signature(ctx.signature, signature_of(graph))
         ctx.metrics["parameters"] = float(parameter_count(graph))
         progress.update(2, 3)

@@ -1,4 +1,4 @@
-"""Evaluation datasets: .npz files, scikit-learn bundled sets, or a user function."""
+"""Datasets for evaluation and training: .npz files, scikit-learn bundled sets, or a user function."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from shipyard.pipeline._imports import import_object
 from shipyard.pipeline._onnx import numpy_dtype
 from shipyard.pipeline.context import EvalData
 from shipyard.spec.models import (
-    EvaluationSpec,
+    DatasetSpec,
     FunctionDatasetSpec,
     NpzDatasetSpec,
     SignatureSpec,
@@ -91,9 +91,8 @@ def _conform(tensor: TensorSpec, array: Any, samples: int) -> np.ndarray:
         raise EvaluationError(f"input {tensor.name!r}: cannot cast {data.dtype} to {tensor.dtype}: {exc}") from None
 
 
-def load_dataset(spec: EvaluationSpec, signature: SignatureSpec, base_dir: Path) -> EvalData:
-    """Load the evaluation set and conform it to the model signature; EvaluationError on any mismatch."""
-    ds = spec.dataset
+def load_dataset(ds: DatasetSpec, signature: SignatureSpec, base_dir: Path, max_samples: int | None = None) -> EvalData:
+    """Load a dataset (the first `max_samples`) conformed to the model signature; EvaluationError on any mismatch."""
     if isinstance(ds, SklearnDatasetSpec):
         raw_inputs, target = _sklearn(ds)
     elif isinstance(ds, NpzDatasetSpec):
@@ -115,6 +114,6 @@ def load_dataset(spec: EvaluationSpec, signature: SignatureSpec, base_dir: Path)
     if missing:
         raise EvaluationError(f"dataset provides no data for inputs {missing}")
     data = EvalData(inputs=inputs, target=target)
-    if spec.max_samples is not None and len(data) > spec.max_samples:
-        data = EvalData(inputs=data.head(spec.max_samples), target=target[: spec.max_samples])
+    if max_samples is not None and len(data) > max_samples:
+        data = EvalData(inputs=data.head(max_samples), target=target[:max_samples])
     return data

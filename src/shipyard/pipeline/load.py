@@ -61,7 +61,7 @@ def open_source(source: ModelSourceSpec, base_dir: Path) -> tuple[SourceModel, S
     from shipyard.pipeline._torch import TorchSource
 
     assert source.signature is not None  # required for torch by the spec validator
-    return TorchSource(source, base_dir), source.signature
+    return TorchSource.load(source, base_dir), source.signature
 
 
 class LoadStep:
@@ -81,7 +81,9 @@ class LoadStep:
             ctx.source_sha256 = sha256_file(resolve_path(ctx.base_dir, spec.model.weights))
             params.update(module=spec.model.module, weights=Path(spec.model.weights).name)
         if spec.evaluation is not None:
-            ctx.eval_data = load_dataset(spec.evaluation, ctx.signature, ctx.base_dir)
+            ctx.eval_data = load_dataset(
+                spec.evaluation.dataset, ctx.signature, ctx.base_dir, spec.evaluation.max_samples
+            )
             params["dataset"] = spec.evaluation.dataset.model_dump(mode="json")
             params["samples"] = len(ctx.eval_data)
         progress.update(1, 1)

@@ -211,16 +211,28 @@ class EvaluationSpec(_Spec):
     """Timing settings."""
 
 
+TORCH_STEPS = ("prune", "distill")
+"""Steps that change the PyTorch model before it is exported; they come before the ONNX steps."""
+
+
 class OptimizeStepSpec(_Spec):
     """One optimization step and its parameters."""
 
-    step: Literal["graph", "quantize_dynamic", "quantize_static", "weight_only", "fp16"]
-    """graph: ONNX Runtime offline graph optimization; quantize_dynamic / quantize_static: INT8 (static
-    uses calibration data, QDQ format); weight_only: 4/8-bit MatMul weights (MatMulNBits); fp16:
-    half-precision weights and compute."""
+    step: Literal["prune", "distill", "graph", "quantize_dynamic", "quantize_static", "weight_only", "fp16"]
+    """prune: PyTorch magnitude pruning (`method: magnitude`, zeroed weights) or structured channel
+    removal (`method: channels`, a smaller model); distill: train the `student` architecture on the
+    teacher's soft targets; graph: ONNX Runtime offline graph optimization; quantize_dynamic /
+    quantize_static: INT8 (static uses calibration data, QDQ format); weight_only: 4/8-bit MatMul weights
+    (MatMulNBits); fp16: half-precision weights and compute."""
     params: dict[str, Any] = Field(default_factory=dict)
-    """Step parameters (graph: level; quantize_*: per_channel, weight_type, nodes_to_exclude; static:
-    method MinMax/Entropy/Percentile, calibration_samples; fp16: keep_io_types)."""
+    """Step parameters (prune: method, amount, finetune_epochs, ignore; distill: student, epochs, lr,
+    batch_size, temperature, alpha; graph: level, transformer; quantize_*: per_channel, weight_type,
+    nodes_to_exclude; static: method MinMax/Entropy/Percentile, calibration_samples; fp16: keep_io_types)."""
+
+    @property
+    def trains(self) -> bool:
+        """Whether the step trains on `optimize.train_data` (distillation, or fine-tuning after pruning)."""
+        return self.step == "distill" or (self.step == "prune" and bool(self.params.get("finetune_epochs", 0)))
 
 
 class OptimizeSpec(_Spec):
@@ -228,6 +240,9 @@ class OptimizeSpec(_Spec):
 
     steps: list[OptimizeStepSpec] = Field(min_length=1)
     """Steps to try, in order; each accepted step becomes the parent of the next."""
+    train_data: DatasetSpec | None = None
+    """Training data for distillation and fine-tuning (labels optional: the teacher's outputs are the
+    targets). Must not be the evaluation set, or the guard would judge a model on what it learned."""
     max_drop: float = Field(default=0.01, ge=0)
     """Largest allowed metric loss versus the unoptimized model (absolute, or a fraction with `relative`)."""
     relative: bool = False
@@ -246,6 +261,17 @@ class OptimizeSpec(_Spec):
     """When a quantized candidate loses too much, retry it keeping the 1, 2, 4, … worst nodes in float."""
     timeout_s: float = Field(default=1800, gt=0)
     """Stop trying new candidates after this long; the best so far is kept."""
+
+    @model_validator(mode="after")
+    def _torch_steps_first(self) -> OptimizeSpec:
+        names = [s.step for s in self.steps]
+        last_torch = max((i for i, n in enumerate(names) if n in TORCH_STEPS), default=-1)
+        first_onnx = min((i for i, n in enumerate(names) if n not in TORCH_STEPS), default=len(names))
+        if last_torch > first_onnx:
+            raise ValueError("prune and distill change the PyTorch model: list them before the ONNX steps")
+        if any(s.trains for s in self.steps) and self.train_data is None:
+            raise ValueError("distill and fine-tuning (finetune_epochs) need `train_data`")
+        return self
 
 
 class ServeSpec(_Spec):
@@ -338,6 +364,11 @@ class ShipyardSpec(_Spec):
     def _optimize_needs_evaluation(self) -> ShipyardSpec:
         if self.optimize is not None and self.evaluation is None:
             raise ValueError("`optimize` needs an `evaluation` section: candidates are judged on it")
+        if self.optimize is not None and self.evaluation is not None:
+            if any(s.step in TORCH_STEPS for s in self.optimize.steps) and self.model.format != "torch":
+                raise ValueError("prune and distill work on PyTorch models (model.format: torch)")
+            if self.optimize.train_data == self.evaluation.dataset:
+                raise ValueError("optimize.train_data is the evaluation set: train on other data than the guard")
         return self
 
 

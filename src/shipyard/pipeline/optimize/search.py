@@ -20,14 +20,25 @@ import onnx
 
 from shipyard.artifact.layout import folder_size
 from shipyard.errors import ShipyardError
-from shipyard.pipeline._onnx import MODEL_FILE, check_onnx, is_batchable, ort_predict, run_in_chunks, session
+from shipyard.pipeline._onnx import (
+    MODEL_FILE,
+    check_onnx,
+    is_batchable,
+    ort_predict,
+    parameter_count,
+    run_in_chunks,
+    session,
+)
+from shipyard.pipeline._torch import TorchSource
 from shipyard.pipeline.context import BuildContext
+from shipyard.pipeline.datasets import load_dataset
 from shipyard.pipeline.evaluate import measure_latency, output_index
 from shipyard.pipeline.optimize.fallback import rank_nodes
 from shipyard.pipeline.optimize.guard import check_metric, paired_p50_ms
+from shipyard.pipeline.optimize.torch_steps import TorchSteps, Training
 from shipyard.pipeline.optimize.transforms import QUANTIZERS, TRANSFORMS
 from shipyard.pipeline.step import NullProgress, Progress
-from shipyard.spec.models import LatencySpec, MetricSpec, OptimizeSpec
+from shipyard.spec.models import TORCH_STEPS, LatencySpec, MetricSpec, OptimizeSpec
 
 
 @dataclass
@@ -86,6 +97,21 @@ def applied_chain(candidates: list[Candidate], winner: Candidate | None) -> list
     return chain
 
 
+def _torch_steps(ctx: BuildContext) -> TorchSteps:
+    """The PyTorch steps' runner for this build: the source module, training data, loss for the metric."""
+    spec, evaluation, data = ctx.loaded.spec, ctx.loaded.spec.evaluation, ctx.eval_data
+    _, signature = ctx.require_model()
+    if not isinstance(ctx.source, TorchSource) or spec.optimize is None or evaluation is None or data is None:
+        raise RuntimeError("pipeline order: PyTorch steps run on a loaded torch source with an evaluation set")
+    train = spec.optimize.train_data
+    training = Training(
+        data=None if train is None else load_dataset(train, signature, ctx.base_dir),
+        output=output_index(evaluation, signature),
+        metric=evaluation.metric.name,
+    )
+    return TorchSteps(ctx.source, signature, spec.convert, training, data.head(2), ctx.base_dir)
+
+
 class OptimizeStep:
     name = "optimize"
     description = "Optimize (guarded search)"
@@ -109,6 +135,7 @@ class OptimizeStep:
         # Timed on real evaluation samples: random inputs can take shapes (e.g. sequence lengths) nobody sends.
         single = data.head(spec.speed_batch if is_batchable(signature) else 1)
         candidates: list[Candidate] = []
+        torch_runner = _torch_steps(ctx) if any(s.step in TORCH_STEPS for s in spec.steps) else None
         started = time.monotonic()
 
         def attempt(step: str, params: dict[str, Any], source: Candidate | None) -> Candidate:
@@ -117,8 +144,11 @@ class OptimizeStep:
             dest = work / f"trial{trial}-{step}.onnx"
             parent = source.path if source is not None and source.path is not None else base
             try:
-                with _quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
-                    applied = TRANSFORMS[step](parent, dest, params, data.inputs)
+                if torch_runner is not None and step in TORCH_STEPS:
+                    applied = torch_runner.apply(step, params, None if source is None else source.trial, trial, dest)
+                else:
+                    with _quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
+                        applied = TRANSFORMS[step](parent, dest, params, data.inputs)
                 check_onnx(dest)
                 verdict = Candidate(trial, step, applied, False, "", size_bytes=dest.stat().st_size)
                 judged = predict(dest)
@@ -225,10 +255,11 @@ class OptimizeStep:
     def _adopt(ctx: BuildContext, best: Path, metric: str, value: float | None) -> None:
         """Make the winner the artifact's model and re-measure it; the old figures keep an _unoptimized suffix."""
         model_path, signature = ctx.require_model()
-        for key in (metric, "latency_p50_ms", "latency_p99_ms", "throughput_sps", "size_bytes"):
+        for key in (metric, "latency_p50_ms", "latency_p99_ms", "throughput_sps", "size_bytes", "parameters"):
             if key in ctx.metrics:
                 ctx.metrics[f"{key}_unoptimized"] = ctx.metrics.pop(key)
         shutil.copyfile(best, model_path)
+        ctx.metrics["parameters"] = float(parameter_count(check_onnx(model_path)))
         if value is not None:
             ctx.metrics[metric] = value
         ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))

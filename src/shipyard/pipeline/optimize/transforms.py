@@ -24,7 +24,7 @@ _GRAPH_LEVELS = {
 }
 
 
-def _known(params: dict[str, Any], allowed: set[str], step: str) -> None:
+def check_params(params: dict[str, Any], allowed: set[str], step: str) -> None:
     unknown = set(params) - allowed
     if unknown:
         raise InvalidInputError(
@@ -39,7 +39,7 @@ def graph(source: Path, dest: Path, params: dict[str, Any], calibration: Calibra
     With `transformer: bert` (or gpt2, …), onnxruntime's transformer optimizer fuses attention, layer
     norm and GELU first.
     """
-    _known(params, {"level", "transformer"}, "graph")
+    check_params(params, {"level", "transformer"}, "graph")
     level = params.get("level", "extended")
     transformer = params.get("transformer")
     if transformer is not None:
@@ -63,7 +63,7 @@ def quantize_dynamic(source: Path, dest: Path, params: dict[str, Any], calibrati
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    _known(params, {"per_channel", "weight_type", "nodes_to_exclude", "nodes_to_quantize"}, "quantize_dynamic")
+    check_params(params, {"per_channel", "weight_type", "nodes_to_exclude", "nodes_to_quantize"}, "quantize_dynamic")
     weight_type = params.get("weight_type", "QInt8")
     ort_quantize_dynamic(
         str(source), str(dest),
@@ -93,7 +93,7 @@ def quantize_static(source: Path, dest: Path, params: dict[str, Any], calibratio
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    _known(params, {"method", "per_channel", "calibration_samples", "nodes_to_exclude", "nodes_to_quantize"},
+    check_params(params, {"method", "per_channel", "calibration_samples", "nodes_to_exclude", "nodes_to_quantize"},
            "quantize_static")  # fmt: skip
     method = params.get("method", "MinMax")
     if method not in ("MinMax", "Entropy", "Percentile"):
@@ -121,7 +121,7 @@ def fp16(source: Path, dest: Path, params: dict[str, Any], calibration: Calibrat
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    _known(params, {"keep_io_types"}, "fp16")
+    check_params(params, {"keep_io_types"}, "fp16")
     keep = bool(params.get("keep_io_types", True))
     converted = OnnxModel(convert_float_to_float16(onnx.load(str(source)), keep_io_types=keep))
     converted.topological_sort()  # the converter appends the input casts after their consumers
@@ -133,7 +133,7 @@ def weight_only(source: Path, dest: Path, params: dict[str, Any], calibration: C
     """4-bit (or 8-bit) block-quantized MatMul weights (MatMulNBits) for MatMul-heavy transformer models."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    _known(params, {"bits", "block_size", "symmetric", "nodes_to_exclude", "nodes_to_quantize"}, "weight_only")
+    check_params(params, {"bits", "block_size", "symmetric", "nodes_to_exclude", "nodes_to_quantize"}, "weight_only")
     bits, block = int(params.get("bits", 4)), int(params.get("block_size", 32))
     if bits not in (4, 8):
         raise InvalidInputError("optimize step weight_only: bits must be 4 or 8")
