@@ -7,6 +7,7 @@ registers the best variant found (the unoptimized model if none passed).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import time
@@ -76,6 +77,10 @@ def _quiet_root_logger() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
+
+
+def _advance(progress: Progress, step: int, steps: int, fraction: float) -> None:
+    progress.update(step + fraction, steps)
 
 
 def _named_copy(source: Path, dest: Path) -> Path:
@@ -167,6 +172,8 @@ class OptimizeStep:
         try:
             for number, step in enumerate(spec.steps):
                 progress.update(number, len(spec.steps))
+                if torch_runner is not None:
+                    torch_runner.on_epoch = functools.partial(_advance, progress, number, len(spec.steps))
                 fallback: list[str] = []
                 ranking: list[str] | None = None
                 retries = 0

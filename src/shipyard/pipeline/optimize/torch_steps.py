@@ -10,6 +10,7 @@ when it has class labels, `alpha` mixes in the usual cross-entropy.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,10 @@ def _select(out: Any, index: int) -> Any:
     return out[index] if isinstance(out, (tuple, list)) else out
 
 
-def _fit(student: Any, teacher: Any, training: Training, params: dict[str, Any], epochs: int, step: str) -> float:
+def _fit(student: Any, teacher: Any, steps: TorchSteps, params: dict[str, Any], epochs: int, step: str) -> float:
     """Train `student` on `teacher`'s outputs for `epochs`; returns the last epoch's mean loss."""
     torch = require("torch", "torch", "training")
+    training = steps.training
     data = training.require(step)
     functional = torch.nn.functional
     torch.manual_seed(int(params.get("seed", 0)))
@@ -75,7 +77,7 @@ def _fit(student: Any, teacher: Any, training: Training, params: dict[str, Any],
     optimizer = torch.optim.Adam(student.parameters(), lr=float(params.get("lr", 1e-3)))
     student.train()
     mean = float("nan")  # the last epoch's mean loss, rounded for the report
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order, total = torch.randperm(count), 0.0
         for start in range(0, count, batch):
             idx = order[start : start + batch]
@@ -95,6 +97,7 @@ def _fit(student: Any, teacher: Any, training: Training, params: dict[str, Any],
             optimizer.step()
             total += float(loss.detach()) * len(idx)
         mean = round(total / count, 5)
+        steps.on_epoch((epoch + 1) / epochs)
     student.eval()
     return mean
 
@@ -133,7 +136,7 @@ def prune(parent: Any, params: dict[str, Any], steps: TorchSteps) -> tuple[Any, 
         layers = [(m, "weight") for m in model.modules() if isinstance(m, kinds)]
         utils.global_unstructured(layers, pruning_method=utils.L1Unstructured, amount=amount)
         if epochs:  # the masks stay on while fine-tuning, so pruned weights stay zero
-            applied["finetune_loss"] = _fit(model, parent, steps.training, params, epochs, "prune")
+            applied["finetune_loss"] = _fit(model, parent, steps, params, epochs, "prune")
         for layer, name in layers:
             utils.remove(layer, name)
         zeros = sum(int((m.weight == 0).sum()) for m, _ in layers)
@@ -152,7 +155,7 @@ def prune(parent: Any, params: dict[str, Any], steps: TorchSteps) -> tuple[Any, 
         )  # fmt: skip
         pruner.step()
         if epochs:
-            applied["finetune_loss"] = _fit(model, parent, steps.training, params, epochs, "prune")
+            applied["finetune_loss"] = _fit(model, parent, steps, params, epochs, "prune")
     else:
         raise InvalidInputError(f"optimize step prune: method must be magnitude or channels, not {method!r}")
     steps.check_outputs(parent, model, "prune")
@@ -178,7 +181,7 @@ def distill(parent: Any, params: dict[str, Any], steps: TorchSteps) -> tuple[Any
     if not isinstance(student, torch.nn.Module):
         raise InvalidInputError(f"optimize step distill: {student_spec['module']} is not a torch.nn.Module")
     epochs = int(params.get("epochs", 10))
-    loss = _fit(student, parent, steps.training, params, epochs, "distill")
+    loss = _fit(student, parent, steps, params, epochs, "distill")
     steps.check_outputs(parent, student, "distill")
     return student, {
         "student": {"module": student_spec["module"], "init_args": init_args},
@@ -211,6 +214,8 @@ class TorchSteps:
         self.signature, self.convert, self.training, self.base_dir = signature, convert, training, base_dir
         self.example = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in sample.values())
         self._modules: dict[int | None, Any] = {None: source.module}
+        self.on_epoch: Callable[[float], None] = lambda done: None
+        """Called with the fraction of training done after each epoch (the search moves its progress bar)."""
 
     def check_outputs(self, parent: Any, model: Any, step: str) -> None:
         torch = require("torch", "torch", "pruning and distillation")
