@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,12 @@ def write_spec(folder: Path, spec: dict[str, Any]) -> Path:
     path = folder / "shipyard.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def publish(registry: LocalRegistry, name: str = "m", payload: bytes = b"model") -> int:

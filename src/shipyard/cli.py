@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from importlib import resources
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from shipyard import __version__
+from shipyard import __version__, cli_deploy
+from shipyard._cli_common import JsonOption, RegistryOption, err, out, print_json
 from shipyard._render import RichReporter, diff_table, manifest_table, versions_table
 from shipyard.artifact.diff import diff_manifests
 from shipyard.artifact.manifest import Manifest
 from shipyard.errors import ConflictError, ErrorKind, NotFoundError, ShipyardError
-from shipyard.registry import ENV_VAR, open_registry
+from shipyard.registry import open_registry
 from shipyard.registry import remote as remote_storage
 
 app = typer.Typer(
@@ -29,9 +28,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Inspect and manage registered model versions.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-
-out = Console()
-err = Console(stderr=True)
+cli_deploy.register(app)
 
 EXIT_CODES = {
     ErrorKind.INTERNAL: 1,
@@ -47,16 +44,6 @@ EXIT_CODES = {
     ErrorKind.TOO_LARGE: 2,
 }
 EXAMPLES = ("digits",)
-
-RegistryOption = typer.Option(
-    None, "--registry", "-r", help=f"Registry folder (default: ${ENV_VAR}, else ~/.shipyard/registry)."
-)
-JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table (for scripts).")
-
-
-def _print_json(data: object) -> None:
-    # Plain print: rich would wrap long lines and insert markup-escaped characters.
-    print(json.dumps(data, indent=2, sort_keys=True))
 
 
 @app.command()
@@ -98,7 +85,7 @@ def schema() -> None:
     """Print the JSON Schema of shipyard.yaml (for editor completion)."""
     from shipyard.spec import json_schema
 
-    _print_json(json_schema())
+    print_json(json_schema())
 
 
 @app.command()
@@ -143,7 +130,7 @@ def import_(
 
 def _show_manifest(manifest: Manifest, as_json: bool) -> None:
     if as_json:
-        _print_json(manifest.model_dump(mode="json"))
+        print_json(manifest.model_dump(mode="json"))
     else:
         out.print(manifest_table(manifest))
 
@@ -185,7 +172,7 @@ def models_list(
     reg = open_registry(registry)
     records = reg.versions(name) if name else reg.all_versions()
     if as_json:
-        _print_json([{**r.__dict__, "aliases": list(r.aliases)} for r in records])
+        print_json([{**r.__dict__, "aliases": list(r.aliases)} for r in records])
     elif not records:
         err.print(f"no models in {reg.root}")
     else:
@@ -217,7 +204,7 @@ def models_diff(
     reg = open_registry(registry)
     rows = diff_manifests(reg.manifest(left), reg.manifest(right))
     if as_json:
-        _print_json([{"field": f, "left": a, "right": b} for f, a, b in rows])
+        print_json([{"field": f, "left": a, "right": b} for f, a, b in rows])
     elif not rows:
         err.print("no differences")
     else:
@@ -280,11 +267,16 @@ def pull(
 def serve(
     models: list[str] = typer.Argument(None, help="NAME, NAME:VERSION or NAME@ALIAS to serve (default: every model)."),
     registry: str | None = RegistryOption,
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-    http_port: int = typer.Option(8000, "--http-port", help="REST (Open Inference Protocol) port."),
-    grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC (GRPCInferenceService) port."),
-    metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics port (0: off)."),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="SHIPYARD_HOST", help="Address to listen on."),
+    http_port: int = typer.Option(8000, "--http-port", envvar="SHIPYARD_HTTP_PORT", help="REST port."),
+    grpc_port: int = typer.Option(8001, "--grpc-port", envvar="SHIPYARD_GRPC_PORT", help="gRPC port."),
+    metrics_port: int = typer.Option(
+        8002, "--metrics-port", envvar="SHIPYARD_METRICS_PORT", help="Prometheus metrics port (0: off)."
+    ),
     max_body_mb: float = typer.Option(64, "--max-body-mb", help="Largest request body accepted (413 above)."),
+    pull_uris: list[str] = typer.Option(
+        [], "--pull", help="Archive URI to pull (verified) into the registry before serving; repeatable."
+    ),
 ) -> None:
     """Serve registry versions over the Open Inference Protocol (REST + gRPC) with dynamic batching."""
     import asyncio
@@ -293,6 +285,9 @@ def serve(
     from shipyard.serve.server import ServeSettings, run
 
     reg = open_registry(registry)
+    for uri in pull_uris:
+        pulled = remote_storage.pull(reg, uri)
+        err.print(f"pulled {uri} as {pulled.name}:{pulled.version}")
     refs = list(models or []) or reg.models()
     if not refs:
         raise NotFoundError(f"no models to serve in {reg.root}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,7 @@ import pytest
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from shipyard.serve.datatypes import V2_TO_NUMPY
-from tests._helpers import make_identity_onnx, make_mlp_onnx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests._helpers import free_port, make_identity_onnx, make_mlp_onnx
 
 
 @dataclasses.dataclass

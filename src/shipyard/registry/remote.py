@@ -57,8 +57,8 @@ def push(registry: LocalRegistry, ref: str, uri: str) -> str:
 def pull(registry: LocalRegistry, uri: str) -> Manifest:
     """Download an archive, check its sidecar checksum and every file hash, and publish it locally.
 
-    Returns the manifest of the new local version; raises IntegrityError for tampered or corrupt
-    archives (nothing is registered then).
+    Returns the manifest of the new local version (or of the existing one with the same content);
+    raises IntegrityError for tampered or corrupt archives (nothing is registered then).
     """
     try:
         fs, path = fsspec.core.url_to_fs(uri)
@@ -80,5 +80,13 @@ def pull(registry: LocalRegistry, uri: str) -> Manifest:
                 raise IntegrityError(f"{uri}: archive sha256 {actual[:12]}… does not match its .sha256 sidecar")
         with registry.stage() as staged:
             unpack(archive, staged)
-            verify_artifact(staged)
+            manifest = verify_artifact(staged)
+            # Pulling the same archive again (a restarted container) reuses the version it made.
+            same = [
+                r
+                for r in registry.all_versions()
+                if r.name == manifest.name and r.content_hash == manifest.content_hash
+            ]
+            if same:
+                return registry.manifest(same[-1])
             return registry.publish(staged)

@@ -304,37 +304,98 @@ class ServeSpec(_Spec):
 
 
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+_UNITS = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity as a number (`500m` -> 0.5, `1Gi` -> 1073741824)."""
+    for suffix in sorted(_UNITS, key=len, reverse=True):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * _UNITS[suffix]
+    return float(value)
 
 
 class ResourcesSpec(_Spec):
-    """Kubernetes-style resource quantities for one replica."""
+    """Kubernetes-style resource quantities for one replica (requests; limits default to the same)."""
 
     cpu: str = Field(default="1", pattern=_QUANTITY)
     """CPU request, e.g. `500m` or `2`."""
     memory: str = Field(default="1Gi", pattern=_QUANTITY)
     """Memory request, e.g. `512Mi`."""
+    cpu_limit: str | None = Field(default=None, pattern=_QUANTITY)
+    """CPU limit (none by default: throttling hurts tail latency more than sharing)."""
+    memory_limit: str | None = Field(default=None, pattern=_QUANTITY)
+    """Memory limit; the memory request when not given."""
+
+    @model_validator(mode="after")
+    def _possible(self) -> ResourcesSpec:
+        if quantity(self.cpu) < 0.1:
+            raise ValueError(f"cpu {self.cpu} is below 100m: a model server cannot run on it")
+        if quantity(self.memory) < 128 * 2**20:
+            raise ValueError(f"memory {self.memory} is below 128Mi: the server alone needs more")
+        if self.memory_limit is not None and quantity(self.memory_limit) < quantity(self.memory):
+            raise ValueError(f"memory_limit {self.memory_limit} is below the request {self.memory}")
+        if self.cpu_limit is not None and quantity(self.cpu_limit) < quantity(self.cpu):
+            raise ValueError(f"cpu_limit {self.cpu_limit} is below the request {self.cpu}")
+        return self
+
+
+class PortsSpec(_Spec):
+    """Ports the server listens on inside a container or on the local machine."""
+
+    http: int = Field(default=8000, ge=1, le=65535)
+    """REST (Open Inference Protocol)."""
+    grpc: int = Field(default=8001, ge=1, le=65535)
+    """gRPC (GRPCInferenceService)."""
+    metrics: int = Field(default=8002, ge=1, le=65535)
+    """Prometheus metrics."""
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PortsSpec:
+        if len({self.http, self.grpc, self.metrics}) != 3:
+            raise ValueError("http, grpc and metrics ports must differ")
+        return self
 
 
 class DeploySpec(_Spec):
-    """Deployment settings used by `shipyard deploy`."""
+    """Deployment settings used by `shipyard plan / apply / deploy`."""
 
     target: Literal["local", "docker", "kubernetes", "kserve", "ray"] = "local"
     """Where to deploy."""
+    models: list[str] = Field(default_factory=list)
+    """Versions to serve (NAME, NAME:VERSION, NAME@ALIAS); the spec's model at its latest version by default.
+    Each release pins the versions these resolve to."""
+    registry_uri: str | None = None
+    """Storage URI folder (s3://bucket/models/, file://…) the server pulls the archives from at start;
+    without it the models are baked into the image / context."""
     min_replicas: int = Field(default=1, ge=0)
     """Fewest replicas."""
     max_replicas: int = Field(default=1, ge=1)
     """Most replicas."""
+    target_cpu_percent: int = Field(default=70, ge=1, le=100)
+    """Kubernetes HPA: average CPU utilisation to scale at."""
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    """Ray Serve autoscaling: in-flight requests per replica to scale at."""
+    canary_percent: int | None = Field(default=None, ge=0, le=100)
+    """KServe: share of traffic the new release gets while the previous one keeps the rest."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """Per-replica resources."""
-    image: str | None = None
-    """Container image to run (docker, kubernetes, kserve)."""
+    ports: PortsSpec = Field(default_factory=PortsSpec)
+    """Server ports."""
+    image: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._/:@-]*$")
+    """Container image (kubernetes, kserve: required; docker: the tag to build, `shipyard-NAME:latest` by default)."""
     namespace: str = Field(default="default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     """Kubernetes namespace."""
+    output: str = "deploy"
+    """Folder (relative to the spec) where `apply` writes the rendered files; releases are kept in
+    `.shipyard/releases` next to the spec."""
 
     @model_validator(mode="after")
-    def _replica_range(self) -> DeploySpec:
+    def _consistent(self) -> DeploySpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        if self.target in ("kubernetes", "kserve") and self.image is None:
+            raise ValueError(f"target {self.target} needs `image`: the container image the cluster pulls")
         return self
 
 

@@ -1,0 +1,124 @@
+"""The deployment commands: plan, apply (deploy), rollback, status, stop, capacity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.markup import escape
+
+from shipyard._cli_common import JsonOption, RegistryOption, err, out, print_json
+from shipyard.registry import open_registry
+
+if TYPE_CHECKING:
+    from shipyard.deploy.apply import Outcome
+    from shipyard.deploy.releases import Plan
+
+SpecArgument = typer.Argument(Path("shipyard.yaml"), help="The spec file (or its folder).")
+TargetOption = typer.Option(None, "--target", "-t", help="local, docker, kubernetes or kserve (default: deploy.target)")
+
+
+def _show_plan(plan: Plan) -> None:
+    current = f"release {plan.current.number}" if plan.current else "nothing deployed"
+    if plan.empty:
+        err.print(f"[green]no changes[/]: target {plan.target} matches the spec ({current})")
+        return
+    err.print(f"target {plan.target}: changes against {current}")
+    for name, before, after in plan.models:
+        out.print(f"  model {escape(name)}: version {before} → {after}")
+    for change in plan.changes:
+        colour = {"add": "green", "remove": "red", "change": "yellow"}[change.action]
+        out.print(f"  [{colour}]{change.action:6}[/] {escape(change.path)}")
+        for line in change.diff[2:]:
+            style = "green" if line.startswith("+") else "red" if line.startswith("-") else "dim"
+            out.print(f"      [{style}]{escape(line)}[/]", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the deployment commands to the `shipyard` app."""
+
+    @app.command()
+    def plan(
+        spec: Path = SpecArgument, target: str | None = TargetOption, registry: str | None = RegistryOption
+    ) -> None:
+        """Show what `apply` would change: rendered files (as a diff) and pinned model versions."""
+        from shipyard.deploy.apply import plan as make_plan
+        from shipyard.spec import load_spec
+
+        _show_plan(make_plan(load_spec(spec), open_registry(registry), target))
+
+    @app.command("apply")
+    def apply_(
+        spec: Path = SpecArgument, target: str | None = TargetOption, registry: str | None = RegistryOption
+    ) -> None:
+        """Converge the target to the spec as a new numbered release (nothing changes if it already matches)."""
+        from shipyard.deploy.apply import apply
+        from shipyard.spec import load_spec
+
+        loaded = load_spec(spec)
+        outcome = apply(loaded, open_registry(registry), target)
+        _show_plan(outcome.plan)
+        _report(loaded.base_dir / loaded.spec.deploy.output, outcome)
+
+    @app.command()
+    def deploy(
+        spec: Path = SpecArgument, target: str | None = TargetOption, registry: str | None = RegistryOption
+    ) -> None:
+        """Deploy the spec's models to a target (the same as `apply`)."""
+        apply_(spec, target, registry)
+
+    @app.command()
+    def rollback(
+        release: int | None = typer.Argument(None, help="Release number to return to (default: the previous one)."),
+        spec: Path = typer.Option(Path("shipyard.yaml"), "--spec", help="The spec file (or its folder)."),
+        target: str | None = TargetOption,
+        registry: str | None = RegistryOption,
+    ) -> None:
+        """Apply an earlier release again (recorded as a new release)."""
+        from shipyard.deploy.apply import rollback as run_rollback
+        from shipyard.spec import load_spec
+
+        loaded = load_spec(spec)
+        outcome = run_rollback(loaded, open_registry(registry), release, target)
+        _show_plan(outcome.plan)
+        _report(loaded.base_dir / loaded.spec.deploy.output, outcome)
+
+    @app.command()
+    def status(spec: Path = SpecArgument, as_json: bool = JsonOption) -> None:
+        """The local service (pid, ports, models, readiness) and the current release of each target."""
+        from shipyard.deploy.apply import status as read_status
+        from shipyard.spec import load_spec
+
+        state = read_status(load_spec(spec))
+        if as_json:
+            print_json(state)
+            return
+        local = state["local"]
+        if isinstance(local, dict):
+            health = "[green]ready[/]" if local["ready"] else "[yellow]not ready[/]"
+            out.print(f"local service: {health}, release {local['release']}, pid {local['supervisor_pid']}, "
+                      f"http port {local['http_port']}, models {', '.join(local['models'])}")  # fmt: skip
+        else:
+            out.print("local service: not running")
+        releases = state["releases"]
+        assert isinstance(releases, dict)
+        for name, number in releases.items():
+            out.print(f"{name}: release {number}")
+
+    @app.command()
+    def stop(spec: Path = SpecArgument) -> None:
+        """Stop the local service (it drains in-flight requests first)."""
+        from shipyard.deploy.apply import local_service
+        from shipyard.spec import load_spec
+
+        stopped = local_service(load_spec(spec)).stop()
+        err.print("[green]stopped[/] the local service" if stopped else "the local service was not running")
+
+
+def _report(folder: Path, outcome: Outcome) -> None:
+    if outcome.release is not None:
+        note = f" (rollback to release {outcome.release.rollback_of})" if outcome.release.rollback_of else ""
+        err.print(f"[green]applied[/] release {outcome.release.number} to {outcome.release.target}{note}: {folder}")
+    if outcome.service is not None:
+        err.print(f"local service ready on http://127.0.0.1:{outcome.service.http_port} (log {outcome.service.log})")

@@ -1,0 +1,83 @@
+"""What a target renders: text files (diffed by `plan`) and the models they pin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from shipyard.registry.local import LocalRegistry, VersionRecord
+from shipyard.spec.loader import LoadedSpec
+
+REGISTRY_IN_CONTAINER = "/var/lib/shipyard/registry"
+ARCHIVES_IN_CONTAINER = "/opt/shipyard/archives"
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    """A served version as a release pins it: by number and by content."""
+
+    name: str
+    version: int
+    content_hash: str
+
+    @classmethod
+    def of(cls, record: VersionRecord) -> PinnedModel:
+        return cls(record.name, record.version, record.content_hash)
+
+    @property
+    def archive(self) -> str:
+        """File name of the version's archive (as `shipyard push` names it in a folder)."""
+        return f"{self.name}-{self.version}.shipyard.tar.gz"
+
+
+@dataclass
+class Bundle:
+    """A rendered target: relative path -> file text, plus the models it serves."""
+
+    target: str
+    models: list[PinnedModel]
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def pin_models(loaded: LoadedSpec, registry: LocalRegistry) -> list[PinnedModel]:
+    """Resolve `deploy.models` (default: the spec's model, latest version) to concrete versions."""
+    refs = loaded.spec.deploy.models or [loaded.spec.name]
+    return [PinnedModel.of(registry.resolve(ref)) for ref in refs]
+
+
+def serve_args(loaded: LoadedSpec, models: list[PinnedModel]) -> list[str]:
+    """Arguments after `shipyard serve` in a container: names, and the archives to pull at start if any.
+
+    The container's registry holds only the pinned versions, so names are enough there (a pulled
+    version is renumbered in the new registry; its content hash is what the release pins).
+    """
+    args = [m.name for m in models]
+    uri = loaded.spec.deploy.registry_uri
+    if uri is not None:
+        base = uri if uri.endswith("/") else f"{uri}/"
+        for model in models:
+            args += ["--pull", f"{base}{model.archive}"]
+    return args
+
+
+def server_env(loaded: LoadedSpec, host: str) -> dict[str, str]:
+    ports = loaded.spec.deploy.ports
+    return {
+        "SHIPYARD_HOST": host,
+        "SHIPYARD_HTTP_PORT": str(ports.http),
+        "SHIPYARD_GRPC_PORT": str(ports.grpc),
+        "SHIPYARD_METRICS_PORT": str(ports.metrics),
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes shared sub-objects out in full: `&id001` anchors are legal YAML but confuse readers and tools."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def to_yaml(*objects: dict[str, Any]) -> str:
+    return yaml.dump_all(list(objects), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
