@@ -106,6 +106,8 @@ def register(app: typer.Typer) -> None:
         for name, number in releases.items():
             out.print(f"{name}: release {number}")
 
+    _capacity_command(app)
+
     @app.command()
     def stop(spec: Path = SpecArgument) -> None:
         """Stop the local service (it drains in-flight requests first)."""
@@ -114,6 +116,62 @@ def register(app: typer.Typer) -> None:
 
         stopped = local_service(load_spec(spec)).stop()
         err.print("[green]stopped[/] the local service" if stopped else "the local service was not running")
+
+
+def _milliseconds(value: str) -> float:
+    """`50ms`, `0.05s` or a bare number of milliseconds."""
+    text = value.strip().lower()
+    try:
+        if text.endswith("ms"):
+            return float(text[:-2])
+        if text.endswith("s"):
+            return float(text[:-1]) * 1000
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a duration such as 50ms or 0.05s") from None
+
+
+def _capacity_command(app: typer.Typer) -> None:
+    @app.command()
+    def capacity(
+        ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS."),
+        qps: float = typer.Option(..., "--qps", help="Requests per second to serve."),
+        p99: str = typer.Option(..., "--p99", help="Latency target at the 99th percentile, e.g. 50ms."),
+        utilization: float = typer.Option(0.5, "--utilization", help="Share of measured capacity to plan for."),
+        max_batch: int = typer.Option(64, "--max-batch", help="Largest batch size to consider."),
+        spec: Path | None = typer.Option(None, "--spec", help="Save the plan for this spec: `apply` sizes from it."),
+        registry: str | None = RegistryOption,
+        as_json: bool = JsonOption,
+    ) -> None:
+        """Measure the model here (batch sizes x concurrency) and size replicas, CPU, memory and batching."""
+        from rich.table import Table
+
+        from shipyard.deploy.capacity import plan_capacity, save_plan
+        from shipyard.spec import load_spec
+
+        loaded = load_spec(spec) if spec is not None else None
+        with err.status("measuring latency and throughput curves…"):
+            result = plan_capacity(open_registry(registry), ref, qps, _milliseconds(p99), utilization, max_batch)
+        if loaded is not None:
+            err.print(f"saved the plan to {save_plan(result, loaded)}: apply sizes resources and replicas from it")
+        if as_json:
+            print_json(result.to_dict())
+            return
+        table = Table(title=f"{result.model} on this machine (ONNX Runtime, 1 thread per session)")
+        for column in ("batch", "sessions", "p50 ms", "p99 ms", "samples/s"):
+            table.add_column(column, justify="right")
+        for point in result.curve:
+            table.add_row(str(point.batch), str(point.concurrency), f"{point.p50_ms:.3f}", f"{point.p99_ms:.3f}",
+                          f"{point.samples_per_s:,.0f}")  # fmt: skip
+        out.print(table)
+        out.print(
+            f"for {result.qps:g} QPS at p99 ≤ {result.p99_target_ms:g} ms: [bold]{result.replicas} replica(s)[/], "
+            f"cpu {result.cpu}, memory {result.memory} each (peak RSS measured {result.peak_rss_mib:.0f} MiB)\n"
+            f"batching: max_batch_size {result.batch}, max_queue_delay_ms {result.max_queue_delay_ms:g}; "
+            f"one replica does {result.per_replica_qps:,.0f} samples/s, expected p99 {result.expected_p99_ms:g} ms "
+            f"(model time: queue + batch)\nheadroom: {result.headroom:.0%} over the target at "
+            f"{result.utilization:.0%} planned utilisation (the rest absorbs transport cost and bursts)"
+        )
 
 
 def _report(folder: Path, outcome: Outcome) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from shipyard.deploy import docker, kserve, kubernetes, local
 from shipyard.deploy.bundle import Bundle, PinnedModel, pin_models
+from shipyard.deploy.capacity import sized
 from shipyard.errors import ConflictError, NotFoundError
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec
@@ -25,6 +26,7 @@ from shipyard.spec.loader import LoadedSpec
 def render(loaded: LoadedSpec, registry: LocalRegistry, target: str | None = None) -> Bundle:
     """The files the spec's `deploy:` section renders to for `target` (default: deploy.target)."""
     chosen = target or loaded.spec.deploy.target
+    loaded = sized(loaded)
     if chosen in ("kubernetes", "kserve") and loaded.spec.deploy.image is None:
         raise ConflictError(f"target {chosen} needs deploy.image: the container image the cluster pulls")
     bundle = Bundle(target=chosen, models=pin_models(loaded, registry))

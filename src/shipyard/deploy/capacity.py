@@ -1,0 +1,176 @@
+"""Capacity planning from curves measured on this machine: replicas, CPU, memory and batching for a target.
+
+The model is timed in process (ONNX Runtime, one intra-op thread per session, as the server runs it)
+at each batch size, alone and with one session per core running at once. Under load a request waits
+for at most one batch ahead of it and then its own batch, so a batch size is usable when twice its p99
+fits the latency target. Replicas are sized so that the target QPS uses `utilization` of what they can
+do: the rest is headroom for the transport (HTTP/gRPC decoding costs CPU too) and for bursts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shipyard.errors import ConflictError, InvalidInputError
+from shipyard.pipeline._onnx import is_batchable, random_feeds, session
+from shipyard.registry.local import LocalRegistry
+from shipyard.spec.loader import LoadedSpec
+from shipyard.spec.models import ResourcesSpec, SignatureSpec
+
+_MI = 1 << 20
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured point: batch size and concurrent sessions (each on its own thread)."""
+
+    batch: int
+    concurrency: int
+    p50_ms: float
+    p99_ms: float
+    samples_per_s: float
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    model: str
+    qps: float
+    p99_target_ms: float
+    utilization: float
+    curve: list[Point]
+    batch: int  # the batch size the plan runs at (max_batch_size)
+    max_queue_delay_ms: float
+    per_replica_qps: float
+    replicas: int
+    cpu: str
+    memory: str
+    peak_rss_mib: float
+    expected_p99_ms: float
+    headroom: float  # spare capacity at the recommended replicas: 0.5 = 50 % more QPS than asked
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _time(signature: SignatureSpec, path: Path, batch: int, concurrency: int, seconds: float) -> Point:
+    sessions = [session(path) for _ in range(concurrency)]
+    feeds = random_feeds(signature, batch)
+    for sess in sessions:
+        sess.run(None, feeds)
+
+    def loop(index: int) -> list[float]:
+        times: list[float] = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            sessions[index].run(None, feeds)
+            times.append(time.perf_counter() - start)
+        return times
+
+    with ThreadPoolExecutor(concurrency) as pool:  # ORT releases the GIL while it computes
+        runs = list(pool.map(loop, range(concurrency)))
+    every = [t for r in runs for t in r]
+    rate = sum(batch * len(r) / sum(r) for r in runs)
+    return Point(batch, concurrency, statistics.median(every) * 1e3, float(np.percentile(every, 99)) * 1e3, rate)
+
+
+def peak_rss_mib(path: Path, signature: SignatureSpec, batch: int) -> float:
+    """Peak memory of a fresh process that imports the server, loads the model and runs the batch."""
+    feeds = {k: v.tolist() for k, v in random_feeds(signature, batch).items()}
+    dtypes = {k: str(v.dtype) for k, v in random_feeds(signature, batch).items()}
+    script = (
+        "import json, resource, sys, numpy as np\n"
+        "import shipyard.serve.server\n"
+        "from shipyard.pipeline._onnx import session\n"
+        "args = json.loads(sys.stdin.read())\n"
+        "s = session(__import__('pathlib').Path(args['path']))\n"
+        "s.run(None, {k: np.asarray(v, dtype=args['dtypes'][k]) for k, v in args['feeds'].items()})\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps({"path": str(path), "feeds": feeds,
+                          "dtypes": dtypes}), capture_output=True, text=True, check=True)  # fmt: skip
+    return int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _quantity_mib(mib: float) -> str:
+    return f"{int(math.ceil(mib / 64) * 64)}Mi"
+
+
+def plan_capacity(
+    registry: LocalRegistry,
+    ref: str,
+    qps: float,
+    p99_ms: float,
+    utilization: float = 0.5,
+    max_batch: int = 64,
+    seconds: float = 0.5,
+) -> CapacityPlan:
+    """Measure the model's curves here and size a deployment for `qps` within `p99_ms`."""
+    if qps <= 0 or p99_ms <= 0:
+        raise InvalidInputError("--qps and --p99 must be positive")
+    if not 0 < utilization <= 1:
+        raise InvalidInputError("--utilization must be in (0, 1]")
+    record = registry.resolve(ref)
+    manifest = registry.manifest(record, verify=True)
+    path = registry.path(record) / manifest.model_file
+    signature = manifest.signature
+    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch] if is_batchable(signature) else [1]
+    cores = os.cpu_count() or 1
+    curve = [_time(signature, path, b, c, seconds) for b in batches for c in sorted({1, cores})]
+    alone = [p for p in curve if p.concurrency == 1]
+    usable = [p for p in alone if 2 * p.p99_ms <= p99_ms]
+    if not usable:
+        raise ConflictError(f"{record.ref}: p99 at batch 1 is {alone[0].p99_ms:.2f} ms here, so a {p99_ms:g} ms p99 "
+                            "cannot be met (a request may wait for one batch ahead of it)")  # fmt: skip
+    best = max(usable, key=lambda p: p.samples_per_s)
+    replicas = max(1, math.ceil(qps / (best.samples_per_s * utilization)))
+    peak = peak_rss_mib(path, signature, best.batch)
+    return CapacityPlan(
+        model=record.ref, qps=qps, p99_target_ms=p99_ms, utilization=utilization, curve=curve,
+        batch=best.batch, max_queue_delay_ms=round(best.p50_ms, 3), per_replica_qps=best.samples_per_s,
+        replicas=replicas, cpu="1", memory=_quantity_mib(peak * 1.5), peak_rss_mib=round(peak, 1),
+        expected_p99_ms=round(2 * best.p99_ms, 3), headroom=replicas * best.samples_per_s / qps - 1,
+    )  # fmt: skip
+
+
+def plan_file(loaded: LoadedSpec) -> Path:
+    """Where `shipyard capacity --spec` keeps the plan that `apply` sizes the deployment from."""
+    return loaded.base_dir / ".shipyard" / "capacity" / f"{loaded.spec.name}.json"
+
+
+def save_plan(result: CapacityPlan, loaded: LoadedSpec) -> Path:
+    path = plan_file(loaded)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_dict(), indent=2))
+    return path
+
+
+def sized(loaded: LoadedSpec) -> LoadedSpec:
+    """The spec with a saved capacity plan's resources and replicas where the spec does not set its own."""
+    try:
+        saved = json.loads(plan_file(loaded).read_text())
+    except FileNotFoundError:
+        return loaded
+    deploy = loaded.spec.deploy
+    given = deploy.model_fields_set
+    update: dict[str, object] = {}
+    if "resources" not in given:
+        update["resources"] = ResourcesSpec(cpu=saved["cpu"], memory=saved["memory"])
+    if "min_replicas" not in given and "max_replicas" not in given:
+        # The plan's count serves the target at the planned utilisation; allow twice that for bursts.
+        update.update(min_replicas=saved["replicas"], max_replicas=2 * saved["replicas"])
+    if not update:
+        return loaded
+    spec = loaded.spec.model_copy(update={"deploy": deploy.model_copy(update=update)})
+    return LoadedSpec(spec=spec, path=loaded.path)

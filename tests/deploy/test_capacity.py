@@ -1,0 +1,81 @@
+"""Capacity planning measures the model here, and its plan sizes the rendered deployment."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+
+from shipyard.deploy.capacity import plan_capacity, save_plan
+from shipyard.deploy.releases import render
+from shipyard.errors import ConflictError, InvalidInputError
+from shipyard.registry import LocalRegistry
+from tests.deploy.conftest import Project
+
+
+def test_plan_is_consistent_with_its_measured_curve(registry: LocalRegistry) -> None:
+    plan = plan_capacity(registry, "mlp", qps=200_000, p99_ms=50, utilization=0.5, max_batch=16, seconds=0.05)
+    assert sorted({p.batch for p in plan.curve}) == [1, 2, 4, 8, 16]
+    assert all(p.samples_per_s > 0 and p.p99_ms >= p.p50_ms > 0 for p in plan.curve)
+    chosen = next(p for p in plan.curve if p.batch == plan.batch and p.concurrency == 1)
+    assert plan.per_replica_qps == chosen.samples_per_s
+    assert plan.replicas == math.ceil(200_000 / (chosen.samples_per_s * 0.5))
+    assert plan.headroom == pytest.approx(plan.replicas * chosen.samples_per_s / 200_000 - 1)
+    assert plan.headroom >= 1.0  # planned at 50 % utilisation: at least twice the target
+    assert plan.expected_p99_ms <= 50
+    assert 20 < plan.peak_rss_mib < 2048
+    assert plan.memory.endswith("Mi")
+    assert int(plan.memory[:-2]) >= plan.peak_rss_mib
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"qps": 100, "p99_ms": 0.000001}, ConflictError, "cannot be met"),
+        ({"qps": 0, "p99_ms": 10}, InvalidInputError, "must be positive"),
+        ({"qps": 10, "p99_ms": 10, "utilization": 1.5}, InvalidInputError, "utilization"),
+    ],
+)
+def test_impossible_or_bad_targets_are_explained(
+    registry: LocalRegistry, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        plan_capacity(registry, "mlp", max_batch=2, seconds=0.02, **kwargs)
+
+
+def test_a_saved_plan_sizes_kubernetes_unless_the_spec_says_otherwise(
+    project: Project, registry: LocalRegistry
+) -> None:
+    loaded = project(image="example.com/mlp:1")
+    plan = plan_capacity(registry, "mlp", qps=500_000, p99_ms=50, max_batch=4, seconds=0.05)
+    save_plan(plan, loaded)
+
+    def deployment(loaded: Any) -> dict[str, Any]:
+        text = render(loaded, registry, "kubernetes").files["kubernetes/manifests.yaml"]
+        return next(d for d in yaml.safe_load_all(text) if d["kind"] == "Deployment")
+
+    sized = deployment(loaded)
+    assert sized["spec"]["replicas"] == plan.replicas
+    assert sized["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {
+        "cpu": plan.cpu, "memory": plan.memory,
+    }  # fmt: skip
+    explicit = deployment(project(image="example.com/mlp:1", resources={"cpu": "2", "memory": "3Gi"}))
+    assert explicit["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {
+        "cpu": "2", "memory": "3Gi",
+    }  # fmt: skip
+
+
+def test_capacity_command_prints_json(registry: LocalRegistry, cli: Callable[..., Any]) -> None:
+    result = cli("capacity", "mlp", "--qps", "500", "--p99", "0.05s", "--max-batch", "2", "--json",
+                 "--registry", str(registry.root))  # fmt: skip
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data["p99_target_ms"] == 50
+    assert data["replicas"] >= 1
+    bad = cli("capacity", "mlp", "--qps", "500", "--p99", "soon", "--registry", str(registry.root))
+    assert bad.code == 2
+    assert "not a duration" in bad.err
