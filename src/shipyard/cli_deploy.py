@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from shipyard.deploy.releases import Plan
 
 SpecArgument = typer.Argument(Path("shipyard.yaml"), help="The spec file (or its folder).")
-TargetOption = typer.Option(None, "--target", "-t", help="local, docker, kubernetes or kserve (default: deploy.target)")
+TargetOption = typer.Option(
+    None, "--target", "-t", help="local, docker, kubernetes, kserve or ray (default: deploy.target)"
+)
 
 
 def _show_plan(plan: Plan) -> None:

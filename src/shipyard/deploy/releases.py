@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shipyard.deploy import docker, kserve, kubernetes, local
+from shipyard.deploy import docker, kserve, kubernetes, local, ray
 from shipyard.deploy.bundle import Bundle, PinnedModel, pin_models
 from shipyard.deploy.capacity import sized
 from shipyard.errors import ConflictError, NotFoundError
@@ -39,7 +39,7 @@ def render(loaded: LoadedSpec, registry: LocalRegistry, target: str | None = Non
     elif chosen == "kserve":
         kserve.render(loaded, bundle)
     elif chosen == "ray":
-        raise ConflictError("target ray is not available yet: render docker or kubernetes instead")
+        ray.render(loaded, bundle, registry)
     else:
         raise ConflictError(f"unknown deploy target {chosen!r}: local, docker, kubernetes, kserve or ray")
     return bundle
