@@ -31,7 +31,10 @@ def _show_plan(plan: Plan) -> None:
         out.print(f"  model {escape(name)}: version {before} → {after}")
     for change in plan.changes:
         colour = {"add": "green", "remove": "red", "change": "yellow"}[change.action]
-        out.print(f"  [{colour}]{change.action:6}[/] {escape(change.path)}")
+        added = sum(1 for line in change.diff[2:] if line.startswith("+"))
+        out.print(f"  [{colour}]{change.action:6}[/] {escape(change.path)} ({added} lines)")
+        if change.action != "change":
+            continue  # a new or removed file's every line is noise; `apply` writes it for reading
         for line in change.diff[2:]:
             style = "green" if line.startswith("+") else "red" if line.startswith("-") else "dim"
             out.print(f"      [{style}]{escape(line)}[/]", highlight=False)
