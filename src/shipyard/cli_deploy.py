@@ -32,7 +32,9 @@ def _show_plan(plan: Plan) -> None:
     for change in plan.changes:
         colour = {"add": "green", "remove": "red", "change": "yellow"}[change.action]
         added = sum(1 for line in change.diff[2:] if line.startswith("+"))
-        out.print(f"  [{colour}]{change.action:6}[/] {escape(change.path)} ({added} lines)")
+        removed = sum(1 for line in change.diff[2:] if line.startswith("-"))
+        counts = f"+{added} -{removed}" if change.action == "change" else f"{added or removed} lines"
+        out.print(f"  [{colour}]{change.action:6}[/] {escape(change.path)} ({counts})")
         if change.action != "change":
             continue  # a new or removed file's every line is noise; `apply` writes it for reading
         for line in change.diff[2:]:
