@@ -10,12 +10,12 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from shipyard import __version__, cli_deploy
+from shipyard import __version__, cli_deploy, cli_security
 from shipyard._cli_common import JsonOption, RegistryOption, err, out, print_json
 from shipyard._render import RichReporter, diff_table, manifest_table, versions_table
 from shipyard.artifact.diff import diff_manifests
 from shipyard.artifact.manifest import Manifest
-from shipyard.errors import ConflictError, ErrorKind, NotFoundError, ShipyardError
+from shipyard.errors import ConflictError, ErrorKind, InvalidInputError, NotFoundError, ShipyardError
 from shipyard.registry import open_registry
 from shipyard.registry import remote as remote_storage
 
@@ -29,6 +29,7 @@ app = typer.Typer(
 models_app = typer.Typer(help="Inspect and manage registered model versions.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 cli_deploy.register(app)
+cli_security.register(app)
 
 EXIT_CODES = {
     ErrorKind.INTERNAL: 1,
@@ -277,6 +278,10 @@ def serve(
     pull_uris: list[str] = typer.Option(
         [], "--pull", help="Archive URI to pull (verified) into the registry before serving; repeatable."
     ),
+    require_signed: bool = typer.Option(
+        False, "--require-signed", help="Serve only versions signed for --public-key; refuse (and report) others."
+    ),
+    public_key: Path | None = typer.Option(None, "--public-key", help="Public key (PEM) signatures must match."),
 ) -> None:
     """Serve registry versions over the Open Inference Protocol (REST + gRPC) with dynamic batching."""
     import asyncio
@@ -284,6 +289,8 @@ def serve(
 
     from shipyard.serve.server import ServeSettings, run
 
+    if require_signed and public_key is None:
+        raise InvalidInputError("--require-signed needs --public-key: the key signatures must match")
     reg = open_registry(registry)
     for uri in pull_uris:
         pulled = remote_storage.pull(reg, uri)
@@ -293,7 +300,7 @@ def serve(
         raise NotFoundError(f"no models to serve in {reg.root}")
     settings = ServeSettings(
         models=refs, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        max_body_bytes=int(max_body_mb * (1 << 20)),
+        max_body_bytes=int(max_body_mb * (1 << 20)), trusted_key=public_key if require_signed else None,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -41,13 +41,18 @@ class RunningServer:
 
 
 def start_server(
-    registry: LocalRegistry, log: Path, *models: str, max_body_mb: float = 1.0, wait_ready: bool = True
+    registry: LocalRegistry,
+    log: Path,
+    *models: str,
+    max_body_mb: float = 1.0,
+    wait_ready: bool = True,
+    extra_args: tuple[str, ...] = (),
 ) -> RunningServer:
     """Start `shipyard serve` and wait until it is ready (or only live, with wait_ready=False)."""
     http, grpc, metrics = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "shipyard", "serve", *models, "--registry", str(registry.root),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-           "--max-body-mb", str(max_body_mb)]  # fmt: skip
+           "--max-body-mb", str(max_body_mb), *extra_args]  # fmt: skip
     with log.open("wb") as out:  # the child keeps its own descriptor
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     server = RunningServer(process, registry, http, grpc, metrics, log)

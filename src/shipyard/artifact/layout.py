@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from shipyard.artifact.hashing import content_hash, sha256_file
 from shipyard.artifact.manifest import MANIFEST_NAME, FileEntry, LineageStep, Manifest, environment, utc_now
+from shipyard.artifact.signing import SIGNATURE_FILE
 from shipyard.errors import IntegrityError
 from shipyard.spec.models import SignatureSpec
 
@@ -97,7 +98,7 @@ def verify_artifact(folder: Path) -> Manifest:
         if path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
             raise IntegrityError(f"{folder}: {entry.path} does not match its recorded sha256 (modified or corrupt)")
     extra = [p.relative_to(folder).as_posix() for p in _payload_files(folder)]
-    unexpected = sorted(set(extra) - listed)
+    unexpected = sorted(set(extra) - listed - {SIGNATURE_FILE})  # the signature covers the files, not itself
     if unexpected:
         raise IntegrityError(f"{folder}: files not in the manifest: {', '.join(unexpected)}")
     expected = content_hash(((f.path, f.sha256) for f in manifest.files), manifest.signature.model_dump(mode="json"))

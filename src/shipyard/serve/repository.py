@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from shipyard.artifact.manifest import Manifest
+from shipyard.artifact.signing import verify_signature
 from shipyard.errors import InvalidInputError, NotFoundError, ShipyardError
 from shipyard.pipeline._onnx import is_batchable
 from shipyard.registry import LocalRegistry
@@ -55,9 +57,10 @@ def serve_settings(manifest: Manifest) -> ServeSpec:
 class ModelRepository:
     """Models by name and version; requests without a version get the newest loaded one."""
 
-    def __init__(self, registry: LocalRegistry, metrics: ServerMetrics) -> None:
+    def __init__(self, registry: LocalRegistry, metrics: ServerMetrics, trusted_key: Path | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.trusted_key = trusted_key  # when set, only versions signed with its private half are served
         self._models: dict[str, dict[int, ModelHandle]] = {}
         self._lock = asyncio.Lock()  # serializes load/unload; inference never takes it
         self.failed: dict[str, str] = {}  # ref -> why it failed to load
@@ -71,6 +74,8 @@ class ModelRepository:
             if existing is not None:
                 return existing
             manifest = self.registry.manifest(record)
+            if self.trusted_key is not None:  # hashes every file: off the event loop
+                await asyncio.to_thread(verify_signature, self.registry.path(record), self.trusted_key)
             settings = serve_settings(manifest)
             runtime = OrtRuntime(self.registry.path(record), manifest, settings)
             stats = ModelStats(record.name, record.version, self.metrics)

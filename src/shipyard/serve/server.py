@@ -9,6 +9,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,6 +38,7 @@ class ServeSettings:
     metrics_port: int = 8002  # 0 disables the metrics listener
     max_body_bytes: int = 64 << 20
     drain_seconds: float = 30.0
+    trusted_key: Path | None = None  # serve only versions signed with this public key's private half
 
 
 def _listen(host: str, port: int, what: str) -> socket.socket:
@@ -63,7 +65,7 @@ class ShipyardServer:
     def __init__(self, settings: ServeSettings, registry: LocalRegistry) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.repository = ModelRepository(registry, self.metrics)
+        self.repository = ModelRepository(registry, self.metrics, settings.trusted_key)
         self.dataplane = DataPlane(self.repository)
         self.app = RestApp(self.dataplane, settings.max_body_bytes)
         self._stop = asyncio.Event()

@@ -1,0 +1,55 @@
+"""The security commands: signing keys, signatures, and serving tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from shipyard._cli_common import RegistryOption, err, out
+from shipyard.registry import open_registry
+
+
+def register(app: typer.Typer) -> None:
+    """Add keygen, sign, verify and token to the `shipyard` app."""
+
+    @app.command()
+    def keygen(
+        private: Path = typer.Option(Path("shipyard-signing.pem"), "--private", help="Private key file to write."),
+        public: Path = typer.Option(Path("shipyard-signing.pub.pem"), "--public", help="Public key file to write."),
+    ) -> None:
+        """Create an EC P-256 signing key pair (PEM)."""
+        from shipyard.artifact.signing import generate_keys
+
+        generate_keys(private, public)
+        err.print(f"[green]wrote[/] {private} (keep it secret) and {public} (give it to verifiers)")
+
+    @app.command()
+    def sign(
+        ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS."),
+        key: Path = typer.Option(..., "--key", help="Private key (PEM) from `shipyard keygen`."),
+        registry: str | None = RegistryOption,
+    ) -> None:
+        """Sign a registered version (OpenSSF model-signing format, model.sig beside its files)."""
+        from shipyard.artifact.signing import sign as sign_folder
+
+        reg = open_registry(registry)
+        record = reg.resolve(ref)
+        reg.manifest(record, verify=True)  # never sign files that already fail their own hashes
+        path = sign_folder(reg.path(record), key)
+        err.print(f"[green]signed[/] {record.ref}: {path}")
+
+    @app.command()
+    def verify(
+        ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS."),
+        public_key: Path = typer.Option(..., "--public-key", help="Public key (PEM) the signature must match."),
+        registry: str | None = RegistryOption,
+    ) -> None:
+        """Check a version's file hashes and its signature; exits non-zero if either fails."""
+        from shipyard.artifact.signing import verify_signature
+
+        reg = open_registry(registry)
+        record = reg.resolve(ref)
+        reg.manifest(record, verify=True)
+        verify_signature(reg.path(record), public_key)
+        out.print(f"[green]verified[/] {record.ref}: files match the manifest, signature matches {public_key}")
