@@ -46,7 +46,7 @@ def test_digits_demo_end_to_end(cli: Cli, tmp_path: Path) -> None:
     pytest.importorskip("torch", reason="the torch extra is not installed")
     demo, reg = tmp_path / "digits", str(tmp_path / "registry")
     _ok(cli("init", "--example", "digits", str(demo)))
-    assert sorted(p.name for p in demo.iterdir()) == ["model.py", "shipyard.yaml", "train.py"]
+    assert sorted(p.name for p in demo.iterdir()) == ["client.py", "model.py", "shipyard.yaml", "train.py"]
     trained = subprocess.run([sys.executable, str(demo / "train.py")], capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr
     assert "held-out accuracy" in trained.stdout

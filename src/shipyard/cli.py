@@ -43,6 +43,9 @@ EXIT_CODES = {
     ErrorKind.UNAVAILABLE: 9,
     ErrorKind.OVERLOADED: 9,
     ErrorKind.TOO_LARGE: 2,
+    ErrorKind.UNAUTHENTICATED: 5,
+    ErrorKind.FORBIDDEN: 5,
+    ErrorKind.RATE_LIMITED: 9,
 }
 EXAMPLES = ("digits",)
 
@@ -282,6 +285,13 @@ def serve(
         False, "--require-signed", help="Serve only versions signed for --public-key; refuse (and report) others."
     ),
     public_key: Path | None = typer.Option(None, "--public-key", help="Public key (PEM) signatures must match."),
+    tokens: Path | None = typer.Option(None, "--tokens", help="Token file (shipyard token add): require tokens."),
+    auth_health: bool = typer.Option(False, "--auth-health", help="Require a token on the health endpoints too."),
+    allow_management: bool = typer.Option(False, "--allow-management", help="Enable repository load/unload."),
+    rate_limit: float | None = typer.Option(None, "--rate-limit", help="Requests/s per caller (429 above)."),
+    rate_burst: int = typer.Option(50, "--rate-burst", help="Requests a caller may send at once."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate (chain): HTTPS and gRPC TLS."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
 ) -> None:
     """Serve registry versions over the Open Inference Protocol (REST + gRPC) with dynamic batching."""
     import asyncio
@@ -291,6 +301,8 @@ def serve(
 
     if require_signed and public_key is None:
         raise InvalidInputError("--require-signed needs --public-key: the key signatures must match")
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidInputError("--tls-cert and --tls-key go together")
     reg = open_registry(registry)
     for uri in pull_uris:
         pulled = remote_storage.pull(reg, uri)
@@ -301,6 +313,8 @@ def serve(
     settings = ServeSettings(
         models=refs, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
         max_body_bytes=int(max_body_mb * (1 << 20)), trusted_key=public_key if require_signed else None,
+        tokens_file=tokens, allow_management=allow_management, open_health=not auth_health, rate_limit=rate_limit,
+        rate_burst=rate_burst, tls_cert=tls_cert, tls_key=tls_key,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

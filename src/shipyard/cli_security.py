@@ -12,6 +12,7 @@ from shipyard.registry import open_registry
 
 def register(app: typer.Typer) -> None:
     """Add keygen, sign, verify and token to the `shipyard` app."""
+    register_tokens(app)
 
     @app.command()
     def keygen(
@@ -53,3 +54,21 @@ def register(app: typer.Typer) -> None:
         reg.manifest(record, verify=True)
         verify_signature(reg.path(record), public_key)
         out.print(f"[green]verified[/] {record.ref}: files match the manifest, signature matches {public_key}")
+
+
+def register_tokens(app: typer.Typer) -> None:
+    token_app = typer.Typer(help="API tokens for `shipyard serve --tokens`.", no_args_is_help=True)
+    app.add_typer(token_app, name="token")
+
+    @token_app.command("add")
+    def token_add(
+        file: Path = typer.Argument(..., help="Token file (created 0600 if missing)."),
+        name: str = typer.Argument(..., help="Who holds the token."),
+        scopes: list[str] = typer.Option(["infer:*"], "--scope", help="infer:*, infer:MODEL or admin; repeatable."),
+    ) -> None:
+        """Create a token, store only its sha256, and print the token once."""
+        from shipyard.serve.guard import add_token
+
+        token = add_token(file, name, scopes)
+        err.print(f"[green]added[/] {name} ({', '.join(scopes)}) to {file}; the token is shown once:")
+        print(token)

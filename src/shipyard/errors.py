@@ -20,6 +20,9 @@ class ErrorKind(enum.Enum):
     UNAVAILABLE = "unavailable"
     OVERLOADED = "overloaded"  # a bounded queue is full: retry later
     TOO_LARGE = "too_large"  # a request exceeds a configured size limit
+    UNAUTHENTICATED = "unauthenticated"  # no or unknown credentials
+    FORBIDDEN = "forbidden"  # known credentials without the right, or a disabled API
+    RATE_LIMITED = "rate_limited"  # the caller's request rate is over its limit: slow down
     INTERNAL = "internal"
 
 
@@ -88,3 +91,15 @@ class OverloadedError(ShipyardError):
 
 class TooLargeError(ShipyardError):
     kind = ErrorKind.TOO_LARGE
+
+
+class UnauthenticatedError(ShipyardError):
+    kind = ErrorKind.UNAUTHENTICATED
+
+
+class ForbiddenError(ShipyardError):
+    kind = ErrorKind.FORBIDDEN
+
+
+class RateLimitedError(ShipyardError):
+    kind = ErrorKind.RATE_LIMITED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ class RunningServer:
     grpc_port: int
     metrics_port: int
     log: Path
+    ca: Path | None = None  # the CA that signed the server's certificate when it serves TLS
 
     @property
     def http_url(self) -> str:
@@ -37,7 +39,7 @@ class RunningServer:
         return f"127.0.0.1:{self.grpc_port}"
 
     def base(self) -> str:
-        return f"http://{self.http_url}"
+        return f"{'https' if self.ca else 'http'}://{self.http_url}"
 
 
 def start_server(
@@ -47,6 +49,7 @@ def start_server(
     max_body_mb: float = 1.0,
     wait_ready: bool = True,
     extra_args: tuple[str, ...] = (),
+    ca: Path | None = None,
 ) -> RunningServer:
     """Start `shipyard serve` and wait until it is ready (or only live, with wait_ready=False)."""
     http, grpc, metrics = free_port(), free_port(), free_port()
@@ -55,14 +58,15 @@ def start_server(
            "--max-body-mb", str(max_body_mb), *extra_args]  # fmt: skip
     with log.open("wb") as out:  # the child keeps its own descriptor
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    server = RunningServer(process, registry, http, grpc, metrics, log)
+    server = RunningServer(process, registry, http, grpc, metrics, log, ca)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited: {log.read_text()}")
         try:
             probe = "ready" if wait_ready else "live"
-            if httpx.get(f"{server.base()}/v2/health/{probe}", timeout=1).status_code == 200:
+            verify = ssl.create_default_context(cafile=str(ca)) if ca else True
+            if httpx.get(f"{server.base()}/v2/health/{probe}", timeout=1, verify=verify).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

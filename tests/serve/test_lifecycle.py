@@ -26,7 +26,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 @pytest.fixture
 def private_server(model_registry: LocalRegistry, tmp_path: Path) -> Iterator[RunningServer]:
-    running = start_server(model_registry, tmp_path / "server.log", "mlp:1")
+    running = start_server(model_registry, tmp_path / "server.log", "mlp:1", extra_args=("--allow-management",))
     yield running
     assert stop_server(running) == 0, running.log.read_text()
 
@@ -122,6 +122,17 @@ def test_grpc_repository_api(private_server: RunningServer) -> None:
     assert not client.is_model_ready("id_int8")
     with pytest.raises(Exception, match="no model named 'ghost'"):
         client.load_model("ghost")
+
+
+def test_the_repository_api_is_off_unless_enabled(server: RunningServer) -> None:
+    """The shared server runs with defaults: loading and unloading models over the network is refused."""
+    response = httpx.post(f"{server.base()}/v2/repository/models/id_fp32/unload", timeout=10)
+    assert response.status_code == 403
+    assert "--allow-management" in response.json()["error"]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(Exception, match="disabled"):
+        client.unload_model("id_fp32")
+    assert client.is_model_ready("id_fp32")
 
 
 def test_prometheus_metrics(private_server: RunningServer) -> None:

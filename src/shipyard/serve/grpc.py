@@ -16,6 +16,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError
 from shipyard.serve.dataplane import DataPlane
 from shipyard.serve.datatypes import from_list, from_raw, to_raw
+from shipyard.serve.guard import Action, Guard
 from shipyard.serve.types import InferRequest, InferResponse, RequestedOutput, Tensor
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ GRPC_STATUS = {
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 _CONTENTS_FIELD = {
@@ -83,12 +87,22 @@ def encode_infer(response: InferResponse) -> service_pb2.ModelInferResponse:
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """GRPCInferenceService over the data plane."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, guard: Guard) -> None:
         self.dp = dataplane
+        self.guard = guard
 
-    @staticmethod
-    async def _call(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+    def _allow(self, context: grpc.aio.ServicerContext, action: Action, model: str | None = None) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        authorization = metadata.get("authorization")
+        peer = context.peer() or "unknown"  # "ipv4:127.0.0.1:54321": the address without the port
+        caller = peer.rsplit(":", 1)[0]
+        self.guard.check(authorization if isinstance(authorization, str) else None, caller, action, model)
+
+    async def _call(
+        self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]], action: Action, model: str | None
+    ) -> T:
         try:
+            self._allow(context, action, model)
             return await fn()
         except ShipyardError as exc:
             code = GRPC_STATUS[exc.kind]
@@ -103,23 +117,35 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         raise AssertionError("context.abort returns only by raising")
 
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method names)
-        return service_pb2.ServerLiveResponse(live=self.dp.live())
+        async def run() -> Any:
+            return service_pb2.ServerLiveResponse(live=self.dp.live())
+
+        return await self._call(context, run, "health", None)
 
     async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return service_pb2.ServerReadyResponse(ready=self.dp.ready())
+        async def run() -> Any:
+            return service_pb2.ServerReadyResponse(ready=self.dp.ready())
+
+        return await self._call(context, run, "health", None)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return service_pb2.ServerMetadataResponse(**self.dp.server_metadata())
+        async def run() -> Any:
+            return service_pb2.ServerMetadataResponse(**self.dp.server_metadata())
+
+        return await self._call(context, run, "metadata", None)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return service_pb2.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version or None))
+        async def run() -> Any:
+            return service_pb2.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version or None))
+
+        return await self._call(context, run, "read", request.name)
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
             meta = self.dp.model_metadata(request.name, request.version or None)
             return json_format.ParseDict(meta, service_pb2.ModelMetadataResponse())
 
-        return await self._call(context, run)
+        return await self._call(context, run, "read", request.name)
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
@@ -127,46 +153,47 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             proto = json_format.ParseDict(config, model_config_pb2.ModelConfig())
             return service_pb2.ModelConfigResponse(config=proto)
 
-        return await self._call(context, run)
+        return await self._call(context, run, "read", request.name)
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
             stats = self.dp.model_statistics(request.name or None, request.version or None)
             return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse())
 
-        return await self._call(context, run)
+        return await self._call(context, run, "read" if request.name else "index", request.name or None)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
             return json_format.ParseDict({"models": self.dp.repository_index()}, service_pb2.RepositoryIndexResponse())
 
-        return await self._call(context, run)
+        return await self._call(context, run, "index", None)
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
             await self.dp.load_model(request.model_name, _parameters(request.parameters))
             return service_pb2.RepositoryModelLoadResponse()
 
-        return await self._call(context, run)
+        return await self._call(context, run, "admin", None)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
             await self.dp.unload_model(request.model_name, _parameters(request.parameters))
             return service_pb2.RepositoryModelUnloadResponse()
 
-        return await self._call(context, run)
+        return await self._call(context, run, "admin", None)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
             response = await self.dp.infer(request.model_name, request.model_version or None, decode_infer(request))
             return encode_infer(response)
 
-        return await self._call(context, run)
+        return await self._call(context, run, "infer", request.model_name)
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
         # Errors go into the stream (Triton's ModelStreamInferResponse.error_message), which keeps it open.
         async for request in request_iterator:
             try:
+                self._allow(context, "infer", request.model_name)
                 response = await self.dp.infer(request.model_name, request.model_version or None, decode_infer(request))
                 yield service_pb2.ModelStreamInferResponse(infer_response=encode_infer(response))
             except ShipyardError as exc:
@@ -177,5 +204,5 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 yield service_pb2.ModelStreamInferResponse(error_message="internal error")
 
 
-def add_servicer(server: grpc.aio.Server, dataplane: DataPlane) -> None:
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+def add_servicer(server: grpc.aio.Server, dataplane: DataPlane, guard: Guard) -> None:
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, guard), server)

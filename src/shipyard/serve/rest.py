@@ -12,6 +12,7 @@ from typing import Any
 
 from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError, TooLargeError
 from shipyard.serve.dataplane import DataPlane
+from shipyard.serve.guard import Action, Guard
 from shipyard.serve.rest_codec import HEADER_LENGTH, decode_parameters, decode_request, encode_json, encode_response
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ HTTP_STATUS = {
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.OVERLOADED: 503,
     ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.RATE_LIMITED: 429,
     ErrorKind.INTERNAL: 500,
 }
 _JSON = [(b"content-type", b"application/json")]
@@ -54,9 +58,15 @@ def _error(status: int, message: str) -> _Response:
 class RestApp:
     """ASGI application serving the Open Inference Protocol REST API."""
 
-    def __init__(self, dataplane: DataPlane, max_body_bytes: int) -> None:
+    def __init__(self, dataplane: DataPlane, max_body_bytes: int, guard: Guard | None = None) -> None:
         self.dataplane = dataplane
         self.max_body_bytes = max_body_bytes
+        self.guard = guard or Guard()
+
+    def _allow(self, scope: Scope, action: Action, model: str | None = None) -> None:
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        client = scope.get("client")
+        self.guard.check(authorization, client[0] if client else "unknown", action, model)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -113,8 +123,10 @@ class RestApp:
             return _error(404, f"no route for {scope['path']}")
         rest = parts[1:]
         if rest in ([], [""]):
+            self._allow(scope, "metadata")
             return self._get(method) or _json(self.dataplane.server_metadata())
         if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
+            self._allow(scope, "health")
             if method != "GET":
                 return _error(405, "use GET")
             ok = self.dataplane.live() if rest[1] == "live" else self.dataplane.ready()
@@ -131,10 +143,12 @@ class RestApp:
 
     async def _models(self, rest: list[str], method: str, scope: Scope, receive: Receive) -> _Response:
         if rest == ["stats"]:
+            self._allow(scope, "index")
             return self._get(method) or _json(self.dataplane.model_statistics(None, None))
         if not rest or not rest[0]:
             return _error(404, "no model name in the path")
         name, version, tail = rest[0], None, rest[1:]
+        self._allow(scope, "infer" if tail[-1:] == ["infer"] else "read", name)
         if len(tail) >= 2 and tail[0] == "versions":
             version, tail = tail[1], tail[2:]
         action = tail[0] if len(tail) == 1 else ("" if not tail else None)
@@ -173,8 +187,10 @@ class RestApp:
         if method != "POST":
             return _error(405, "use POST")
         if rest == ["index"]:
+            self._allow(scope, "index")
             return _json(self.dataplane.repository_index())
         if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
+            self._allow(scope, "admin")
             body = await self._body(scope, receive)
             parameters = decode_parameters(body)
             if rest[2] == "load":

@@ -20,6 +20,7 @@ from shipyard.errors import UnavailableError
 from shipyard.registry import LocalRegistry
 from shipyard.serve.dataplane import DataPlane
 from shipyard.serve.grpc import add_servicer
+from shipyard.serve.guard import Guard, RateLimiter, load_tokens
 from shipyard.serve.metrics import ServerMetrics
 from shipyard.serve.repository import ModelRepository
 from shipyard.serve.rest import RestApp
@@ -39,6 +40,13 @@ class ServeSettings:
     max_body_bytes: int = 64 << 20
     drain_seconds: float = 30.0
     trusted_key: Path | None = None  # serve only versions signed with this public key's private half
+    tokens_file: Path | None = None  # bearer tokens (sha256 digests + scopes); None: no authentication
+    allow_management: bool = False  # the repository load/unload API
+    open_health: bool = True  # health endpoints answer without a token
+    rate_limit: float | None = None  # requests per second per caller (token name, or client address)
+    rate_burst: int = 50
+    tls_cert: Path | None = None  # PEM certificate chain and key: HTTPS and gRPC over TLS
+    tls_key: Path | None = None
 
 
 def _listen(host: str, port: int, what: str) -> socket.socket:
@@ -67,7 +75,13 @@ class ShipyardServer:
         self.metrics = ServerMetrics()
         self.repository = ModelRepository(registry, self.metrics, settings.trusted_key)
         self.dataplane = DataPlane(self.repository)
-        self.app = RestApp(self.dataplane, settings.max_body_bytes)
+        self.guard = Guard(
+            tokens=load_tokens(settings.tokens_file) if settings.tokens_file is not None else None,
+            allow_management=settings.allow_management,
+            limiter=RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None,
+            open_health=settings.open_health,
+        )
+        self.app = RestApp(self.dataplane, settings.max_body_bytes, self.guard)
         self._stop = asyncio.Event()
         self.http: _Uvicorn | None = None
         self.grpc: grpc.aio.Server | None = None
@@ -95,9 +109,13 @@ class ShipyardServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        add_servicer(self.grpc, self.dataplane)
+        add_servicer(self.grpc, self.dataplane, self.guard)
         try:
-            self.grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            if s.tls_cert is not None and s.tls_key is not None:
+                pair = [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())]
+                self.grpc.add_secure_port(f"{s.host}:{s.grpc_port}", grpc.ssl_server_credentials(pair))
+            else:
+                self.grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         except RuntimeError:
             http_socket.close()
             raise UnavailableError(
@@ -107,6 +125,7 @@ class ShipyardServer:
         config = uvicorn.Config(
             self.app, host=s.host, port=s.http_port, http="httptools", loop="none", lifespan="off",
             access_log=False, log_level="warning", timeout_graceful_shutdown=int(s.drain_seconds), proxy_headers=False,
+            ssl_certfile=s.tls_cert, ssl_keyfile=s.tls_key,
         )  # fmt: skip
         self.http = _Uvicorn(config)
         self._http_task = asyncio.create_task(self.http.serve(sockets=[http_socket]))
