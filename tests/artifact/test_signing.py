@@ -100,7 +100,7 @@ def test_serve_require_signed_refuses_unsigned_versions_and_serves_the_rest(
         while httpx.get(f"{base}/v2/models/mlp/ready").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert httpx.get(f"{base}/v2/models/mlp/ready").status_code == 200
-        assert httpx.get(f"{base}/v2/models/unsigned/ready").status_code in (404, 503)
+        assert httpx.get(f"{base}/v2/models/unsigned/ready").status_code == 400
         states = {(m["name"], m["state"]) for m in httpx.post(f"{base}/v2/repository/index").json()}
         assert states == {("mlp", "READY"), ("unsigned", "UNAVAILABLE")}
     finally:

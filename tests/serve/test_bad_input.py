@@ -122,7 +122,7 @@ def test_routes_and_methods(server: RunningServer) -> None:
     assert httpx.get(f"{base}/v2/models/mlp/infer").status_code == 405
     assert httpx.post(f"{base}/v2/health/live").status_code == 405
     assert httpx.get(f"{base}/v2/models/mlp/ready").json() == {"name": "mlp", "ready": True}
-    assert httpx.get(f"{base}/v2/models/nope/ready").status_code == 503
+    assert httpx.get(f"{base}/v2/models/nope/ready").status_code == 400
     assert httpx.get(f"{base}/v2/health/live").json() == {"live": True}
 
 

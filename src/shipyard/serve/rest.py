@@ -130,7 +130,8 @@ class RestApp:
             if method != "GET":
                 return _error(405, "use GET")
             ok = self.dataplane.live() if rest[1] == "live" else self.dataplane.ready()
-            return _json({rest[1]: ok}, 200 if ok else 503)
+            # The protocol: 200 means true, a 4xx means false (Triton answers 400 too).
+            return _json({rest[1]: ok}, 200 if ok else 400)
         if rest[0] == "models":
             return await self._models(rest[1:], method, scope, receive)
         if rest[0] == "repository":
@@ -160,7 +161,7 @@ class RestApp:
             return self._get(method) or _json(self.dataplane.model_metadata(name, version))
         if action == "ready":
             ready = self.dataplane.model_ready(name, version)
-            return self._get(method) or _json({"name": name, "ready": ready}, 200 if ready else 503)
+            return self._get(method) or _json({"name": name, "ready": ready}, 200 if ready else 400)
         if action == "config":
             return self._get(method) or _json(self.dataplane.model_config(name, version))
         if action == "stats":
