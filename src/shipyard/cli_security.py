@@ -65,10 +65,14 @@ def register_tokens(app: typer.Typer) -> None:
         file: Path = typer.Argument(..., help="Token file (created 0600 if missing)."),
         name: str = typer.Argument(..., help="Who holds the token."),
         scopes: list[str] = typer.Option(["infer:*"], "--scope", help="infer:*, infer:MODEL or admin; repeatable."),
+        days: float | None = typer.Option(None, "--expires-in-days", help="Stop accepting it after this long."),
     ) -> None:
         """Create a token, store only its sha256, and print the token once."""
+        import datetime
+
         from shipyard.serve.guard import add_token
 
-        token = add_token(file, name, scopes)
+        expires = None if days is None else datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
+        token = add_token(file, name, scopes, expires)
         err.print(f"[green]added[/] {name} ({', '.join(scopes)}) to {file}; the token is shown once:")
         print(token)

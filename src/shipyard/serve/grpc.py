@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError
@@ -204,5 +205,59 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 yield service_pb2.ModelStreamInferResponse(error_message="internal error")
 
 
+_MALFORMED = "malformed request: not a valid protobuf message for this method"
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    """Parse a request, or return None: grpc.aio turns a parse error into UNKNOWN plus a logged traceback."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return None
+
+    return parse
+
+
+def _unary(method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: Any) -> Any:
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED)
+        return await method(request, context)
+
+    return handle
+
+
+def _streaming(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    async def handle(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async def checked() -> AsyncIterator[Any]:
+            async for request in requests:
+                if request is None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED)
+                yield request
+
+        async for response in method(checked(), context):
+            yield response
+
+    return handle
+
+
 def add_servicer(server: grpc.aio.Server, dataplane: DataPlane, guard: Guard) -> None:
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, guard), server)
+    """Register every method of the service from its descriptor, with requests parsed leniently."""
+    servicer = InferenceServicer(dataplane, guard)
+    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(service_pb2, method.input_type.name)
+        response_class = getattr(service_pb2, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _streaming(behaviour), _lenient(request_class), response_class.SerializeToString
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(behaviour), _lenient(request_class), response_class.SerializeToString
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -9,6 +9,7 @@ secret. The repository load/unload API is off unless the server is started with 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import re
 import secrets
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shipyard.errors import ForbiddenError, InvalidInputError, RateLimitedError, UnauthenticatedError
 
@@ -38,6 +39,14 @@ class TokenEntry(BaseModel):
     """sha256 of the token, hex."""
     scopes: list[str] = Field(min_length=1)
     """What it may do: `infer:*`, `infer:MODEL`, `admin`."""
+    expires: datetime.datetime | None = None
+    """When it stops working (UTC); never when absent."""
+
+    @field_validator("expires")
+    @classmethod
+    def _utc(cls, value: datetime.datetime | None) -> datetime.datetime | None:
+        # A time written without a zone is read as UTC, so it always compares with the clock.
+        return value.replace(tzinfo=datetime.timezone.utc) if value is not None and value.tzinfo is None else value
 
     def permits(self, action: Action, model: str | None) -> bool:
         if action in ("index", "admin"):
@@ -76,14 +85,14 @@ def load_tokens(path: Path) -> dict[str, TokenEntry]:
     return {entry.sha256: entry for entry in parsed.tokens}
 
 
-def add_token(path: Path, name: str, scopes: list[str]) -> str:
+def add_token(path: Path, name: str, scopes: list[str], expires: datetime.datetime | None = None) -> str:
     """Create a random token, append its digest to the file (created 0600), and return the token."""
     entries = list(load_tokens(path).values()) if path.exists() else []
     if any(e.name == name for e in entries):
         raise InvalidInputError(f"{path}: a token named {name!r} exists")
     _check_scopes(scopes, f"token {name!r}")
     token = secrets.token_urlsafe(32)
-    entry = TokenEntry(name=name, sha256=digest(token), scopes=scopes)
+    entry = TokenEntry(name=name, sha256=digest(token), scopes=scopes, expires=expires)
     data = TokenFile(tokens=[*entries, entry]).model_dump(mode="json")
     if not path.exists():
         path.touch(mode=0o600)
@@ -144,4 +153,6 @@ class Guard:
         entry = self.tokens.get(digest(token.strip()))
         if entry is None:
             raise UnauthenticatedError("unknown or revoked token")
+        if entry.expires is not None and datetime.datetime.now(datetime.timezone.utc) >= entry.expires:
+            raise UnauthenticatedError(f"token {entry.name!r} expired at {entry.expires.isoformat()}")
         return entry
