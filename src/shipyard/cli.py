@@ -46,6 +46,7 @@ EXIT_CODES = {
     ErrorKind.UNAUTHENTICATED: 5,
     ErrorKind.FORBIDDEN: 5,
     ErrorKind.RATE_LIMITED: 9,
+    ErrorKind.TIMEOUT: 9,
 }
 EXAMPLES = ("digits",)
 
@@ -292,6 +293,8 @@ def serve(
     rate_burst: int = typer.Option(50, "--rate-burst", help="Requests a caller may send at once."),
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate (chain): HTTPS and gRPC TLS."),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+    request_timeout: float = typer.Option(60, "--request-timeout", help="Seconds per inference request (504 after)."),
+    max_elements: int = typer.Option(1 << 26, "--max-elements", help="Largest input tensor, in elements (413 above)."),
 ) -> None:
     """Serve registry versions over the Open Inference Protocol (REST + gRPC) with dynamic batching."""
     import asyncio
@@ -314,7 +317,8 @@ def serve(
         models=refs, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
         max_body_bytes=int(max_body_mb * (1 << 20)), trusted_key=public_key if require_signed else None,
         tokens_file=tokens, allow_management=allow_management, open_health=not auth_health, rate_limit=rate_limit,
-        rate_burst=rate_burst, tls_cert=tls_cert, tls_key=tls_key,
+        rate_burst=rate_burst, tls_cert=tls_cert, tls_key=tls_key, request_timeout_s=request_timeout,
+        max_elements=max_elements,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

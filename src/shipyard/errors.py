@@ -23,6 +23,7 @@ class ErrorKind(enum.Enum):
     UNAUTHENTICATED = "unauthenticated"  # no or unknown credentials
     FORBIDDEN = "forbidden"  # known credentials without the right, or a disabled API
     RATE_LIMITED = "rate_limited"  # the caller's request rate is over its limit: slow down
+    TIMEOUT = "timeout"  # no answer within the configured time
     INTERNAL = "internal"
 
 
@@ -103,3 +104,7 @@ class ForbiddenError(ShipyardError):
 
 class RateLimitedError(ShipyardError):
     kind = ErrorKind.RATE_LIMITED
+
+
+class TimedOutError(ShipyardError):
+    kind = ErrorKind.TIMEOUT

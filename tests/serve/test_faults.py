@@ -16,8 +16,10 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
 
+from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from shipyard.serve.guard import Guard, add_token, load_tokens
+from tests._helpers import make_slow_onnx
 from tests.serve.conftest import RunningServer, start_server, stop_server
 
 
@@ -145,3 +147,21 @@ def test_kill_9_mid_load_then_restart_serves_the_same_answers(model_registry: Lo
         assert (after.failed, after.wrong) == (0, 0)
     finally:
         stop_server(again)
+
+
+def test_request_timeout_and_element_limit(registry: LocalRegistry, tmp_path: Path) -> None:
+    import_onnx(make_slow_onnx(tmp_path / "slow.onnx"), "slow", registry)
+    server = start_server(registry, tmp_path / "server.log", "slow", max_body_mb=64,
+                          extra_args=("--request-timeout", "0.001", "--max-elements", "4096"))  # fmt: skip
+    try:
+        one = {"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32", "data": [0.5] * 1024}]}
+        late = httpx.post(f"{server.base()}/v2/models/slow/infer", json=one, timeout=30)
+        assert late.status_code == 504, late.text
+        assert "request timeout" in late.json()["error"]
+        many = {"inputs": [{"name": "x", "shape": [8, 1024], "datatype": "FP32", "data": [0.5] * 8192}]}
+        big = httpx.post(f"{server.base()}/v2/models/slow/infer", json=many, timeout=30)
+        assert big.status_code == 413
+        assert "limit is 4096" in big.json()["error"]
+        assert httpx.get(f"{server.base()}/v2/health/ready").status_code == 200
+    finally:
+        stop_server(server)

@@ -5,13 +5,14 @@ Inputs and outputs are plain Python/numpy; the transports only decode and encode
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import numpy as np
 
 from shipyard import __version__
-from shipyard.errors import InvalidInputError, NotFoundError
+from shipyard.errors import InvalidInputError, NotFoundError, TimedOutError, TooLargeError
 from shipyard.serve.repository import ModelHandle, ModelRepository
 from shipyard.serve.schema import TensorSchema
 from shipyard.serve.types import InferRequest, InferResponse, Tensor
@@ -50,8 +51,12 @@ def _version_parameter(parameters: dict[str, Any]) -> int | None:
 class DataPlane:
     """The transport-agnostic server API."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(
+        self, repository: ModelRepository, *, timeout_s: float | None = None, max_elements: int | None = None
+    ) -> None:
         self.repository = repository
+        self.timeout_s = timeout_s  # a request not answered by then gets a timeout error (504 / DEADLINE_EXCEEDED)
+        self.max_elements = max_elements  # per input tensor: larger ones are refused before they are queued
         self.loading_done = False  # set once the start-up loads (and warm-ups) have finished
 
     # --- health and metadata -----------------------------------------------------------------
@@ -151,7 +156,10 @@ class DataPlane:
         try:
             self._check_requested(handle, request)
             feeds, samples = self._feeds(handle, request)
-            outputs = await handle.batcher.submit(feeds, samples)
+            outputs = await asyncio.wait_for(handle.batcher.submit(feeds, samples), self.timeout_s)
+        except TimeoutError:
+            handle.stats.request_done(False, time.perf_counter_ns() - start, samples)
+            raise TimedOutError(f"no answer within the {self.timeout_s:g} s request timeout") from None
         except BaseException:
             handle.stats.request_done(False, time.perf_counter_ns() - start, samples)
             raise
@@ -159,8 +167,7 @@ class DataPlane:
         handle.stats.request_done(True, time.perf_counter_ns() - start, samples)
         return response
 
-    @staticmethod
-    def _feeds(handle: ModelHandle, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
+    def _feeds(self, handle: ModelHandle, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
         expected = handle.schema.inputs
         feeds: dict[str, np.ndarray] = {}
         for item in request.inputs:
@@ -170,6 +177,10 @@ class DataPlane:
             if item.name in feeds:
                 raise InvalidInputError(f"input {item.name!r} given twice")
             _check_input(tensor, item.datatype, item.shape)
+            if self.max_elements is not None and item.data.size > self.max_elements:
+                raise TooLargeError(
+                    f"input {item.name!r} has {item.data.size} elements; the limit is {self.max_elements}"
+                )
             feeds[item.name] = _as_text(item.name, item.data) if tensor.text else item.data
         if len(feeds) != len(expected):
             raise InvalidInputError(f"missing inputs: {', '.join(n for n in expected if n not in feeds)}")

@@ -35,6 +35,7 @@ HTTP_STATUS = {
     ErrorKind.UNAUTHENTICATED: 401,
     ErrorKind.FORBIDDEN: 403,
     ErrorKind.RATE_LIMITED: 429,
+    ErrorKind.TIMEOUT: 504,
     ErrorKind.INTERNAL: 500,
 }
 _JSON = [(b"content-type", b"application/json")]

@@ -47,6 +47,8 @@ class ServeSettings:
     rate_burst: int = 50
     tls_cert: Path | None = None  # PEM certificate chain and key: HTTPS and gRPC over TLS
     tls_key: Path | None = None
+    request_timeout_s: float | None = 60.0  # per inference request, queueing included
+    max_elements: int | None = 1 << 26  # per input tensor
 
 
 def _listen(host: str, port: int, what: str) -> socket.socket:
@@ -74,7 +76,9 @@ class ShipyardServer:
         self.settings = settings
         self.metrics = ServerMetrics()
         self.repository = ModelRepository(registry, self.metrics, settings.trusted_key)
-        self.dataplane = DataPlane(self.repository)
+        self.dataplane = DataPlane(
+            self.repository, timeout_s=settings.request_timeout_s, max_elements=settings.max_elements
+        )
         self.guard = Guard(
             tokens=load_tokens(settings.tokens_file) if settings.tokens_file is not None else None,
             allow_management=settings.allow_management,
