@@ -68,6 +68,27 @@ def test_pickle_is_refused_unless_trusted(tmp_path: Path, registry: LocalRegistr
     assert manifest.metrics["accuracy"] > 0.85
 
 
+def test_a_trusted_joblib_with_a_dangerous_import_is_refused(tmp_path: Path, registry: LocalRegistry) -> None:
+    import joblib
+
+    marker = tmp_path / "pwned"
+    joblib.dump({"estimator": _ShellPayload(str(marker))}, tmp_path / "clf.joblib")
+    with pytest.raises(UnsafeModelError, match=r"would import posix\.system"):
+        build(load_spec(_spec(tmp_path, "clf.joblib", "iris", "accuracy", trust_pickle=True)), registry)
+    assert not marker.exists()
+    assert registry.all_versions() == []
+
+
+class _ShellPayload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
 class Custom(LogisticRegression):  # a type outside scikit-learn: not trusted in a .skops file
     pass
 

@@ -159,6 +159,27 @@ def test_pickled_module_is_refused_unless_trusted(project: Path, registry: Local
     assert manifest.lineage[1].params["source_kind"] == "pickle"
 
 
+class _Payload:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_trusted_pickle_is_still_scanned_and_a_dangerous_one_refused(project: Path, registry: LocalRegistry) -> None:
+    marker = project / "pwned"
+    torch.save({"model": _Payload(marker)}, str(project / "trojan.pt"))
+    with pytest.raises(UnsafeModelError, match=r"would import posix\.system"):
+        _build(_spec(project, {"path": "trojan.pt", "trust_pickle": True}), registry)
+    assert not marker.exists()  # refused before anything was unpickled
+    assert registry.all_versions() == []
+
+
 def test_pickle_inside_weights_is_refused(project: Path, registry: LocalRegistry) -> None:
     torch.save({"body.0.weight": _load_net(project)}, str(project / "sneaky.pt"))
     with pytest.raises(UnsafeModelError, match="unpickling runs arbitrary code"):
