@@ -25,6 +25,14 @@ def register(app: typer.Typer) -> None:
         generate_keys(private, public)
         err.print(f"[green]wrote[/] {private} (keep it secret) and {public} (give it to verifiers)")
 
+    @app.command("encryption-key")
+    def encryption_key(path: Path = typer.Argument(..., help="File to write the key to (created 0600).")) -> None:
+        """Create an AES-256 key for encryption at rest; builds seal models when it is configured."""
+        from shipyard.artifact.encryption import KEY_FILE_ENV, generate_key
+
+        generate_key(path)
+        err.print(f"[green]wrote[/] {path}; use it with: export {KEY_FILE_ENV}={path}")
+
     @app.command()
     def sign(
         ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS."),

@@ -46,6 +46,7 @@ def create_manifest(
     metrics: dict[str, float] | None = None,
     lineage: list[LineageStep] | None = None,
     spec: dict[str, Any] | None = None,
+    encryption: dict[str, str] | None = None,
 ) -> Manifest:
     """Hash every file under `folder` and write its manifest.json (version left for the registry)."""
     files = [
@@ -66,6 +67,7 @@ def create_manifest(
         lineage=list(lineage or []),
         environment=environment(),
         spec=spec,
+        encryption=encryption,
     )
     write_manifest(folder, manifest)
     return manifest

@@ -52,6 +52,7 @@ class Manifest(_Record):
     lineage: list[LineageStep] = Field(default_factory=list)
     environment: dict[str, str] = Field(default_factory=dict)
     spec: dict[str, Any] | None = None  # the build spec, for reproduction
+    encryption: dict[str, str] | None = None  # {"algorithm", "key_id"} when the model file is sealed
 
     def file(self, path: str) -> FileEntry:
         return next(f for f in self.files if f.path == path)

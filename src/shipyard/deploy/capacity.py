@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shipyard.artifact.encryption import model_source
 from shipyard.errors import ConflictError, InvalidInputError
 from shipyard.pipeline._onnx import is_batchable, random_feeds, session
 from shipyard.registry.local import LocalRegistry
@@ -63,8 +64,8 @@ class CapacityPlan:
         return asdict(self)
 
 
-def _time(signature: SignatureSpec, path: Path, batch: int, concurrency: int, seconds: float) -> Point:
-    sessions = [session(path) for _ in range(concurrency)]
+def _time(signature: SignatureSpec, model: Path | bytes, batch: int, concurrency: int, seconds: float) -> Point:
+    sessions = [session(model) for _ in range(concurrency)]
     feeds = random_feeds(signature, batch)
     for sess in sessions:
         sess.run(None, feeds)
@@ -85,20 +86,25 @@ def _time(signature: SignatureSpec, path: Path, batch: int, concurrency: int, se
     return Point(batch, concurrency, statistics.median(every) * 1e3, float(np.percentile(every, 99)) * 1e3, rate)
 
 
-def peak_rss_mib(path: Path, signature: SignatureSpec, batch: int) -> float:
-    """Peak memory of a fresh process that imports the server, loads the model and runs the batch."""
+def peak_rss_mib(folder: Path, signature: SignatureSpec, batch: int) -> float:
+    """Peak memory of a fresh process that imports the server, loads the version's model and runs the batch."""
     feeds = {k: v.tolist() for k, v in random_feeds(signature, batch).items()}
     dtypes = {k: str(v.dtype) for k, v in random_feeds(signature, batch).items()}
     script = (
         "import json, resource, sys, numpy as np\n"
         "import shipyard.serve.server\n"
+        "from pathlib import Path\n"
+        "from shipyard.artifact.encryption import model_source\n"
+        "from shipyard.artifact.layout import read_manifest\n"
         "from shipyard.pipeline._onnx import session\n"
         "args = json.loads(sys.stdin.read())\n"
-        "s = session(__import__('pathlib').Path(args['path']))\n"
+        "folder = Path(args['folder'])\n"
+        "source = model_source(folder, read_manifest(folder))\n"
+        "s = session(source if isinstance(source, bytes) else Path(source))\n"
         "s.run(None, {k: np.asarray(v, dtype=args['dtypes'][k]) for k, v in args['feeds'].items()})\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], input=json.dumps({"path": str(path), "feeds": feeds,
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps({"folder": str(folder), "feeds": feeds,
                           "dtypes": dtypes}), capture_output=True, text=True, check=True)  # fmt: skip
     return int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
@@ -123,11 +129,13 @@ def plan_capacity(
         raise InvalidInputError("--utilization must be in (0, 1]")
     record = registry.resolve(ref)
     manifest = registry.manifest(record, verify=True)
-    path = registry.path(record) / manifest.model_file
+    folder = registry.path(record)
+    source = model_source(folder, manifest)
+    model = source if isinstance(source, bytes) else Path(source)
     signature = manifest.signature
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch] if is_batchable(signature) else [1]
     cores = os.cpu_count() or 1
-    curve = [_time(signature, path, b, c, seconds) for b in batches for c in sorted({1, cores})]
+    curve = [_time(signature, model, b, c, seconds) for b in batches for c in sorted({1, cores})]
     alone = [p for p in curve if p.concurrency == 1]
     usable = [p for p in alone if 2 * p.p99_ms <= p99_ms]
     if not usable:
@@ -135,7 +143,7 @@ def plan_capacity(
                             "cannot be met (a request may wait for one batch ahead of it)")  # fmt: skip
     best = max(usable, key=lambda p: p.samples_per_s)
     replicas = max(1, math.ceil(qps / (best.samples_per_s * utilization)))
-    peak = peak_rss_mib(path, signature, best.batch)
+    peak = peak_rss_mib(folder, signature, best.batch)
     return CapacityPlan(
         model=record.ref, qps=qps, p99_target_ms=p99_ms, utilization=utilization, curve=curve,
         batch=best.batch, max_queue_delay_ms=round(best.p50_ms, 3), per_replica_qps=best.samples_per_s,

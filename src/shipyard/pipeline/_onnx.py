@@ -95,16 +95,19 @@ def place_model(source: Path, graph: onnx.ModelProto, dest: Path) -> Path:
     return dest
 
 
-def session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session with fixed thread counts, so timings are comparable."""
+def session(path: Path | bytes, threads: int = 1) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session with fixed thread counts, so timings are comparable (a path, or model bytes)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:  # onnxruntime raises its own unexported exception classes
-        raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+        where = "the model" if isinstance(path, bytes) else path
+        raise ModelLoadError(f"{where}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
 def is_batchable(signature: SignatureSpec) -> bool:

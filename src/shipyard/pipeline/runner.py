@@ -10,9 +10,11 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
+from shipyard.artifact.encryption import ALGORITHM, key_id, load_key, seal
 from shipyard.artifact.hashing import sha256_file
 from shipyard.artifact.layout import create_manifest
 from shipyard.artifact.manifest import LineageStep, Manifest
+from shipyard.errors import InvalidInputError
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.convert import ConvertStep
 from shipyard.pipeline.evaluate import EvaluateStep
@@ -73,6 +75,11 @@ def build(loaded: LoadedSpec, registry: LocalRegistry, reporter: Reporter | None
                 )
             )
         model_path, signature = ctx.require_model()
+        key = load_key()
+        if key is not None:  # sealed last: every step above worked on the plain model
+            if (model_path.parent / f"{model_path.name}.data").exists():
+                raise InvalidInputError("encrypting models with external weights (> 2 GB) is not supported yet")
+            seal(model_path, key)
         create_manifest(
             staged,
             name=spec.name,
@@ -82,6 +89,7 @@ def build(loaded: LoadedSpec, registry: LocalRegistry, reporter: Reporter | None
             metrics=ctx.metrics,
             lineage=ctx.lineage,
             spec=spec.model_dump(mode="json"),
+            encryption=None if key is None else {"algorithm": ALGORITHM, "key_id": key_id(key)},
         )
         return registry.publish(staged)
 

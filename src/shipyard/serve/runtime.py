@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from shipyard.artifact.encryption import model_source
 from shipyard.artifact.layout import verify_artifact
 from shipyard.artifact.manifest import Manifest
 from shipyard.errors import ModelLoadError
@@ -58,10 +59,10 @@ class OrtRuntime:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         providers = _providers(self.settings.execution_providers)
-        path = str(self.folder / self.manifest.model_file)
+        source = model_source(self.folder, self.manifest)  # a path, or decrypted bytes kept in memory only
         for _ in range(self.settings.instances):
             try:
-                session = ort.InferenceSession(path, options, providers=providers)
+                session = ort.InferenceSession(source, options, providers=providers)
             except Exception as exc:  # onnxruntime's exception classes are not importable by name
                 raise ModelLoadError(f"{self.manifest.name}:{self.manifest.version}: cannot load: {exc}") from None
             self._sessions.put(session)

@@ -1,0 +1,109 @@
+"""Encryption at rest: sealed at build, verifiable without the key, opened by the server with it."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from shipyard.artifact.encryption import KEY_ENV, KEY_FILE_ENV, generate_key, model_source
+from shipyard.errors import IntegrityError, InvalidInputError, UnavailableError
+from shipyard.pipeline import import_onnx
+from shipyard.registry import LocalRegistry
+from shipyard.registry import remote as remote_storage
+from tests._helpers import make_mlp_onnx
+from tests.serve.conftest import start_server, stop_server
+
+X = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+
+
+@pytest.fixture
+def key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "keys" / "aes.key"
+    generate_key(path)
+    monkeypatch.setenv(KEY_FILE_ENV, str(path))
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    return path
+
+
+def _plain(model: Path) -> np.ndarray:
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": X})[0]  # type: ignore[no-any-return]
+
+
+def test_sealed_at_build_verifiable_without_the_key_and_opened_with_it(
+    key_file: Path, registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = make_mlp_onnx(tmp_path / "mlp.onnx")
+    manifest = import_onnx(source, "mlp", registry)
+    assert manifest.encryption is not None
+    assert manifest.encryption["algorithm"] == "AES-256-GCM"
+    stored = registry.path("mlp:1") / "model.onnx"
+    assert source.read_bytes()[:64] not in stored.read_bytes()
+    with pytest.raises(Exception, match=r"(?i)protobuf|load"):  # ONNX Runtime's own error: not a model
+        ort.InferenceSession(str(stored), providers=["CPUExecutionProvider"])
+    opened = model_source(registry.path("mlp:1"), manifest)
+    assert isinstance(opened, bytes)
+    session = ort.InferenceSession(opened, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": X})[0], _plain(source), rtol=1e-6)
+    monkeypatch.delenv(KEY_FILE_ENV)
+    registry.manifest("mlp:1", verify=True)  # hashes cover the ciphertext: no key needed to verify
+    with pytest.raises(UnavailableError, match="is encrypted"):
+        model_source(registry.path("mlp:1"), manifest)
+
+
+def test_a_wrong_key_and_a_modified_file_are_refused(
+    key_file: Path, registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = import_onnx(make_mlp_onnx(tmp_path / "mlp.onnx"), "mlp", registry)
+    folder = registry.path("mlp:1")
+    other = tmp_path / "other.key"
+    generate_key(other)
+    monkeypatch.setenv(KEY_FILE_ENV, str(other))
+    with pytest.raises(IntegrityError, match="was encrypted with key"):
+        model_source(folder, manifest)
+    monkeypatch.setenv(KEY_FILE_ENV, str(key_file))
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[-3] ^= 0x10
+    (folder / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="wrong key or modified file"):
+        model_source(folder, manifest)
+
+
+@pytest.mark.parametrize("value", ["not base64!", base64.b64encode(b"short").decode()])
+def test_malformed_keys_are_explained(value: str, monkeypatch: pytest.MonkeyPatch, registry: LocalRegistry,
+                                      tmp_path: Path) -> None:  # fmt: skip
+    monkeypatch.setenv(KEY_ENV, value)
+    with pytest.raises(InvalidInputError, match="encryption key must be"):
+        import_onnx(make_mlp_onnx(tmp_path / "mlp.onnx"), "mlp", registry)
+    assert registry.all_versions() == []
+
+
+def test_archives_stay_encrypted_and_the_server_opens_them_with_the_key(
+    key_file: Path, registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = make_mlp_onnx(tmp_path / "mlp.onnx")
+    import_onnx(source, "mlp", registry)
+    uri = remote_storage.push(registry, "mlp:1", f"file://{tmp_path / 'remote'}/")
+    served = LocalRegistry(tmp_path / "served")
+    pulled = remote_storage.pull(served, uri)
+    assert pulled.encryption is not None
+    assert (served.path("mlp:1") / "model.onnx").read_bytes() == (registry.path("mlp:1") / "model.onnx").read_bytes()
+    server = start_server(served, tmp_path / "server.log", "mlp")  # inherits the key from the environment
+    try:
+        body = {"inputs": [{"name": "x", "shape": [4, 16], "datatype": "FP32", "data": X.ravel().tolist()}]}
+        reply = httpx.post(f"{server.base()}/v2/models/mlp/infer", json=body, timeout=10).json()
+        got = np.asarray(reply["outputs"][0]["data"], dtype=np.float32).reshape(reply["outputs"][0]["shape"])
+        np.testing.assert_allclose(got, _plain(source), rtol=1e-5, atol=1e-6)
+    finally:
+        stop_server(server)
+    monkeypatch.delenv(KEY_FILE_ENV)
+    keyless = start_server(served, tmp_path / "keyless.log", "mlp", wait_ready=False)
+    try:
+        assert httpx.get(f"{keyless.base()}/v2/models/mlp/ready", timeout=10).status_code == 400
+    finally:
+        stop_server(keyless)
+    assert "is encrypted" in (tmp_path / "keyless.log").read_text()
