@@ -295,11 +295,14 @@ def serve(
     tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
     request_timeout: float = typer.Option(60, "--request-timeout", help="Seconds per inference request (504 after)."),
     max_elements: int = typer.Option(1 << 26, "--max-elements", help="Largest input tensor, in elements (413 above)."),
+    canary: list[str] = typer.Option([], "--canary", help="NAME:VERSION=PERCENT of versionless requests; repeatable."),
+    shadow: list[str] = typer.Option([], "--shadow", help="NAME:VERSION=PERCENT mirrored, compared, not returned."),
 ) -> None:
     """Serve registry versions over the Open Inference Protocol (REST + gRPC) with dynamic batching."""
     import asyncio
     import logging
 
+    from shipyard.serve.rollout import parse_rules
     from shipyard.serve.server import ServeSettings, run
 
     if require_signed and public_key is None:
@@ -318,7 +321,7 @@ def serve(
         max_body_bytes=int(max_body_mb * (1 << 20)), trusted_key=public_key if require_signed else None,
         tokens_file=tokens, allow_management=allow_management, open_health=not auth_health, rate_limit=rate_limit,
         rate_burst=rate_burst, tls_cert=tls_cert, tls_key=tls_key, request_timeout_s=request_timeout,
-        max_elements=max_elements,
+        max_elements=max_elements, canary=parse_rules(canary, "canary"), shadow=parse_rules(shadow, "shadow"),
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

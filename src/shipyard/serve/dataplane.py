@@ -14,6 +14,7 @@ import numpy as np
 from shipyard import __version__
 from shipyard.errors import InvalidInputError, NotFoundError, TimedOutError, TooLargeError
 from shipyard.serve.repository import ModelHandle, ModelRepository
+from shipyard.serve.rollout import Rollout
 from shipyard.serve.schema import TensorSchema
 from shipyard.serve.types import InferRequest, InferResponse, Tensor
 
@@ -52,9 +53,16 @@ class DataPlane:
     """The transport-agnostic server API."""
 
     def __init__(
-        self, repository: ModelRepository, *, timeout_s: float | None = None, max_elements: int | None = None
+        self,
+        repository: ModelRepository,
+        *,
+        timeout_s: float | None = None,
+        max_elements: int | None = None,
+        rollout: Rollout | None = None,
     ) -> None:
         self.repository = repository
+        self.rollout = rollout or Rollout()
+        self._shadow_tasks: set[asyncio.Task[None]] = set()  # referenced until done, or they may be collected
         self.timeout_s = timeout_s  # a request not answered by then gets a timeout error (504 / DEADLINE_EXCEEDED)
         self.max_elements = max_elements  # per input tensor: larger ones are refused before they are queued
         self.loading_done = False  # set once the start-up loads (and warm-ups) have finished
@@ -151,6 +159,9 @@ class DataPlane:
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """Validate against the model's signature, batch, run, and select the requested outputs."""
         start = time.perf_counter_ns()
+        if not version:
+            routed = self.rollout.route(name, self.repository.versions(name))
+            version = str(routed) if routed is not None else None
         handle = self.repository.get(name, version)
         samples = 1
         try:
@@ -165,6 +176,11 @@ class DataPlane:
             raise
         response = self._response(handle, request, outputs)
         handle.stats.request_done(True, time.perf_counter_ns() - start, samples)
+        for shadow in self.rollout.shadows_for(name, handle.version, self.repository.versions(name)):
+            run = self.repository.get(name, str(shadow)).batcher.submit(feeds, samples)
+            task = asyncio.create_task(self.rollout.compare(name, shadow, run, outputs))
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
         return response
 
     def _feeds(self, handle: ModelHandle, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -68,6 +68,7 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._models: dict[tuple[str, int], Observed] = {}
+        self.shadow: dict[tuple[str, int], Any] = {}  # (model, version) -> rollout.ShadowCounts
         self.registry.register(self)  # a custom collector: collect() below
 
     def track(self, stats: Observed) -> None:
@@ -90,8 +91,14 @@ class ServerMetrics:
             depth.add_metric(key, stats.queue_depth_now)
             for name, histogram in stats.histograms().items():
                 families[name].add_metric(key, histogram.cumulative(), histogram.sum)
+        shadow = CounterMetricFamily("shipyard_shadow_requests", "Requests mirrored to shadow versions, by outcome.",
+                                     labels=[*labels, "outcome"])  # fmt: skip
+        for (name, version), counts in list(self.shadow.items()):
+            for outcome in ("agree", "disagree", "error", "skipped"):
+                shadow.add_metric([name, str(version), outcome], getattr(counts, outcome))
         yield requests
         yield depth
+        yield shadow
         yield from families.values()
 
     def exposition(self) -> bytes:

@@ -8,7 +8,7 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from shipyard.serve.guard import Guard, RateLimiter, load_tokens
 from shipyard.serve.metrics import ServerMetrics
 from shipyard.serve.repository import ModelRepository
 from shipyard.serve.rest import RestApp
+from shipyard.serve.rollout import Rollout
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class ServeSettings:
     tls_key: Path | None = None
     request_timeout_s: float | None = 60.0  # per inference request, queueing included
     max_elements: int | None = 1 << 26  # per input tensor
+    canary: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share of traffic}
+    shadow: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share mirrored}
 
 
 def _listen(host: str, port: int, what: str) -> socket.socket:
@@ -76,8 +79,9 @@ class ShipyardServer:
         self.settings = settings
         self.metrics = ServerMetrics()
         self.repository = ModelRepository(registry, self.metrics, settings.trusted_key)
+        rollout = Rollout(canary=settings.canary, shadow=settings.shadow, counts=self.metrics.shadow)
         self.dataplane = DataPlane(
-            self.repository, timeout_s=settings.request_timeout_s, max_elements=settings.max_elements
+            self.repository, timeout_s=settings.request_timeout_s, max_elements=settings.max_elements, rollout=rollout
         )
         self.guard = Guard(
             tokens=load_tokens(settings.tokens_file) if settings.tokens_file is not None else None,
