@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from shipyard import __version__, cli_deploy, cli_security
+from shipyard import __version__, cli_deploy, cli_operate, cli_security
 from shipyard._cli_common import JsonOption, RegistryOption, err, out, print_json
 from shipyard._render import RichReporter, diff_table, manifest_table, versions_table
 from shipyard.artifact.diff import diff_manifests
@@ -30,6 +30,7 @@ models_app = typer.Typer(help="Inspect and manage registered model versions.", n
 app.add_typer(models_app, name="models")
 cli_deploy.register(app)
 cli_security.register(app)
+cli_operate.register(app)
 
 EXIT_CODES = {
     ErrorKind.INTERNAL: 1,

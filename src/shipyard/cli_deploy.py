@@ -76,18 +76,38 @@ def register(app: typer.Typer) -> None:
         apply_(spec, target, registry)
 
     @app.command()
+    def promote(
+        ref: str = typer.Argument(..., help="NAME:VERSION (or NAME@ALIAS) to promote."),
+        alias: str = typer.Option("production", "--to", help="Alias to point at it."),
+        registry: str | None = RegistryOption,
+    ) -> None:
+        """Point an alias (production by default) at a version; `rollback NAME@ALIAS` undoes it."""
+        record = open_registry(registry).set_alias(ref, alias)
+        err.print(f"[green]{record.name}@{alias}[/] → {record.ref}")
+
+    @app.command()
     def rollback(
-        release: int | None = typer.Argument(None, help="Release number to return to (default: the previous one)."),
+        what: str | None = typer.Argument(
+            None, help="NAME@ALIAS: move the alias back; or a release number (default: the previous release)."
+        ),
         spec: Path = typer.Option(Path("shipyard.yaml"), "--spec", help="The spec file (or its folder)."),
         target: str | None = TargetOption,
         registry: str | None = RegistryOption,
     ) -> None:
-        """Apply an earlier release again (recorded as a new release)."""
+        """Move an alias back to the version it named before, or apply an earlier deploy release again."""
         from shipyard.deploy.apply import rollback as run_rollback
+        from shipyard.errors import InvalidInputError
         from shipyard.spec import load_spec
 
+        if what is not None and "@" in what:
+            name, _, alias = what.partition("@")
+            record = open_registry(registry).roll_back_alias(name, alias)
+            err.print(f"[green]{name}@{alias}[/] → {record.ref}")
+            return
+        if what is not None and not what.isdigit():
+            raise InvalidInputError(f"rollback {what!r}: give NAME@ALIAS or a release number")
         loaded = load_spec(spec)
-        outcome = run_rollback(loaded, open_registry(registry), release, target)
+        outcome = run_rollback(loaded, open_registry(registry), int(what) if what else None, target)
         _show_plan(outcome.plan)
         _report(loaded.base_dir / loaded.spec.deploy.output, outcome)
 

@@ -108,3 +108,7 @@ class RateLimitedError(ShipyardError):
 
 class TimedOutError(ShipyardError):
     kind = ErrorKind.TIMEOUT
+
+
+class FailedCheckError(ShipyardError):
+    kind = ErrorKind.FAILED_CHECK

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shipyard.artifact.layout import read_manifest, verify_artifact, write_manifest
-from shipyard.artifact.manifest import Manifest
+from shipyard.artifact.manifest import Manifest, utc_now
 from shipyard.errors import ConflictError, NotFoundError, ShipyardError
 from shipyard.registry.refs import ModelRef, check_name, parse_ref
 
@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS aliases (
     name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (name, alias));
+CREATE TABLE IF NOT EXISTS alias_history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL,
+    at TEXT NOT NULL);
 """
 
 
@@ -155,7 +158,25 @@ class LocalRegistry:
         record = self.resolve(ref)
         with self._write() as db:
             db.execute("INSERT OR REPLACE INTO aliases VALUES (?, ?, ?)", (record.name, alias, record.version))
+            db.execute("INSERT INTO alias_history (name, alias, version, at) VALUES (?, ?, ?, ?)",
+                       (record.name, alias, record.version, utc_now()))  # fmt: skip
         return self.resolve(ModelRef(record.name, version=record.version))
+
+    def alias_history(self, name: str, alias: str) -> list[tuple[int, str]]:
+        """(version, when) each time the alias was pointed somewhere, oldest first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT version, at FROM alias_history WHERE name = ? AND alias = ? ORDER BY seq",
+                              (name, alias)).fetchall()  # fmt: skip
+        return [(int(v), str(at)) for v, at in rows]
+
+    def roll_back_alias(self, name: str, alias: str) -> VersionRecord:
+        """Point the alias at the version it named before the current one (that still exists)."""
+        current = self.resolve(ModelRef(name, alias=alias))
+        existing = {r.version for r in self.versions(name)}
+        earlier = [v for v, _ in self.alias_history(name, alias) if v != current.version and v in existing]
+        if not earlier:
+            raise ConflictError(f"{name}@{alias} has no earlier version to roll back to (it is {current.ref})")
+        return self.set_alias(ModelRef(name, version=earlier[-1]), alias)
 
     def remove_alias(self, name: str, alias: str) -> None:
         with self._write() as db:

@@ -1,0 +1,64 @@
+"""The operations commands: gc, validate, backup, restore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from shipyard._cli_common import RegistryOption, err, out
+from shipyard.registry import open_registry
+
+
+def register(app: typer.Typer) -> None:
+    """Add gc, validate, backup and restore to the `shipyard` app."""
+
+    @app.command()
+    def gc(
+        keep: int = typer.Option(3, "--keep", min=0, help="Newest versions to keep per model (aliased ones always)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+        registry: str | None = RegistryOption,
+    ) -> None:
+        """Remove versions no alias names beyond the newest --keep, and staging left by crashed builds."""
+        from shipyard.operate.maintenance import collect_garbage
+
+        versions, staging = collect_garbage(open_registry(registry), keep, dry_run)
+        verb = "would remove" if dry_run else "removed"
+        for record in versions:
+            out.print(f"{verb} {record.ref}")
+        err.print(f"{verb} {len(versions)} version(s) and {len(staging)} stale staging folder(s)")
+
+    @app.command()
+    def validate(
+        ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS (e.g. my-model@production)."),
+        spec_dir: Path = typer.Option(Path("."), "--base-dir", help="Folder the spec's dataset paths are relative to."),
+        max_drop: float | None = typer.Option(None, "--max-drop", help="Allowed metric drop (default: the spec's)."),
+        registry: str | None = RegistryOption,
+    ) -> None:
+        """Re-run the version's evaluation; exit non-zero when its metric dropped beyond the budget (cron/CI)."""
+        from shipyard.operate.maintenance import validate as run_validate
+
+        result = run_validate(open_registry(registry), ref, spec_dir, max_drop)
+        out.print(f"[green]valid[/] {result.ref}: {result.metric} {result.now:.4f} (built {result.built:.4f}, "
+                  f"drop {result.drop:+.4f}, budget {result.budget:g})")  # fmt: skip
+
+    @app.command()
+    def backup(
+        uri: str = typer.Argument(..., help="Folder URI (file://, s3://, …)."), registry: str | None = RegistryOption
+    ) -> None:
+        """Copy every version (verified archives) and the aliases to a storage folder."""
+        from shipyard.operate.maintenance import backup as run_backup
+
+        written = run_backup(open_registry(registry), uri)
+        err.print(f"[green]backed up[/] {len(written)} version(s) to {uri}")
+
+    @app.command()
+    def restore(
+        uri: str = typer.Argument(..., help="Folder URI a backup was written to."),
+        registry: str | None = RegistryOption,
+    ) -> None:
+        """Pull every archive of a backup (checked) into the registry and re-create its aliases."""
+        from shipyard.operate.maintenance import restore as run_restore
+
+        records = run_restore(open_registry(registry), uri)
+        err.print(f"[green]restored[/] {uri}: the registry now holds {len(records)} version(s)")

@@ -1,0 +1,1 @@
+"""Operating deployed models: registry maintenance, re-validation, backups."""
