@@ -298,6 +298,7 @@ def serve(
     max_elements: int = typer.Option(1 << 26, "--max-elements", help="Largest input tensor, in elements (413 above)."),
     canary: list[str] = typer.Option([], "--canary", help="NAME:VERSION=PERCENT of versionless requests; repeatable."),
     shadow: list[str] = typer.Option([], "--shadow", help="NAME:VERSION=PERCENT mirrored, compared, not returned."),
+    drift_sample: float = typer.Option(0.1, "--drift-sample", help="Share of requests binned for drift (0: off)."),
 ) -> None:
     """Serve registry versions over the Open Inference Protocol (REST + gRPC) with dynamic batching."""
     import asyncio
@@ -323,6 +324,7 @@ def serve(
         tokens_file=tokens, allow_management=allow_management, open_health=not auth_health, rate_limit=rate_limit,
         rate_burst=rate_burst, tls_cert=tls_cert, tls_key=tls_key, request_timeout_s=request_timeout,
         max_elements=max_elements, canary=parse_rules(canary, "canary"), shadow=parse_rules(shadow, "shadow"),
+        drift_sample=drift_sample,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from shipyard.artifact.layout import folder_size
+from shipyard.artifact.reference import build_reference, write_reference
 from shipyard.errors import EvaluationError
 from shipyard.pipeline import metrics
 from shipyard.pipeline._onnx import is_batchable, ort_predict, random_feeds, run_in_chunks, session
@@ -76,7 +77,6 @@ class EvaluateStep:
         latency = evaluation.latency if evaluation is not None else LatencySpec()
         sess = session(model_path, threads=latency.threads)
         params: dict[str, Any] = {"threads": latency.threads}
-        ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
         if evaluation is not None and ctx.eval_data is not None and ctx.source is not None:
             index = output_index(evaluation, signature)
             feeds, target = ctx.eval_data.inputs, ctx.eval_data.target
@@ -85,7 +85,10 @@ class EvaluateStep:
             name = evaluation.metric.name
             ctx.metrics[name] = metrics.compute(evaluation.metric, converted, target)
             ctx.metrics[f"{name}_original"] = metrics.compute(evaluation.metric, np.asarray(original), target)
+            # What live traffic is compared with (input and prediction drift) when the model is served.
+            write_reference(ctx.artifact_dir, build_reference(feeds, converted, signature.outputs[index].name))
             params.update(metric=name, direction=evaluation.metric.better, samples=len(target))
+        ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
         if all(t.dtype != "string" for t in signature.inputs):
             ctx.metrics.update(
                 measure_latency(lambda f: sess.run(None, f), signature, latency, progress, ctx.eval_data)

@@ -59,8 +59,10 @@ class DataPlane:
         timeout_s: float | None = None,
         max_elements: int | None = None,
         rollout: Rollout | None = None,
+        drift_sample: float = 0.1,
     ) -> None:
         self.repository = repository
+        self.drift_sample = drift_sample  # share of requests binned for drift monitoring
         self.rollout = rollout or Rollout()
         self._shadow_tasks: set[asyncio.Task[None]] = set()  # referenced until done, or they may be collected
         self.timeout_s = timeout_s  # a request not answered by then gets a timeout error (504 / DEADLINE_EXCEEDED)
@@ -94,6 +96,13 @@ class DataPlane:
             "inputs": [t.metadata() for t in schema.inputs.values()],
             "outputs": [t.metadata() for t in schema.outputs.values()],
         }
+
+    def model_drift(self, name: str, version: str | None) -> dict[str, Any]:
+        """Input and prediction PSI against the build's reference (an extension)."""
+        handle = self.repository.get(name, version)
+        if handle.drift is None:
+            raise NotFoundError(f"{name}:{handle.version} has no reference distributions (built without evaluation)")
+        return {"name": name, "version": str(handle.version), **handle.drift.report()}
 
     def model_config(self, name: str, version: str | None) -> dict[str, Any]:
         """Triton's model configuration (JSON form): what perf_analyzer and tritonclient read."""
@@ -176,6 +185,8 @@ class DataPlane:
             raise
         response = self._response(handle, request, outputs)
         handle.stats.request_done(True, time.perf_counter_ns() - start, samples)
+        if handle.drift is not None and self.rollout.rng.random() < self.drift_sample:
+            handle.drift.observe(feeds, outputs)
         for shadow in self.rollout.shadows_for(name, handle.version, self.repository.versions(name)):
             run = self.repository.get(name, str(shadow)).batcher.submit(feeds, samples)
             task = asyncio.create_task(self.rollout.compare(name, shadow, run, outputs))

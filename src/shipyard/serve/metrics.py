@@ -69,6 +69,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._models: dict[tuple[str, int], Observed] = {}
         self.shadow: dict[tuple[str, int], Any] = {}  # (model, version) -> rollout.ShadowCounts
+        self.drift: dict[tuple[str, int], Any] = {}  # (model, version) -> drift.DriftMonitor
         self.registry.register(self)  # a custom collector: collect() below
 
     def track(self, stats: Observed) -> None:
@@ -96,10 +97,31 @@ class ServerMetrics:
         for (name, version), counts in list(self.shadow.items()):
             for outcome in ("agree", "disagree", "error", "skipped"):
                 shadow.add_metric([name, str(version), outcome], getattr(counts, outcome))
+        yield from self._drift_families()
         yield requests
         yield depth
         yield shadow
         yield from families.values()
+
+    def _drift_families(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        inputs = GaugeMetricFamily("shipyard_input_drift_psi", "PSI of live inputs against the build's reference.",
+                                   labels=[*labels, "input", "feature"])  # fmt: skip
+        predictions = GaugeMetricFamily(
+            "shipyard_prediction_drift_psi", "PSI of live predictions against the build's reference.", labels=labels
+        )
+        window = GaugeMetricFamily("shipyard_drift_window_samples", "Samples in the drift window.", labels=labels)
+        for (name, version), monitor in list(self.drift.items()):
+            key = [name, str(version)]
+            report = monitor.report()
+            window.add_metric(key, report["window_samples"])
+            predictions.add_metric(key, report["prediction_psi"])
+            for tensor, values in report["inputs"].items():
+                for feature, value in enumerate(values):
+                    inputs.add_metric([*key, tensor, str(feature)], value)
+        yield inputs
+        yield predictions
+        yield window
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

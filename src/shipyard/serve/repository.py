@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shipyard.artifact.manifest import Manifest
+from shipyard.artifact.reference import read_reference
 from shipyard.artifact.signing import verify_signature
 from shipyard.errors import InvalidInputError, NotFoundError, ShipyardError
 from shipyard.pipeline._onnx import is_batchable
 from shipyard.registry import LocalRegistry
 from shipyard.registry.refs import ModelRef, parse_ref
 from shipyard.serve.batching import Batcher
+from shipyard.serve.drift import DriftMonitor
 from shipyard.serve.metrics import ServerMetrics
 from shipyard.serve.runtime import OrtRuntime
 from shipyard.serve.schema import ModelSchema
@@ -36,6 +38,7 @@ class ModelHandle:
     stats: ModelStats
     batchable: bool
     schema: ModelSchema
+    drift: DriftMonitor | None = None  # when the build recorded reference distributions
 
     def warm_up_sizes(self) -> list[int]:
         if not self.batchable or self.batcher.max_batch_size <= 1:
@@ -46,6 +49,14 @@ class ModelHandle:
             sizes.add(size)
             size *= 2
         return sorted(sizes)
+
+
+def _drift_monitor(folder: Path, manifest: Manifest) -> DriftMonitor | None:
+    reference = read_reference(folder)
+    names = [t.name for t in manifest.signature.outputs]
+    if reference is None or reference.get("output") not in names:
+        return None
+    return DriftMonitor(reference, names.index(reference["output"]))
 
 
 def serve_settings(manifest: Manifest) -> ServeSpec:
@@ -91,7 +102,7 @@ class ModelRepository:
             )
             handle = ModelHandle(
                 record.name, record.version, manifest, settings, runtime, batcher, stats, batchable,
-                ModelSchema.of(manifest.signature),
+                ModelSchema.of(manifest.signature), _drift_monitor(self.registry.path(record), manifest),
             )  # fmt: skip
             await runtime.load()
             try:
@@ -102,6 +113,8 @@ class ModelRepository:
             if settings.instances == 1 and slowest * 1000 < settings.inline_max_ms:
                 batcher.use_inline(runtime.run_sync)
             batcher.start()
+            if handle.drift is not None:
+                self.metrics.drift[(record.name, record.version)] = handle.drift
             self._models.setdefault(record.name, {})[record.version] = handle
             self.failed.pop(str(parsed), None)
             logger.info(
@@ -130,6 +143,7 @@ class ModelRepository:
             if not versions:
                 del self._models[name]
         for handle in handles:
+            self.metrics.drift.pop((handle.name, handle.version), None)
             await handle.batcher.stop()
             await handle.runtime.unload()
             handle.stats.forget()

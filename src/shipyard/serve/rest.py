@@ -167,6 +167,8 @@ class RestApp:
             return self._get(method) or _json(self.dataplane.model_config(name, version))
         if action == "stats":
             return self._get(method) or _json(self.dataplane.model_statistics(name, version))
+        if action == "drift":
+            return self._get(method) or _json(self.dataplane.model_drift(name, version))
         return _error(404, f"no route for {scope['path']}")
 
     async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive) -> _Response:

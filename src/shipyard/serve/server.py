@@ -52,6 +52,7 @@ class ServeSettings:
     max_elements: int | None = 1 << 26  # per input tensor
     canary: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share of traffic}
     shadow: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share mirrored}
+    drift_sample: float = 0.1  # share of requests binned for drift monitoring (0: off)
 
 
 def _listen(host: str, port: int, what: str) -> socket.socket:
@@ -81,8 +82,9 @@ class ShipyardServer:
         self.repository = ModelRepository(registry, self.metrics, settings.trusted_key)
         rollout = Rollout(canary=settings.canary, shadow=settings.shadow, counts=self.metrics.shadow)
         self.dataplane = DataPlane(
-            self.repository, timeout_s=settings.request_timeout_s, max_elements=settings.max_elements, rollout=rollout
-        )
+            self.repository, timeout_s=settings.request_timeout_s, max_elements=settings.max_elements, rollout=rollout,
+            drift_sample=settings.drift_sample,
+        )  # fmt: skip
         self.guard = Guard(
             tokens=load_tokens(settings.tokens_file) if settings.tokens_file is not None else None,
             allow_management=settings.allow_management,

@@ -1,0 +1,58 @@
+"""Live input and prediction drift against the build's reference.json, over a sliding window of samples.
+
+A sampled share of requests is binned with the reference's decile edges into ring buffers; PSI per input
+feature and for the predictions is computed when Prometheus scrapes or the drift endpoint is read, so
+the request path only pays for a few `np.digitize` calls on the sampled requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shipyard.artifact.reference import features, prediction, psi
+
+
+class DriftMonitor:
+    def __init__(self, reference: dict[str, Any], output_index: int, window: int = 1000) -> None:
+        self.reference = reference
+        self.output_index = output_index
+        self.window = window
+        self._edges = {name: [np.asarray(b["edges"]) for b in bins] for name, bins in reference["inputs"].items()}
+        self._inputs = {name: np.zeros((window, len(bins)), np.int16) for name, bins in self._edges.items()}
+        self._pred = np.zeros(window, np.int32)
+        self._pred_edges = np.asarray(reference["prediction"].get("edges", []))
+        self._pos = 0
+        self.seen = 0
+
+    def observe(self, feeds: dict[str, np.ndarray], outputs: list[np.ndarray]) -> None:
+        output = outputs[self.output_index]
+        count = min(len(output), self.window)
+        rows = (self._pos + np.arange(count)) % self.window
+        for name, edges in self._edges.items():
+            feats = features(feeds[name]) if name in feeds else None
+            if feats is None:
+                continue
+            for j, edge in enumerate(edges):
+                self._inputs[name][rows, j] = np.digitize(feats[-count:, j], edge)
+        kind, values = prediction(output)
+        self._pred[rows] = values[-count:] if kind == "class" else np.digitize(values[-count:], self._pred_edges)
+        self._pos = (self._pos + count) % self.window
+        self.seen += count
+
+    def report(self) -> dict[str, Any]:
+        """PSI per input feature and for the predictions over the samples in the window."""
+        filled = min(self.seen, self.window)
+        out: dict[str, Any] = {"window_samples": filled, "inputs": {}, "prediction_psi": 0.0}
+        if filled == 0:
+            return out
+        for name, bins in self.reference["inputs"].items():
+            ring = self._inputs[name][:filled]
+            out["inputs"][name] = [
+                psi(b["fractions"], np.bincount(ring[:, j], minlength=len(b["fractions"]))) for j, b in enumerate(bins)
+            ]
+        expected = self.reference["prediction"]["fractions"]
+        observed = np.bincount(self._pred[:filled], minlength=len(expected))[: len(expected)]
+        out["prediction_psi"] = psi(expected, observed)
+        return out

@@ -1,0 +1,71 @@
+"""Drift monitoring: flat on in-distribution traffic, moving (and alert-worthy) on shifted inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from shipyard.artifact.reference import REFERENCE_FILE
+from shipyard.pipeline import build
+from shipyard.registry import LocalRegistry
+from shipyard.spec import load_spec
+from tests._helpers import make_mlp_onnx, write_spec
+from tests.serve.conftest import RunningServer, start_server, stop_server
+
+
+@pytest.fixture
+def monitored(registry: LocalRegistry, tmp_path: Path) -> RunningServer:
+    model = make_mlp_onnx(tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 16)).astype(np.float32)
+    labels = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].argmax(1)
+    np.savez(tmp_path / "eval.npz", x=x, y=labels)
+    spec = {"name": "mlp", "model": {"format": "onnx", "path": "mlp.onnx"},
+            "evaluation": {"dataset": {"kind": "npz", "path": "eval.npz"}, "metric": "accuracy",
+                           "latency": {"iterations": 10}}}  # fmt: skip
+    build(load_spec(write_spec(tmp_path, spec)), registry)
+    assert (registry.path("mlp:1") / REFERENCE_FILE).is_file()
+    return start_server(registry, tmp_path / "server.log", "mlp", extra_args=("--drift-sample", "1"))
+
+
+def _send(server: RunningServer, batch: np.ndarray) -> None:
+    body = {"inputs": [{"name": "x", "shape": list(batch.shape), "datatype": "FP32", "data": batch.ravel().tolist()}]}
+    assert httpx.post(f"{server.base()}/v2/models/mlp/infer", json=body, timeout=10).status_code == 200
+
+
+def _psi_metric(server: RunningServer) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+    return {
+        f"{s.labels['input']}/{s.labels['feature']}": s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "shipyard_input_drift_psi"
+    }
+
+
+def test_drift_stays_flat_in_distribution_and_moves_on_shifted_inputs(monitored: RunningServer) -> None:
+    server = monitored
+    try:
+        fresh = np.random.default_rng(1).standard_normal((1000, 16)).astype(np.float32)  # same distribution
+        for i in range(0, 1000, 50):
+            _send(server, fresh[i : i + 50])
+        calm = httpx.get(f"{server.base()}/v2/models/mlp/drift", timeout=10).json()
+        assert calm["window_samples"] == 1000
+        assert max(calm["inputs"]["x"]) < 0.1, calm
+        assert calm["prediction_psi"] < 0.1
+        shifted = fresh + 1.5  # every feature moves by 1.5 standard deviations
+        for i in range(0, 1000, 50):
+            _send(server, shifted[i : i + 50])
+        drifted = httpx.get(f"{server.base()}/v2/models/mlp/drift", timeout=10).json()
+        assert min(drifted["inputs"]["x"]) > 0.2, drifted
+        metric = _psi_metric(server)
+        assert len(metric) == 16
+        assert min(metric.values()) > 0.2
+    finally:
+        stop_server(server)
