@@ -13,6 +13,21 @@ from shipyard.registry import open_registry
 def register(app: typer.Typer) -> None:
     """Add gc, validate, backup and restore to the `shipyard` app."""
 
+    monitoring_app = typer.Typer(help="Dashboards and alerts for the served metrics.", no_args_is_help=True)
+    app.add_typer(monitoring_app, name="monitoring")
+
+    @monitoring_app.command("export")
+    def monitoring_export(
+        out_dir: Path = typer.Option(Path("monitoring"), "--out", help="Folder for the dashboard and rule files."),
+        psi: float = typer.Option(0.2, "--psi", help="Drift alert threshold (population stability index)."),
+        p99: float = typer.Option(0.5, "--p99-seconds", help="Latency alert threshold."),
+    ) -> None:
+        """Write a Grafana dashboard (JSON) and Prometheus alert rules (YAML) for `shipyard serve` metrics."""
+        from shipyard.operate.monitoring import Thresholds, export
+
+        for path in export(out_dir, Thresholds(psi=psi, p99_seconds=p99)):
+            err.print(f"[green]wrote[/] {path}")
+
     @app.command()
     def gc(
         keep: int = typer.Option(3, "--keep", min=0, help="Newest versions to keep per model (aliased ones always)."),

@@ -69,3 +69,79 @@ def test_drift_stays_flat_in_distribution_and_moves_on_shifted_inputs(monitored:
         assert min(metric.values()) > 0.2
     finally:
         stop_server(server)
+
+
+def _promtool() -> str:
+    import shutil
+
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not installed (scripts/fetch_promtool.sh puts it in .venv/bin)")
+    return found
+
+
+def test_drift_alert_fires_on_the_psi_the_server_measured(monitored: RunningServer, tmp_path: Path) -> None:
+    """Live PSI values (calm, then shifted traffic) replayed through the exported rules with promtool."""
+    import subprocess
+
+    import yaml
+
+    from shipyard.operate.monitoring import export
+
+    promtool = _promtool()
+    server = monitored
+    rng = np.random.default_rng(2)
+    try:
+        readings = {}
+        for label, shift in (("calm", 0.0), ("shifted", 1.5)):
+            batch = rng.standard_normal((1000, 16)).astype(np.float32) + shift
+            for i in range(0, 1000, 50):
+                _send(server, batch[i : i + 50])
+            readings[label] = round(max(_psi_metric(server).values()), 3)
+    finally:
+        stop_server(server)
+    assert readings["calm"] < 0.1 < 0.2 < readings["shifted"], readings
+    print(f"worst-feature PSI measured by the server: calm {readings['calm']}, shifted {readings['shifted']}")
+    export(tmp_path / "monitoring")
+
+    def case(psi: float, alerts: list[dict[str, object]]) -> dict[str, object]:
+        series = 'shipyard_input_drift_psi{model="mlp",version="1",input="x",feature="0"}'
+        window = 'shipyard_drift_window_samples{model="mlp",version="1"}'
+        check = {"eval_time": "15m", "alertname": "ShipyardInputDrift", "exp_alerts": alerts}
+        return {
+            "interval": "1m",
+            "alert_rule_test": [check],
+            "input_series": [{"series": series, "values": f"{psi}x20"}, {"series": window, "values": "1000x20"}],
+        }
+
+    firing = {"exp_labels": {"severity": "ticket", "model": "mlp", "version": "1", "input": "x"},
+              "exp_annotations": {"summary": f"mlp:1 input x drifted (PSI {readings['shifted']})"}}  # fmt: skip
+    tests = {"rule_files": ["prometheus-rules.yaml"], "evaluation_interval": "1m",
+             "tests": [case(readings["calm"], []), case(readings["shifted"], [firing])]}  # fmt: skip
+    (tmp_path / "monitoring" / "drift-test.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", "drift-test.yaml"], cwd=tmp_path / "monitoring",
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_exported_rules_and_every_dashboard_query_pass_promtool(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    import yaml
+
+    from shipyard.operate.monitoring import export
+
+    promtool = _promtool()
+    board, rules = export(tmp_path)
+    checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    panels = json.loads(board.read_text())["panels"]
+    assert [p["title"] for p in panels][:2] == ["Requests per second", "Error ratio"]
+    # Every panel query, parsed by Prometheus's own parser as a recording rule.
+    recording = {"groups": [{"name": "panels", "rules": [
+        {"record": f"shipyard:panel_{p['id']}", "expr": p["targets"][0]["expr"]} for p in panels]}]}  # fmt: skip
+    (tmp_path / "panels.yaml").write_text(yaml.safe_dump(recording))
+    parsed = subprocess.run([promtool, "check", "rules", str(tmp_path / "panels.yaml")], capture_output=True, text=True)
+    assert parsed.returncode == 0, parsed.stdout + parsed.stderr
+    assert f"SUCCESS: {len(panels)} rules found" in parsed.stdout
