@@ -145,3 +145,31 @@ def test_exported_rules_and_every_dashboard_query_pass_promtool(tmp_path: Path) 
     parsed = subprocess.run([promtool, "check", "rules", str(tmp_path / "panels.yaml")], capture_output=True, text=True)
     assert parsed.returncode == 0, parsed.stdout + parsed.stderr
     assert f"SUCCESS: {len(panels)} rules found" in parsed.stdout
+
+
+def test_feedback_labels_give_an_online_metric(monitored: RunningServer) -> None:
+    server = monitored
+    x = np.random.default_rng(4).standard_normal((40, 16)).astype(np.float32)
+    try:
+        with httpx.Client(base_url=server.base(), timeout=10) as client:
+            predicted = []
+            for i, row in enumerate(x):
+                body = {"id": f"req-{i}", "inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
+                                                       "data": row.tolist()}]}  # fmt: skip
+                reply = client.post("/v2/models/mlp/infer", json=body).json()
+                assert reply["id"] == f"req-{i}"
+                predicted.append(int(np.argmax(reply["outputs"][0]["data"])))
+            # 30 labels agree with the model, 10 do not: online accuracy 0.75 against 1.0 at build.
+            items = [{"id": f"req-{i}", "label": p if i < 30 else (p + 1) % 4} for i, p in enumerate(predicted)]
+            scored = client.post("/v2/models/mlp/feedback", json={"items": items}).json()
+            assert scored["metric"] == "accuracy"
+            assert (scored["count"], scored["online"], scored["build"]) == (40, 0.75, 1.0)
+            again = client.post("/v2/models/mlp/feedback", json={"id": "req-0", "label": 1})
+            assert again.status_code == 404  # each prediction is scored once
+            bad = client.post("/v2/models/mlp/feedback", json={"items": [{"label": 1}]})
+            assert bad.status_code == 400
+            text = client.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
+    finally:
+        stop_server(server)
+    assert 'shipyard_online_metric{metric="accuracy",model="mlp",version="1"} 0.75' in text
+    assert 'shipyard_feedback_total{metric="accuracy",model="mlp",version="1"} 40.0' in text

@@ -24,6 +24,8 @@ QUEUE = "sum by (model, version) (shipyard_queue_depth)"
 INPUT_DRIFT = "max by (model, version, input) (shipyard_input_drift_psi)"
 PREDICTION_DRIFT = "max by (model, version) (shipyard_prediction_drift_psi)"
 WINDOW = "max by (model, version) (shipyard_drift_window_samples)"
+ONLINE = "shipyard_online_metric"
+FEEDBACK = "sum by (model, version) (shipyard_feedback_total)"
 _SHADOW_RATE = "sum by (model, version) (rate(shipyard_shadow_requests_total{{outcome=~{0}}}[5m]))"
 SHADOW = f"{_SHADOW_RATE.format(repr('disagree'))} / clamp_min({_SHADOW_RATE.format(repr('agree|disagree'))}, 1e-9)"
 
@@ -35,6 +37,9 @@ class Thresholds:
     psi: float = 0.2
     min_window: int = 200
     shadow_disagreement: float = 0.1
+    accuracy_drop: float = 0.05  # online accuracy this far below the build's
+    error_increase: float = 0.5  # online mse/mae this much (relative) above the build's
+    min_feedback: int = 50
 
 
 def _panel(number: int, title: str, expr: str, unit: str, legend: str) -> dict[str, Any]:
@@ -61,6 +66,7 @@ def dashboard() -> dict[str, Any]:
         ("Input drift (PSI, worst feature)", INPUT_DRIFT, "short", "{{model}}:{{version}} {{input}}"),
         ("Prediction drift (PSI)", PREDICTION_DRIFT, "short", "{{model}}:{{version}}"),
         ("Shadow disagreement", SHADOW, "percentunit", "{{model}}:{{version}}"),
+        ("Online metric (from feedback)", ONLINE, "short", "{{model}}:{{version}} {{metric}}"),
     ]
     return {
         "title": "Shipyard model serving",
@@ -93,6 +99,14 @@ def alert_rules(limits: Thresholds | None = None) -> dict[str, Any]:
         rule("ShipyardPredictionDrift",
              f"({PREDICTION_DRIFT}) > {t.psi} and on (model, version) ({WINDOW}) >= {t.min_window}", "10m", "ticket",
              where + " predictions drifted (PSI {{ $value }})"),
+        rule("ShipyardOnlineAccuracyDrop",
+             f'(shipyard_build_metric{{metric="accuracy"}} - on (model, version, metric) {ONLINE}{{metric="accuracy"}})'
+             f" > {t.accuracy_drop} and on (model, version) ({FEEDBACK}) >= {t.min_feedback}", "15m", "page",
+             where + " online accuracy is {{ $value }} below its build"),
+        rule("ShipyardOnlineErrorIncrease",
+             f'{ONLINE}{{metric=~"mse|mae"}} > on (model, version, metric) shipyard_build_metric{{metric=~"mse|mae"}}'
+             f" * {1 + t.error_increase} and on (model, version) ({FEEDBACK}) >= {t.min_feedback}", "15m", "page",
+             where + " online {{ $labels.metric }} is {{ $value }}, well above its build"),
         rule("ShipyardShadowDisagreement", f"({SHADOW}) > {t.shadow_disagreement}", "10m", "ticket",
              "shadow " + where + " disagrees on {{ $value | humanizePercentage }}"),
     ]}]}  # fmt: skip

@@ -97,6 +97,19 @@ class DataPlane:
             "outputs": [t.metadata() for t in schema.outputs.values()],
         }
 
+    def feedback(self, name: str, version: str | None, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Score posted labels ({"id", "label"}) against remembered predictions (an extension)."""
+        handle = self.repository.get(name, version)
+        if handle.feedback is None:
+            raise NotFoundError(f"{name}:{handle.version} has no online metric (its build had no scorable evaluation)")
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "label" not in item:
+                raise InvalidInputError('feedback items are {"id": "<request id>", "label": <value>}')
+        scores = [handle.feedback.score(item["id"], item["label"]) for item in items]
+        online = handle.feedback.online
+        return {"name": name, "version": str(handle.version), "metric": online.metric, "scored": len(scores),
+                "online": online.value, "count": online.count, "build": online.built}  # fmt: skip
+
     def model_drift(self, name: str, version: str | None) -> dict[str, Any]:
         """Input and prediction PSI against the build's reference (an extension)."""
         handle = self.repository.get(name, version)
@@ -187,6 +200,8 @@ class DataPlane:
         handle.stats.request_done(True, time.perf_counter_ns() - start, samples)
         if handle.drift is not None and self.rollout.rng.random() < self.drift_sample:
             handle.drift.observe(feeds, outputs)
+        if handle.feedback is not None and request.id:
+            handle.feedback.remember(request.id, outputs[handle.feedback_output])
         for shadow in self.rollout.shadows_for(name, handle.version, self.repository.versions(name)):
             run = self.repository.get(name, str(shadow)).batcher.submit(feeds, samples)
             task = asyncio.create_task(self.rollout.compare(name, shadow, run, outputs))

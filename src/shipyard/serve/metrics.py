@@ -70,6 +70,7 @@ class ServerMetrics:
         self._models: dict[tuple[str, int], Observed] = {}
         self.shadow: dict[tuple[str, int], Any] = {}  # (model, version) -> rollout.ShadowCounts
         self.drift: dict[tuple[str, int], Any] = {}  # (model, version) -> drift.DriftMonitor
+        self.feedback: dict[tuple[str, int], Any] = {}  # (model, version) -> feedback.OnlineMetric
         self.registry.register(self)  # a custom collector: collect() below
 
     def track(self, stats: Observed) -> None:
@@ -98,6 +99,7 @@ class ServerMetrics:
             for outcome in ("agree", "disagree", "error", "skipped"):
                 shadow.add_metric([name, str(version), outcome], getattr(counts, outcome))
         yield from self._drift_families()
+        yield from self._feedback_families()
         yield requests
         yield depth
         yield shadow
@@ -122,6 +124,22 @@ class ServerMetrics:
         yield inputs
         yield predictions
         yield window
+
+    def _feedback_families(self) -> Iterator[Metric]:
+        labels = ["model", "version", "metric"]
+        online = GaugeMetricFamily("shipyard_online_metric", "Metric over labels posted as feedback.", labels=labels)
+        built = GaugeMetricFamily("shipyard_build_metric", "The same metric at build time.", labels=labels)
+        count = CounterMetricFamily("shipyard_feedback", "Requests scored with posted labels.", labels=labels)
+        for (name, version), metric in list(self.feedback.items()):
+            key = [name, str(version), metric.metric]
+            count.add_metric(key, metric.count)
+            if metric.value is not None:
+                online.add_metric(key, metric.value)
+            if metric.built is not None:
+                built.add_metric(key, metric.built)
+        yield online
+        yield built
+        yield count
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,11 +16,13 @@ from shipyard.registry import LocalRegistry
 from shipyard.registry.refs import ModelRef, parse_ref
 from shipyard.serve.batching import Batcher
 from shipyard.serve.drift import DriftMonitor
+from shipyard.serve.feedback import SUPPORTED as FEEDBACK_METRICS
+from shipyard.serve.feedback import FeedbackStore
 from shipyard.serve.metrics import ServerMetrics
 from shipyard.serve.runtime import OrtRuntime
 from shipyard.serve.schema import ModelSchema
 from shipyard.serve.stats import ModelStats
-from shipyard.spec.models import ServeSpec
+from shipyard.spec.models import EvaluationSpec, ServeSpec
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class ModelHandle:
     batchable: bool
     schema: ModelSchema
     drift: DriftMonitor | None = None  # when the build recorded reference distributions
+    feedback: FeedbackStore | None = None  # when the build had an evaluation metric that can be scored online
+    feedback_output: int = 0  # the output the evaluation metric (and so the online metric) reads
 
     def warm_up_sizes(self) -> list[int]:
         if not self.batchable or self.batcher.max_batch_size <= 1:
@@ -57,6 +61,18 @@ def _drift_monitor(folder: Path, manifest: Manifest) -> DriftMonitor | None:
     if reference is None or reference.get("output") not in names:
         return None
     return DriftMonitor(reference, names.index(reference["output"]))
+
+
+def _feedback_store(manifest: Manifest) -> tuple[FeedbackStore | None, int]:
+    evaluation = (manifest.spec or {}).get("evaluation")
+    if not evaluation:
+        return None, 0
+    spec = EvaluationSpec.model_validate(evaluation)
+    if spec.metric.name not in FEEDBACK_METRICS:
+        return None, 0
+    names = [t.name for t in manifest.signature.outputs]
+    index = names.index(spec.output) if spec.output in names else 0
+    return FeedbackStore(spec.metric.name, manifest.metrics.get(spec.metric.name)), index
 
 
 def serve_settings(manifest: Manifest) -> ServeSpec:
@@ -103,6 +119,7 @@ class ModelRepository:
             handle = ModelHandle(
                 record.name, record.version, manifest, settings, runtime, batcher, stats, batchable,
                 ModelSchema.of(manifest.signature), _drift_monitor(self.registry.path(record), manifest),
+                *_feedback_store(manifest),
             )  # fmt: skip
             await runtime.load()
             try:
@@ -115,6 +132,8 @@ class ModelRepository:
             batcher.start()
             if handle.drift is not None:
                 self.metrics.drift[(record.name, record.version)] = handle.drift
+            if handle.feedback is not None:
+                self.metrics.feedback[(record.name, record.version)] = handle.feedback.online
             self._models.setdefault(record.name, {})[record.version] = handle
             self.failed.pop(str(parsed), None)
             logger.info(
@@ -144,6 +163,7 @@ class ModelRepository:
                 del self._models[name]
         for handle in handles:
             self.metrics.drift.pop((handle.name, handle.version), None)
+            self.metrics.feedback.pop((handle.name, handle.version), None)
             await handle.batcher.stop()
             await handle.runtime.unload()
             handle.stats.forget()

@@ -13,7 +13,14 @@ from typing import Any
 from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError, TooLargeError
 from shipyard.serve.dataplane import DataPlane
 from shipyard.serve.guard import Action, Guard
-from shipyard.serve.rest_codec import HEADER_LENGTH, decode_parameters, decode_request, encode_json, encode_response
+from shipyard.serve.rest_codec import (
+    HEADER_LENGTH,
+    decode_object,
+    decode_parameters,
+    decode_request,
+    encode_json,
+    encode_response,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +157,7 @@ class RestApp:
         if not rest or not rest[0]:
             return _error(404, "no model name in the path")
         name, version, tail = rest[0], None, rest[1:]
-        self._allow(scope, "infer" if tail[-1:] == ["infer"] else "read", name)
+        self._allow(scope, "infer" if tail[-1:] in (["infer"], ["feedback"]) else "read", name)
         if len(tail) >= 2 and tail[0] == "versions":
             version, tail = tail[1], tail[2:]
         action = tail[0] if len(tail) == 1 else ("" if not tail else None)
@@ -169,6 +176,12 @@ class RestApp:
             return self._get(method) or _json(self.dataplane.model_statistics(name, version))
         if action == "drift":
             return self._get(method) or _json(self.dataplane.model_drift(name, version))
+        if action == "feedback":
+            if method != "POST":
+                return _error(405, "use POST")
+            body = decode_object(await self._body(scope, receive))
+            items = body.get("items", [body])
+            return _json(self.dataplane.feedback(name, version, items if isinstance(items, list) else [items]))
         return _error(404, f"no route for {scope['path']}")
 
     async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive) -> _Response:

@@ -82,15 +82,19 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
     return InferRequest(inputs, outputs, request_id, _dict(payload.get("parameters") or {}, "parameters"))
 
 
-def decode_parameters(body: bytes) -> dict[str, Any]:
-    """The optional `{"parameters": {...}}` body of repository load/unload requests."""
+def decode_object(body: bytes) -> dict[str, Any]:
+    """A JSON object body (empty: {}); InvalidInputError for anything else."""
     if not body.strip():
         return {}
     try:
-        payload = _dict(orjson.loads(body), "the request body")
+        return _dict(orjson.loads(body), "the request body")
     except orjson.JSONDecodeError as exc:
         raise InvalidInputError(f"malformed JSON: {exc}") from None
-    return _dict(payload.get("parameters") or {}, "parameters")
+
+
+def decode_parameters(body: bytes) -> dict[str, Any]:
+    """The optional `{"parameters": {...}}` body of repository load/unload requests."""
+    return _dict(decode_object(body).get("parameters") or {}, "parameters")
 
 
 def _numpy_default(value: Any) -> Any:
