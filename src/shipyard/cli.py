@@ -299,6 +299,10 @@ def serve(
     canary: list[str] = typer.Option([], "--canary", help="NAME:VERSION=PERCENT of versionless requests; repeatable."),
     shadow: list[str] = typer.Option([], "--shadow", help="NAME:VERSION=PERCENT mirrored, compared, not returned."),
     drift_sample: float = typer.Option(0.1, "--drift-sample", help="Share of requests binned for drift (0: off)."),
+    log_requests: Path | None = typer.Option(None, "--log-requests", help="Folder for sampled request JSON lines."),
+    log_sample: float = typer.Option(0.01, "--log-sample", help="Share of requests logged."),
+    log_max_mb: float = typer.Option(10, "--log-max-mb", help="Rotate the log file at this size."),
+    log_redact: bool = typer.Option(False, "--log-redact", help="Log shapes and hashes only, no tensor values."),
 ) -> None:
     """Serve registry versions over the Open Inference Protocol (REST + gRPC) with dynamic batching."""
     import asyncio
@@ -324,7 +328,8 @@ def serve(
         tokens_file=tokens, allow_management=allow_management, open_health=not auth_health, rate_limit=rate_limit,
         rate_burst=rate_burst, tls_cert=tls_cert, tls_key=tls_key, request_timeout_s=request_timeout,
         max_elements=max_elements, canary=parse_rules(canary, "canary"), shadow=parse_rules(shadow, "shadow"),
-        drift_sample=drift_sample,
+        drift_sample=drift_sample, log_dir=log_requests, log_sample=log_sample,
+        log_max_bytes=int(log_max_mb * (1 << 20)), log_redact=log_redact,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

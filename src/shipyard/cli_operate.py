@@ -29,6 +29,25 @@ def register(app: typer.Typer) -> None:
             err.print(f"[green]wrote[/] {path}")
 
     @app.command()
+    def replay(
+        logs: list[Path] = typer.Argument(..., help="Request log files (requests.jsonl*) from serve --log-requests."),
+        against: str = typer.Option(..., "--against", help="Candidate NAME:VERSION to replay the traffic on."),
+        min_agreement: float = typer.Option(0.99, "--min-agreement", help="Exit non-zero below this agreement."),
+        registry: str | None = RegistryOption,
+    ) -> None:
+        """Replay logged requests on a candidate version: agreement with the served answers, latency."""
+        from shipyard.operate.replay import replay as run_replay
+        from shipyard.operate.replay import require_agreement
+
+        report = run_replay(logs, open_registry(registry), against)
+        out.print(f"replayed {report.requests} logged request(s) (served by version {', '.join(report.served_versions)}"
+                  f"; {report.skipped} redacted skipped) on {report.candidate}:\n"
+                  f"  agreement {report.agreement:.1%}, largest output difference {report.max_abs_diff:.4g}\n"
+                  f"  candidate p50 {report.candidate_p50_ms:.3f} ms in process; "
+                  f"logged server p50 {report.logged_p50_ms:.3f} ms")  # fmt: skip
+        require_agreement(report, min_agreement)
+
+    @app.command()
     def gc(
         keep: int = typer.Option(3, "--keep", min=0, help="Newest versions to keep per model (aliased ones always)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),

@@ -14,6 +14,7 @@ import numpy as np
 from shipyard import __version__
 from shipyard.errors import InvalidInputError, NotFoundError, TimedOutError, TooLargeError
 from shipyard.serve.repository import ModelHandle, ModelRepository
+from shipyard.serve.request_log import RequestLog
 from shipyard.serve.rollout import Rollout
 from shipyard.serve.schema import TensorSchema
 from shipyard.serve.types import InferRequest, InferResponse, Tensor
@@ -60,8 +61,10 @@ class DataPlane:
         max_elements: int | None = None,
         rollout: Rollout | None = None,
         drift_sample: float = 0.1,
+        request_log: RequestLog | None = None,
     ) -> None:
         self.repository = repository
+        self.request_log = request_log
         self.drift_sample = drift_sample  # share of requests binned for drift monitoring
         self.rollout = rollout or Rollout()
         self._shadow_tasks: set[asyncio.Task[None]] = set()  # referenced until done, or they may be collected
@@ -202,6 +205,10 @@ class DataPlane:
             handle.drift.observe(feeds, outputs)
         if handle.feedback is not None and request.id:
             handle.feedback.remember(request.id, outputs[handle.feedback_output])
+        if self.request_log is not None:
+            latency_ms = (time.perf_counter_ns() - start) / 1e6
+            named = dict(zip(handle.schema.output_order, outputs, strict=True))
+            self.request_log.record(handle.name, handle.version, request.id, latency_ms, feeds, named)
         for shadow in self.rollout.shadows_for(name, handle.version, self.repository.versions(name)):
             run = self.repository.get(name, str(shadow)).batcher.submit(feeds, samples)
             task = asyncio.create_task(self.rollout.compare(name, shadow, run, outputs))

@@ -23,6 +23,7 @@ from shipyard.serve.grpc import add_servicer
 from shipyard.serve.guard import Guard, RateLimiter, load_tokens
 from shipyard.serve.metrics import ServerMetrics
 from shipyard.serve.repository import ModelRepository
+from shipyard.serve.request_log import RequestLog
 from shipyard.serve.rest import RestApp
 from shipyard.serve.rollout import Rollout
 
@@ -53,6 +54,10 @@ class ServeSettings:
     canary: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share of traffic}
     shadow: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share mirrored}
     drift_sample: float = 0.1  # share of requests binned for drift monitoring (0: off)
+    log_dir: Path | None = None  # sampled request/response JSON lines go here
+    log_sample: float = 0.01
+    log_max_bytes: int = 10 << 20
+    log_redact: bool = False
 
 
 def _listen(host: str, port: int, what: str) -> socket.socket:
@@ -84,6 +89,8 @@ class ShipyardServer:
         self.dataplane = DataPlane(
             self.repository, timeout_s=settings.request_timeout_s, max_elements=settings.max_elements, rollout=rollout,
             drift_sample=settings.drift_sample,
+            request_log=RequestLog(settings.log_dir, settings.log_sample, settings.log_max_bytes,
+                                   redact=settings.log_redact) if settings.log_dir is not None else None,
         )  # fmt: skip
         self.guard = Guard(
             tokens=load_tokens(settings.tokens_file) if settings.tokens_file is not None else None,

@@ -1,0 +1,67 @@
+"""Sampled request/response logging as JSON lines, size-rotated, for audits and `shipyard replay`.
+
+Each record holds the model and version, the request id, the server-side latency and the tensors
+(datatype, shape, data). With redaction, tensors keep their shape, datatype and a sha256 of their
+bytes, and no values. Files rotate with logging's RotatingFileHandler (requests.jsonl, .1, .2, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import logging.handlers
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+
+def _tensor(array: np.ndarray, redact: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"dtype": str(array.dtype), "shape": list(array.shape)}
+    if redact:
+        out["sha256"] = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    elif array.dtype == object:
+        out["data"] = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.ravel()]
+    else:
+        out["data"] = array.ravel().tolist()
+    return out
+
+
+class RequestLog:
+    def __init__(
+        self, folder: Path, sample: float, max_bytes: int = 10 << 20, backups: int = 5, redact: bool = False
+    ) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.sample, self.redact = sample, redact
+        self._rng = random.Random()
+        self._logger = logging.getLogger(f"shipyard.requests.{id(self)}")
+        self._logger.propagate = False  # records go to the file only, never to the server log
+        self._logger.setLevel(logging.INFO)
+        handler = logging.handlers.RotatingFileHandler(folder / "requests.jsonl", maxBytes=max_bytes,
+                                                       backupCount=backups, encoding="utf-8")  # fmt: skip
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        self._handler = handler
+        self._logger.addHandler(handler)
+
+    def record(self, name: str, version: int, request_id: str | None, latency_ms: float,
+               inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:  # fmt: skip
+        if self._rng.random() >= self.sample:
+            return
+        entry = {
+            "ts": round(time.time(), 6),
+            "model": name,
+            "version": version,
+            "id": request_id,
+            "latency_ms": round(latency_ms, 4),
+            "redacted": self.redact,
+            "inputs": {k: _tensor(v, self.redact) for k, v in inputs.items()},
+            "outputs": {k: _tensor(v, self.redact) for k, v in outputs.items()},
+        }
+        self._logger.info(orjson.dumps(entry).decode())
+
+    def close(self) -> None:
+        self._logger.removeHandler(self._handler)
+        self._handler.close()
