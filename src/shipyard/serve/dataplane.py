@@ -184,7 +184,7 @@ class DataPlane:
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """Validate against the model's signature, batch, run, and select the requested outputs."""
         start = time.perf_counter_ns()
-        if not version:
+        if not version and name in self.rollout.canary:
             routed = self.rollout.route(name, self.repository.versions(name))
             version = str(routed) if routed is not None else None
         handle = self.repository.get(name, version)
@@ -192,7 +192,7 @@ class DataPlane:
         try:
             self._check_requested(handle, request)
             feeds, samples = self._feeds(handle, request)
-            outputs = await asyncio.wait_for(handle.batcher.submit(feeds, samples), self.timeout_s)
+            outputs = await self._run(handle, feeds, samples)
         except TimeoutError:
             handle.stats.request_done(False, time.perf_counter_ns() - start, samples)
             raise TimedOutError(f"no answer within the {self.timeout_s:g} s request timeout") from None
@@ -209,12 +209,22 @@ class DataPlane:
             latency_ms = (time.perf_counter_ns() - start) / 1e6
             named = dict(zip(handle.schema.output_order, outputs, strict=True))
             self.request_log.record(handle.name, handle.version, request.id, latency_ms, feeds, named)
-        for shadow in self.rollout.shadows_for(name, handle.version, self.repository.versions(name)):
+        shadows = self.rollout.shadows_for(name, handle.version, self.repository.versions(name)) if (
+            name in self.rollout.shadow) else []  # fmt: skip
+        for shadow in shadows:
             run = self.repository.get(name, str(shadow)).batcher.submit(feeds, samples)
             task = asyncio.create_task(self.rollout.compare(name, shadow, run, outputs))
             self._shadow_tasks.add(task)
             task.add_done_callback(self._shadow_tasks.discard)
         return response
+
+    async def _run(self, handle: ModelHandle, feeds: dict[str, np.ndarray], samples: int) -> list[np.ndarray]:
+        if self.timeout_s is None:
+            return await handle.batcher.submit(feeds, samples)
+        if hasattr(asyncio, "timeout"):  # 3.11+: a deadline on this task; wait_for would add a task per request
+            async with asyncio.timeout(self.timeout_s):
+                return await handle.batcher.submit(feeds, samples)
+        return await asyncio.wait_for(handle.batcher.submit(feeds, samples), self.timeout_s)
 
     def _feeds(self, handle: ModelHandle, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
         expected = handle.schema.inputs
