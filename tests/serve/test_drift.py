@@ -161,6 +161,8 @@ def test_feedback_labels_give_an_online_metric(monitored: RunningServer) -> None
                 predicted.append(int(np.argmax(reply["outputs"][0]["data"])))
             # 30 labels agree with the model, 10 do not: online accuracy 0.75 against 1.0 at build.
             items = [{"id": f"req-{i}", "label": p if i < 30 else (p + 1) % 4} for i, p in enumerate(predicted)]
+            spoiled = client.post("/v2/models/mlp/feedback", json={"items": [*items, {"id": "nope", "label": 1}]})
+            assert spoiled.status_code == 404  # one unknown id: nothing of the batch is counted
             scored = client.post("/v2/models/mlp/feedback", json={"items": items}).json()
             assert scored["metric"] == "accuracy"
             assert (scored["count"], scored["online"], scored["build"]) == (40, 0.75, 1.0)

@@ -108,7 +108,12 @@ class DataPlane:
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "label" not in item:
                 raise InvalidInputError('feedback items are {"id": "<request id>", "label": <value>}')
-        scores = [handle.feedback.score(item["id"], item["label"]) for item in items]
+        if len({item["id"] for item in items}) != len(items):
+            raise InvalidInputError("each request id may appear once per feedback call")
+        # Every label is scored before any is counted: a bad item leaves the online metric unchanged.
+        scores = [handle.feedback.evaluate(item["id"], item["label"]) for item in items]
+        for item, score in zip(items, scores, strict=True):
+            handle.feedback.record(item["id"], score)
         online = handle.feedback.online
         return {"name": name, "version": str(handle.version), "metric": online.metric, "scored": len(scores),
                 "online": online.value, "count": online.count, "build": online.built}  # fmt: skip
@@ -201,6 +206,12 @@ class DataPlane:
             raise
         response = self._response(handle, request, outputs)
         handle.stats.request_done(True, time.perf_counter_ns() - start, samples)
+        self._after_answer(handle, request, feeds, samples, outputs, start)
+        return response
+
+    def _after_answer(self, handle: ModelHandle, request: InferRequest, feeds: dict[str, np.ndarray], samples: int,
+                      outputs: list[np.ndarray], start: int) -> None:  # fmt: skip
+        """What watches the traffic once the answer is ready: drift, feedback, request log, shadows."""
         if handle.drift is not None and self.rollout.rng.random() < self.drift_sample:
             handle.drift.observe(feeds, outputs)
         if handle.feedback is not None and request.id:
@@ -209,14 +220,13 @@ class DataPlane:
             latency_ms = (time.perf_counter_ns() - start) / 1e6
             named = dict(zip(handle.schema.output_order, outputs, strict=True))
             self.request_log.record(handle.name, handle.version, request.id, latency_ms, feeds, named)
-        shadows = self.rollout.shadows_for(name, handle.version, self.repository.versions(name)) if (
-            name in self.rollout.shadow) else []  # fmt: skip
-        for shadow in shadows:
-            run = self.repository.get(name, str(shadow)).batcher.submit(feeds, samples)
-            task = asyncio.create_task(self.rollout.compare(name, shadow, run, outputs))
+        if handle.name not in self.rollout.shadow:
+            return
+        for shadow in self.rollout.shadows_for(handle.name, handle.version, self.repository.versions(handle.name)):
+            run = self.repository.get(handle.name, str(shadow)).batcher.submit(feeds, samples)
+            task = asyncio.create_task(self.rollout.compare(handle.name, shadow, run, outputs))
             self._shadow_tasks.add(task)
             task.add_done_callback(self._shadow_tasks.discard)
-        return response
 
     async def _run(self, handle: ModelHandle, feeds: dict[str, np.ndarray], samples: int) -> list[np.ndarray]:
         if self.timeout_s is None:

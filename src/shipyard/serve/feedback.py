@@ -44,9 +44,9 @@ class FeedbackStore:
         while len(self._predictions) > self.capacity:
             self._predictions.popitem(last=False)
 
-    def score(self, request_id: str, label: object) -> float:
-        """Score the remembered prediction of `request_id` against `label`; returns this sample's score."""
-        output = self._predictions.pop(request_id, None)
+    def evaluate(self, request_id: str, label: object) -> float:
+        """Score the remembered prediction of `request_id` against `label`, changing nothing."""
+        output = self._predictions.get(request_id)
         if output is None:
             raise NotFoundError(f"no remembered prediction for request id {request_id!r} (unknown or too old)")
         try:
@@ -64,6 +64,10 @@ class FeedbackStore:
                 raise InvalidInputError(f"request {request_id!r} predicted {flat.size} values, got {truth.size}")
             diff = flat.reshape(-1) - truth.reshape(-1)
             sample = float(np.mean(diff**2) if self.online.metric == "mse" else np.mean(np.abs(diff)))
+        return sample
+
+    def record(self, request_id: str, sample: float) -> None:
+        """Count an evaluated label; its prediction is forgotten, so it is scored once."""
+        del self._predictions[request_id]
         self.online.count += 1
         self.online.total += sample
-        return sample
