@@ -1,0 +1,31 @@
+"""The bundled examples run end to end: init, train, build, serve, and their own client."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shipyard.registry import LocalRegistry
+from tests.serve.conftest import start_server, stop_server
+
+
+def test_wine_example_from_init_to_client(tmp_path: Path, cli: Callable[..., Any]) -> None:
+    folder, registry = tmp_path / "wine", LocalRegistry(tmp_path / "registry")
+    assert cli("init", "--example", "wine", str(folder)).code == 0
+    trained = subprocess.run([sys.executable, str(folder / "train.py")], capture_output=True, text=True, check=True)
+    assert "held-out accuracy" in trained.stdout
+    built = cli("build", str(folder), "--registry", str(registry.root))
+    assert built.code == 0, built.err
+    assert registry.manifest("wine:1").metrics["accuracy"] >= 0.95
+    server = start_server(registry, tmp_path / "server.log", "wine")
+    try:
+        asked = subprocess.run([sys.executable, str(folder / "client.py"), "--url", server.base()],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    finally:
+        stop_server(server)
+    assert "model wine version 1" in asked.stdout
+    correct = int(asked.stdout.split("/10 correct")[0].rsplit("\n", 1)[-1])
+    assert correct >= 9, asked.stdout
