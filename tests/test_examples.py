@@ -29,3 +29,25 @@ def test_wine_example_from_init_to_client(tmp_path: Path, cli: Callable[..., Any
     assert "model wine version 1" in asked.stdout
     correct = int(asked.stdout.split("/10 correct")[0].rsplit("\n", 1)[-1])
     assert correct >= 9, asked.stdout
+
+
+def test_sensors_example_trains_builds_and_serves(tmp_path: Path, cli: Callable[..., Any]) -> None:
+    folder, registry = tmp_path / "sensors", LocalRegistry(tmp_path / "registry")
+    assert cli("init", "--example", "sensors", str(folder)).code == 0
+    trained = subprocess.run([sys.executable, str(folder / "train.py")], capture_output=True, text=True, check=True)
+    assert "held-out precision" in trained.stdout
+    built = cli("build", str(folder), "--registry", str(registry.root))
+    assert built.code == 0, built.err
+    manifest = registry.manifest("sensors:1")
+    assert manifest.metrics["f1"] > 0.7
+    (search,) = [s for s in manifest.lineage if s.step == "optimize"]
+    assert search.params["candidates"][0]["step"] == "quantize_dynamic"  # tried, accepted or not
+    server = start_server(registry, tmp_path / "server.log", "sensors")
+    try:
+        asked = subprocess.run([sys.executable, str(folder / "client.py"), "--url", server.base()],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    finally:
+        stop_server(server)
+    assert "precision" in asked.stdout
+    precision = float(asked.stdout.split("precision ")[1].split(",")[0])
+    assert precision >= 0.8, asked.stdout
