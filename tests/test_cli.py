@@ -62,8 +62,8 @@ def test_digits_demo_end_to_end(cli: Cli, tmp_path: Path) -> None:
 
     _ok(cli("build", str(demo), "--registry", reg))  # a folder means its shipyard.yaml
     assert (
-        "verified 1 file(s)" in _ok(cli("models", "show", "digits-cnn:2", "--verify", "-r", reg)).err
-    )  # one self-contained model.onnx
+        "verified 2 file(s)" in _ok(cli("models", "show", "digits-cnn:2", "--verify", "-r", reg)).err
+    )  # one self-contained model.onnx and the drift reference
     _ok(cli("models", "alias", "digits-cnn:1", "production", "-r", reg))
     listed = json.loads(_ok(cli("models", "list", "--json", "-r", reg)).out)
     assert [(v["version"], v["aliases"]) for v in listed] == [(1, ["production"]), (2, [])]
