@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
@@ -132,3 +133,20 @@ def make_slow_onnx(path: Path, width: int = 1024, layers: int = 16) -> Path:
     model.ir_version = 9
     onnx.save(model, str(path))
     return path
+
+
+def build_evaluated_mlp(folder: Path, registry: LocalRegistry, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Build an MLP whose evaluation labels are its own predictions (accuracy 1.0 at build); returns (x, labels)."""
+    from shipyard.pipeline import build
+    from shipyard.spec import load_spec
+
+    model = make_mlp_onnx(folder / "mlp.onnx")
+    x = np.random.default_rng(0).standard_normal((samples, 16)).astype(np.float32)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    labels = session.run(None, {"x": x})[0].argmax(1)
+    np.savez(folder / "eval.npz", x=x, y=labels)
+    spec = {"name": "mlp", "model": {"format": "onnx", "path": "mlp.onnx"},
+            "evaluation": {"dataset": {"kind": "npz", "path": "eval.npz"}, "metric": "accuracy",
+                           "latency": {"iterations": 10}}}  # fmt: skip
+    build(load_spec(write_spec(folder, spec)), registry)
+    return x, labels

@@ -12,42 +12,37 @@ from shipyard.registry import LocalRegistry
 from tests.serve.conftest import start_server, stop_server
 
 
-def test_wine_example_from_init_to_client(tmp_path: Path, cli: Callable[..., Any]) -> None:
-    folder, registry = tmp_path / "wine", LocalRegistry(tmp_path / "registry")
-    assert cli("init", "--example", "wine", str(folder)).code == 0
+def _run(name: str, tmp_path: Path, cli: Callable[..., Any]) -> tuple[str, LocalRegistry, str]:
+    """init, train.py, build, serve, client.py: returns (training output, registry, client output)."""
+    folder, registry = tmp_path / name, LocalRegistry(tmp_path / "registry")
+    assert cli("init", "--example", name, str(folder)).code == 0
     trained = subprocess.run([sys.executable, str(folder / "train.py")], capture_output=True, text=True, check=True)
-    assert "held-out accuracy" in trained.stdout
     built = cli("build", str(folder), "--registry", str(registry.root))
     assert built.code == 0, built.err
-    assert registry.manifest("wine:1").metrics["accuracy"] >= 0.95
-    server = start_server(registry, tmp_path / "server.log", "wine")
+    server = start_server(registry, tmp_path / "server.log", name)
     try:
         asked = subprocess.run([sys.executable, str(folder / "client.py"), "--url", server.base()],
                                capture_output=True, text=True, check=True)  # fmt: skip
     finally:
         stop_server(server)
-    assert "model wine version 1" in asked.stdout
-    correct = int(asked.stdout.split("/10 correct")[0].rsplit("\n", 1)[-1])
-    assert correct >= 9, asked.stdout
+    return trained.stdout, registry, asked.stdout
+
+
+def test_wine_example_from_init_to_client(tmp_path: Path, cli: Callable[..., Any]) -> None:
+    trained, registry, answered = _run("wine", tmp_path, cli)
+    assert "held-out accuracy" in trained
+    assert registry.manifest("wine:1").metrics["accuracy"] >= 0.95
+    assert "model wine version 1" in answered
+    correct = int(answered.split("/10 correct")[0].rsplit("\n", 1)[-1])
+    assert correct >= 9, answered
 
 
 def test_sensors_example_trains_builds_and_serves(tmp_path: Path, cli: Callable[..., Any]) -> None:
-    folder, registry = tmp_path / "sensors", LocalRegistry(tmp_path / "registry")
-    assert cli("init", "--example", "sensors", str(folder)).code == 0
-    trained = subprocess.run([sys.executable, str(folder / "train.py")], capture_output=True, text=True, check=True)
-    assert "held-out precision" in trained.stdout
-    built = cli("build", str(folder), "--registry", str(registry.root))
-    assert built.code == 0, built.err
+    trained, registry, answered = _run("sensors", tmp_path, cli)
+    assert "held-out precision" in trained
     manifest = registry.manifest("sensors:1")
     assert manifest.metrics["f1"] > 0.7
     (search,) = [s for s in manifest.lineage if s.step == "optimize"]
     assert search.params["candidates"][0]["step"] == "quantize_dynamic"  # tried, accepted or not
-    server = start_server(registry, tmp_path / "server.log", "sensors")
-    try:
-        asked = subprocess.run([sys.executable, str(folder / "client.py"), "--url", server.base()],
-                               capture_output=True, text=True, check=True)  # fmt: skip
-    finally:
-        stop_server(server)
-    assert "precision" in asked.stdout
-    precision = float(asked.stdout.split("precision ")[1].split(",")[0])
-    assert precision >= 0.8, asked.stdout
+    precision = float(answered.split("precision ")[1].split(",")[0])
+    assert precision >= 0.8, answered

@@ -9,12 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
-from shipyard.spec import load_spec
-from tests._helpers import make_mlp_onnx, publish, write_spec
+from tests._helpers import build_evaluated_mlp, publish
 
 Cli = Callable[..., Any]
 
@@ -65,14 +62,7 @@ def test_gc_keeps_aliased_and_newest_versions_and_clears_stale_staging(registry:
 def test_validate_passes_then_fails_when_the_evaluation_data_drifts(
     registry: LocalRegistry, tmp_path: Path, cli: Cli
 ) -> None:
-    model = make_mlp_onnx(tmp_path / "mlp.onnx")
-    x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
-    labels = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].argmax(1)
-    np.savez(tmp_path / "eval.npz", x=x, y=labels)
-    spec = {"name": "mlp", "model": {"format": "onnx", "path": "mlp.onnx"},
-            "evaluation": {"dataset": {"kind": "npz", "path": "eval.npz"}, "metric": "accuracy",
-                           "latency": {"iterations": 10}}}  # fmt: skip
-    build(load_spec(write_spec(tmp_path, spec)), registry)
+    x, labels = build_evaluated_mlp(tmp_path, registry, samples=300)
     registry.set_alias("mlp:1", "production")
     ok = cli("validate", "mlp@production", "--base-dir", str(tmp_path), *_reg(registry))
     assert ok.code == 0, ok.err

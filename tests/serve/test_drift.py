@@ -6,28 +6,17 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from shipyard.artifact.reference import REFERENCE_FILE
-from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
-from shipyard.spec import load_spec
-from tests._helpers import make_mlp_onnx, write_spec
+from tests._helpers import build_evaluated_mlp
 from tests.serve.conftest import RunningServer, start_server, stop_server
 
 
 @pytest.fixture
 def monitored(registry: LocalRegistry, tmp_path: Path) -> RunningServer:
-    model = make_mlp_onnx(tmp_path / "mlp.onnx")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1000, 16)).astype(np.float32)
-    labels = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].argmax(1)
-    np.savez(tmp_path / "eval.npz", x=x, y=labels)
-    spec = {"name": "mlp", "model": {"format": "onnx", "path": "mlp.onnx"},
-            "evaluation": {"dataset": {"kind": "npz", "path": "eval.npz"}, "metric": "accuracy",
-                           "latency": {"iterations": 10}}}  # fmt: skip
-    build(load_spec(write_spec(tmp_path, spec)), registry)
+    build_evaluated_mlp(tmp_path, registry, samples=1000)
     assert (registry.path("mlp:1") / REFERENCE_FILE).is_file()
     return start_server(registry, tmp_path / "server.log", "mlp", extra_args=("--drift-sample", "1"))
 
