@@ -46,3 +46,12 @@ def test_sensors_example_trains_builds_and_serves(tmp_path: Path, cli: Callable[
     assert search.params["candidates"][0]["step"] == "quantize_dynamic"  # tried, accepted or not
     precision = float(answered.split("precision ")[1].split(",")[0])
     assert precision >= 0.8, answered
+
+
+def test_recsys_example_serves_top_k(tmp_path: Path, cli: Callable[..., Any]) -> None:
+    trained, registry, answered = _run("recsys", tmp_path, cli)
+    assert "held-out recall@10" in trained
+    built = registry.manifest("recsys:1").metrics["top_k"]
+    served = float(answered.rsplit("users: ", 1)[1])
+    assert served == round(built, 3)  # the served top-10 ids agree with the evaluated scores
+    assert served > 0.05  # twice random (10 of ~377 unseen items: 0.027)

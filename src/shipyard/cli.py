@@ -49,7 +49,7 @@ EXIT_CODES = {
     ErrorKind.RATE_LIMITED: 9,
     ErrorKind.TIMEOUT: 9,
 }
-EXAMPLES = ("digits", "sensors", "wine")
+EXAMPLES = ("digits", "recsys", "sensors", "wine")
 
 
 @app.command()
