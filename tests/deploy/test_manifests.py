@@ -98,10 +98,12 @@ def test_inference_service_validates_against_the_crd(project: Project, registry:
         validator.validate(broken)
 
 
-def test_dockerfile_is_non_root_exec_form_with_a_healthcheck(project: Project, registry: LocalRegistry) -> None:
+def test_dockerfile_is_non_root_exec_form_with_a_healthcheck(
+    project: Project, registry: LocalRegistry, tmp_path: Path
+) -> None:
     from dockerfile_parse import DockerfileParser
 
-    parser = DockerfileParser(fileobj=None)
+    parser = DockerfileParser(str(tmp_path / "Dockerfile"))  # setting content writes the file: keep it in tmp
     parser.content = render(project(), registry, "docker").files["docker/Dockerfile"]
     instructions = {i["instruction"]: i["value"] for i in parser.structure}
     assert parser.baseimage.startswith("python:3.11")
