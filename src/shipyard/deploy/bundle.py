@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from shipyard.registry.local import LocalRegistry, VersionRecord
+from shipyard.registry.remote import archive_name, folder_uri
 from shipyard.spec.loader import LoadedSpec
 
 REGISTRY_IN_CONTAINER = "/var/lib/shipyard/registry"
@@ -29,7 +30,7 @@ class PinnedModel:
     @property
     def archive(self) -> str:
         """File name of the version's archive (as `shipyard push` names it in a folder)."""
-        return f"{self.name}-{self.version}.shipyard.tar.gz"
+        return archive_name(self.name, self.version)
 
 
 @dataclass
@@ -54,12 +55,15 @@ def serve_args(loaded: LoadedSpec, models: list[PinnedModel]) -> list[str]:
     version is renumbered in the new registry; its content hash is what the release pins).
     """
     args = [m.name for m in models]
-    uri = loaded.spec.deploy.registry_uri
-    if uri is not None:
-        base = uri if uri.endswith("/") else f"{uri}/"
-        for model in models:
-            args += ["--pull", f"{base}{model.archive}"]
+    for uri in pull_uris(loaded, models):
+        args += ["--pull", uri]
     return args
+
+
+def pull_uris(loaded: LoadedSpec, models: list[PinnedModel]) -> list[str]:
+    """The archive URIs a server pulls at start (none when the models are baked in)."""
+    uri = loaded.spec.deploy.registry_uri
+    return [] if uri is None else [f"{folder_uri(uri)}{m.archive}" for m in models]
 
 
 def server_env(loaded: LoadedSpec, host: str) -> dict[str, str]:

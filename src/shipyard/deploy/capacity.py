@@ -88,8 +88,9 @@ def _time(signature: SignatureSpec, model: Path | bytes, batch: int, concurrency
 
 def peak_rss_mib(folder: Path, signature: SignatureSpec, batch: int) -> float:
     """Peak memory of a fresh process that imports the server, loads the version's model and runs the batch."""
-    feeds = {k: v.tolist() for k, v in random_feeds(signature, batch).items()}
-    dtypes = {k: str(v.dtype) for k, v in random_feeds(signature, batch).items()}
+    sample = random_feeds(signature, batch)
+    feeds = {k: v.tolist() for k, v in sample.items()}
+    dtypes = {k: str(v.dtype) for k, v in sample.items()}
     script = (
         "import json, resource, sys, numpy as np\n"
         "import shipyard.serve.server\n"

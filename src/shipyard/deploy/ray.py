@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shipyard.deploy.bundle import Bundle, to_yaml
+from shipyard.deploy.bundle import Bundle, pull_uris, to_yaml
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec
 from shipyard.spec.models import quantity
@@ -14,10 +14,7 @@ CONFIG_FILE = "ray/serve_config.yaml"
 
 def app_args(loaded: LoadedSpec, bundle: Bundle, registry: LocalRegistry) -> dict[str, Any]:
     deploy = loaded.spec.deploy
-    pull = []
-    if deploy.registry_uri is not None:
-        base = deploy.registry_uri if deploy.registry_uri.endswith("/") else f"{deploy.registry_uri}/"
-        pull = [f"{base}{m.archive}" for m in bundle.models]
+    pull = pull_uris(loaded, bundle.models)
     return {
         "models": [f"{m.name}:{m.version}" for m in bundle.models],
         # Without a registry URI every node reads this registry folder (one machine or a shared file system).

@@ -97,7 +97,7 @@ def validate(registry: LocalRegistry, ref: str, base_dir: Path, max_drop: float 
 
 def backup(registry: LocalRegistry, uri: str) -> list[str]:
     """Push every version to the folder URI and write the aliases (by content hash) beside them."""
-    base = uri if uri.endswith("/") else f"{uri}/"
+    base = remote.folder_uri(uri)
     written = [remote.push(registry, record.ref, base) for record in registry.all_versions()]
     aliases = [{"name": r.name, "alias": a, "content_hash": r.content_hash}
                for r in registry.all_versions() for a in r.aliases]  # fmt: skip
@@ -111,7 +111,7 @@ def backup(registry: LocalRegistry, uri: str) -> list[str]:
 
 def restore(registry: LocalRegistry, uri: str) -> list[VersionRecord]:
     """Pull every archive of a backup (verified, in name and version order) and re-create its aliases."""
-    base = uri if uri.endswith("/") else f"{uri}/"
+    base = remote.folder_uri(uri)
     fs, path = fsspec.core.url_to_fs(base)
     try:
         names = sorted(fs.ls(path, detail=False))

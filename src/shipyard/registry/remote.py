@@ -20,10 +20,18 @@ from shipyard.errors import IntegrityError, NotFoundError, ShipyardError, Unavai
 from shipyard.registry.local import LocalRegistry
 
 
+def folder_uri(uri: str) -> str:
+    """The URI as a folder (ending in `/`), so names can be appended to it."""
+    return uri if uri.endswith("/") else f"{uri}/"
+
+
+def archive_name(name: str, version: int | None) -> str:
+    """How `push` names a version's archive inside a folder URI."""
+    return f"{name}-{version}{ARCHIVE_SUFFIX}"
+
+
 def _archive_uri(uri: str, manifest: Manifest) -> str:
-    if uri.endswith("/"):
-        return f"{uri}{manifest.name}-{manifest.version}{ARCHIVE_SUFFIX}"
-    return uri
+    return f"{uri}{archive_name(manifest.name, manifest.version)}" if uri.endswith("/") else uri
 
 
 def push(registry: LocalRegistry, ref: str, uri: str) -> str:
