@@ -164,3 +164,23 @@ def test_feedback_labels_give_an_online_metric(monitored: RunningServer) -> None
         stop_server(server)
     assert 'shipyard_online_metric{metric="accuracy",model="mlp",version="1"} 0.75' in text
     assert 'shipyard_feedback_total{metric="accuracy",model="mlp",version="1"} 40.0' in text
+
+
+def test_exported_files_are_well_formed_without_promtool(tmp_path: Path) -> None:
+    """The check that runs everywhere: rule-file structure and every panel query on an exported metric."""
+    import json
+
+    import yaml
+
+    from shipyard.operate.monitoring import export
+
+    board, rules = export(tmp_path)
+    (group,) = yaml.safe_load(rules.read_text())["groups"]
+    assert len(group["rules"]) == 7
+    for rule in group["rules"]:
+        assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, rule
+        assert rule["labels"]["severity"] in ("page", "ticket")
+        assert "shipyard_" in rule["expr"]
+        assert rule["annotations"]["summary"]
+    for panel in json.loads(board.read_text())["panels"]:
+        assert "shipyard_" in panel["targets"][0]["expr"], panel["title"]

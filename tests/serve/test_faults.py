@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -14,13 +13,14 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import tritonclient.http as httpclient
 
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from shipyard.serve.guard import Guard, add_token, load_tokens
 from tests._helpers import make_slow_onnx
-from tests.serve.conftest import RunningServer, start_server, stop_server
+from tests.serve.conftest import Load, RunningServer, start_server, stop_server
+
+X = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
 
 
 def test_malformed_grpc_messages_are_refused_and_the_server_lives(server: RunningServer) -> None:
@@ -70,55 +70,21 @@ def test_an_expired_token_is_refused(tmp_path: Path) -> None:
     guard.check(f"Bearer {fresh}", "127.0.0.1", "infer", "mlp")
 
 
-class _Load:
-    """Clients sending batch-1 requests in a loop and checking every answer against ONNX Runtime."""
-
-    def __init__(self, server: RunningServer, threads: int = 4) -> None:
-        self.url, self.stop, self.lock = server.http_url, threading.Event(), threading.Lock()
-        model = server.registry.path("mlp:1") / "model.onnx"
-        self.session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        self.ok = self.failed = self.wrong = 0
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
-
-    def _run(self, seed: int) -> None:
-        client = httpclient.InferenceServerClient(self.url, network_timeout=10)
-        rng = np.random.default_rng(seed)
-        while not self.stop.is_set():
-            x = rng.standard_normal((1, 16)).astype(np.float32)
-            inp = httpclient.InferInput("x", [1, 16], "FP32")
-            inp.set_data_from_numpy(x, binary_data=True)
-            try:
-                got = client.infer("mlp", [inp]).as_numpy("logits")
-            except Exception:
-                with self.lock:
-                    self.failed += 1
-                continue
-            good = got is not None and np.allclose(got, self.session.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
-            with self.lock:
-                self.ok += int(good)
-                self.wrong += int(not good)
-
-    def __enter__(self) -> _Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-
-
 def _rss_mib(pid: int) -> float:
     fields = Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()
     return int(fields[0]) / 1024
+
+
+def _expected(registry: LocalRegistry) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(registry.path("mlp:1") / "model.onnx"), providers=["CPUExecutionProvider"])
+    return [session.run(None, {"x": X})[0]]
 
 
 def test_short_soak_every_answer_correct_and_memory_flat(model_registry: LocalRegistry, tmp_path: Path) -> None:
     """Saturating load for a few seconds (bench/soak.py runs minutes): zero errors, zero wrong answers."""
     server = start_server(model_registry, tmp_path / "server.log", "mlp:1")
     try:
-        with _Load(server) as load:
+        with Load(server, _expected(model_registry), X) as load:
             time.sleep(2)
             warm = _rss_mib(server.process.pid)
             time.sleep(6)
@@ -132,7 +98,7 @@ def test_short_soak_every_answer_correct_and_memory_flat(model_registry: LocalRe
 
 def test_kill_9_mid_load_then_restart_serves_the_same_answers(model_registry: LocalRegistry, tmp_path: Path) -> None:
     server = start_server(model_registry, tmp_path / "first.log", "mlp:1")
-    with _Load(server) as load:
+    with Load(server, _expected(model_registry), X) as load:
         time.sleep(1)
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
@@ -141,7 +107,7 @@ def test_kill_9_mid_load_then_restart_serves_the_same_answers(model_registry: Lo
     model_registry.manifest("mlp:1", verify=True)  # the registry is untouched by the crash
     again = start_server(model_registry, tmp_path / "second.log", "mlp:1")
     try:
-        with _Load(again) as after:
+        with Load(again, _expected(model_registry), X) as after:
             time.sleep(1)
         assert after.ok > 0
         assert (after.failed, after.wrong) == (0, 0)

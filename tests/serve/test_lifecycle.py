@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from tests._helpers import make_slow_onnx
-from tests.serve.conftest import RunningServer, start_server, stop_server
+from tests.serve.conftest import Load, RunningServer, start_server, stop_server
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -34,52 +34,6 @@ def private_server(model_registry: LocalRegistry, tmp_path: Path) -> Iterator[Ru
 def _reference(registry: LocalRegistry, ref: str, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(registry.path(ref) / "model.onnx"), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]  # type: ignore[no-any-return]
-
-
-class Load:
-    """Client threads (HTTP and gRPC) sending requests until stopped; every answer is checked."""
-
-    def __init__(self, server: RunningServer, expected: list[np.ndarray], x: np.ndarray) -> None:
-        self.server, self.expected, self.x = server, expected, x
-        self.sent = self.failed = self.wrong = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i % 2 == 0,)) for i in range(4)]
-
-    def _run(self, use_grpc: bool) -> None:
-        module = grpcclient if use_grpc else httpclient
-        client = module.InferenceServerClient(self.server.grpc_url if use_grpc else self.server.http_url)
-        deadline = time.monotonic() + 60  # bounded, whatever happens
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            inp = module.InferInput("x", list(self.x.shape), "FP32")
-            inp.set_data_from_numpy(self.x)
-            try:
-                got = client.infer("mlp", [inp]).as_numpy("logits")
-                ok = any(np.allclose(got, e, rtol=1e-5) for e in self.expected)
-                with self._lock:
-                    self.sent += 1
-                    self.wrong += not ok
-            except Exception as exc:
-                with self._lock:
-                    self.sent += 1
-                    self.failed += 1
-                    self.errors.append(str(exc))
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
-
-    def wait_for(self, count: int) -> None:
-        deadline = time.monotonic() + 30
-        while self.sent < count and time.monotonic() < deadline:
-            time.sleep(0.01)
 
 
 def _repository(server: RunningServer, action: str, model: str, version: str | None = None) -> None:
