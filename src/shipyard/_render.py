@@ -85,7 +85,7 @@ def manifest_table(manifest: Manifest) -> Table:
                 label = f"throughput, batch {manifest.metrics.get('throughput_batch', 1):.0f}"
             table.add_row(label, fmt.format(value))
     table.add_row("size", human_bytes(manifest.size_bytes))
-    for kind, tensors in (("input", manifest.signature.inputs), ("output", manifest.signature.outputs)):
+    for kind, tensors in (("input", manifest.served_signature.inputs), ("output", manifest.served_signature.outputs)):
         for t in tensors:
             table.add_row(f"{kind} {t.name}", escape(f"{t.dtype} [{', '.join(map(str, t.shape))}]"))
     convert = next((s for s in manifest.lineage if s.step == "convert"), None)

@@ -49,7 +49,7 @@ EXIT_CODES = {
     ErrorKind.RATE_LIMITED: 9,
     ErrorKind.TIMEOUT: 9,
 }
-EXAMPLES = ("digits", "recsys", "sensors", "wine")
+EXAMPLES = ("digits", "generation", "recsys", "sensors", "text", "wine")
 
 
 @app.command()

@@ -80,7 +80,7 @@ def register_tokens(app: typer.Typer) -> None:
 
         from shipyard.serve.guard import add_token
 
-        expires = None if days is None else datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=days)
+        expires = None if days is None else datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
         token = add_token(file, name, scopes, expires)
         err.print(f"[green]added[/] {name} ({', '.join(scopes)}) to {file}; the token is shown once:")
         print(token)

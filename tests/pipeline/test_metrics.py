@@ -48,3 +48,13 @@ def test_mismatched_lengths_and_shapes() -> None:
         compute(_metric("accuracy"), SCORES[:3], LABELS)
     with pytest.raises(EvaluationError, match="do not match targets"):
         compute(_metric("mse"), np.zeros((4, 2)), np.zeros(4))
+
+
+def test_mean_iou_on_masks_with_the_class_axis_last() -> None:
+    truth = np.array([[[0, 0, 1], [0, 2, 2]]])  # one 2x3 mask
+    scores = np.zeros((1, 2, 3, 3))
+    for (row, col), cls in np.ndenumerate(np.array([[0, 1, 1], [0, 2, 0]])):
+        scores[0, row, col, cls] = 1.0  # predicts 0,1,1 / 0,2,0
+    # class 0: 2 shared of 4 in either → 1/2; class 1: 1 of 2 → 1/2; class 2: 1 of 2 → 1/2
+    assert compute(_metric("iou"), scores, truth) == pytest.approx(0.5)
+    assert compute(_metric("iou"), truth, truth) == 1.0

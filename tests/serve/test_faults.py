@@ -61,7 +61,7 @@ def test_an_expired_token_is_refused(tmp_path: Path) -> None:
     from shipyard.errors import UnauthenticatedError
 
     path = tmp_path / "tokens.yaml"
-    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
     old = add_token(path, "old", ["infer:*"], expires=past)
     fresh = add_token(path, "fresh", ["infer:*"], expires=past + datetime.timedelta(days=1))
     guard = Guard(tokens=load_tokens(path))

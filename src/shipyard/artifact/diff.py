@@ -9,7 +9,7 @@ from shipyard.artifact.manifest import Manifest
 
 def _signature_lines(manifest: Manifest) -> dict[str, str]:
     lines = {}
-    for kind, tensors in (("input", manifest.signature.inputs), ("output", manifest.signature.outputs)):
+    for kind, tensors in (("input", manifest.served_signature.inputs), ("output", manifest.served_signature.outputs)):
         for t in tensors:
             lines[f"{kind} {t.name}"] = f"{t.dtype}{json.dumps(t.shape, separators=(',', ':'))}"
     return lines

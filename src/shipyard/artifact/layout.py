@@ -9,7 +9,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from shipyard.artifact.hashing import content_hash, sha256_file
-from shipyard.artifact.manifest import MANIFEST_NAME, FileEntry, LineageStep, Manifest, environment, utc_now
+from shipyard.artifact.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    GenerationRecord,
+    LineageStep,
+    Manifest,
+    TokenizerRecord,
+    environment,
+    interface,
+    utc_now,
+)
 from shipyard.artifact.signing import SIGNATURE_FILE
 from shipyard.errors import IntegrityError
 from shipyard.spec.models import SignatureSpec
@@ -47,6 +57,8 @@ def create_manifest(
     lineage: list[LineageStep] | None = None,
     spec: dict[str, Any] | None = None,
     encryption: dict[str, str] | None = None,
+    tokenizer: TokenizerRecord | None = None,
+    generation: GenerationRecord | None = None,
 ) -> Manifest:
     """Hash every file under `folder` and write its manifest.json (version left for the registry)."""
     files = [
@@ -62,12 +74,14 @@ def create_manifest(
         model_file=model_file,
         signature=signature,
         files=files,
-        content_hash=content_hash(((f.path, f.sha256) for f in files), signature.model_dump(mode="json")),
+        content_hash=content_hash(((f.path, f.sha256) for f in files), interface(signature, tokenizer, generation)),
         metrics=dict(metrics or {}),
         lineage=list(lineage or []),
         environment=environment(),
         spec=spec,
         encryption=encryption,
+        tokenizer=tokenizer,
+        generation=generation,
     )
     write_manifest(folder, manifest)
     return manifest
@@ -103,7 +117,7 @@ def verify_artifact(folder: Path) -> Manifest:
     unexpected = sorted(set(extra) - listed - {SIGNATURE_FILE})  # the signature covers the files, not itself
     if unexpected:
         raise IntegrityError(f"{folder}: files not in the manifest: {', '.join(unexpected)}")
-    expected = content_hash(((f.path, f.sha256) for f in manifest.files), manifest.signature.model_dump(mode="json"))
+    expected = content_hash(((f.path, f.sha256) for f in manifest.files), manifest.interface())
     if expected != manifest.content_hash:
         raise IntegrityError(f"{folder}: content hash does not match the manifest")
     return manifest

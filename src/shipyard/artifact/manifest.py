@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shipyard import __version__
-from shipyard.spec.models import NAME_PATTERN, SignatureSpec
+from shipyard.spec.models import NAME_PATTERN, SignatureSpec, TensorSpec
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -37,6 +37,36 @@ class LineageStep(_Record):
     seconds: float = 0.0
 
 
+class TokenizerRecord(_Record):
+    """The artifact's tokenizer: clients send strings under `input`; it fills the graph's `feeds`."""
+
+    file: str
+    input: str
+    max_length: int
+    feeds: list[str]
+
+    def served(self, graph: SignatureSpec) -> SignatureSpec:
+        """The graph's signature as clients see it: one string input in place of the token-id inputs."""
+        text = TensorSpec(name=self.input, dtype="string", shape=["batch"])
+        kept = [t for t in graph.inputs if t.name not in self.feeds]
+        return SignatureSpec(inputs=[text, *kept], outputs=graph.outputs)
+
+
+GENERATE_SIGNATURE = SignatureSpec(
+    inputs=[TensorSpec(name="text_input", dtype="string", shape=[1])],
+    outputs=[TensorSpec(name="text_output", dtype="string", shape=[1])],
+)
+
+
+class GenerationRecord(_Record):
+    """A decoder served token by token: its tokenizer file and limits (the graph's names are fixed)."""
+
+    tokenizer_file: str
+    max_new_tokens: int
+    context: int
+    eos_token_id: int | None = None
+
+
 class Manifest(_Record):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=NAME_PATTERN)
@@ -53,6 +83,19 @@ class Manifest(_Record):
     environment: dict[str, str] = Field(default_factory=dict)
     spec: dict[str, Any] | None = None  # the build spec, for reproduction
     encryption: dict[str, str] | None = None  # {"algorithm", "key_id"} when the model file is sealed
+    tokenizer: TokenizerRecord | None = None  # text models: strings in, token ids to the graph
+    generation: GenerationRecord | None = None  # language models: text in, a stream of tokens out
+
+    @property
+    def served_signature(self) -> SignatureSpec:
+        """What clients send and receive (differs from `signature`, the graph's, for text models)."""
+        if self.generation is not None:
+            return GENERATE_SIGNATURE
+        return self.signature if self.tokenizer is None else self.tokenizer.served(self.signature)
+
+    def interface(self) -> dict[str, Any]:
+        """What the content hash covers besides the files: the graph's signature, the tokenizer and generation."""
+        return interface(self.signature, self.tokenizer, self.generation)
 
     def file(self, path: str) -> FileEntry:
         return next(f for f in self.files if f.path == path)
@@ -62,8 +105,20 @@ class Manifest(_Record):
         return sum(f.size for f in self.files)
 
 
+def interface(
+    signature: SignatureSpec, tokenizer: TokenizerRecord | None = None, generation: GenerationRecord | None = None
+) -> dict[str, Any]:
+    hashed = signature.model_dump(mode="json")
+    # Keys only when present, so the hashes of plain models stay as they were.
+    if tokenizer is not None:
+        hashed["tokenizer"] = tokenizer.model_dump(mode="json")
+    if generation is not None:
+        hashed["generation"] = generation.model_dump(mode="json")
+    return hashed
+
+
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def environment() -> dict[str, str]:

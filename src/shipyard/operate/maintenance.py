@@ -23,6 +23,7 @@ from shipyard.pipeline import metrics
 from shipyard.pipeline._onnx import ort_predict, run_in_chunks, session
 from shipyard.pipeline.datasets import load_dataset
 from shipyard.pipeline.evaluate import output_index
+from shipyard.pipeline.text import artifact_encoder
 from shipyard.registry import remote
 from shipyard.registry.local import LocalRegistry, VersionRecord
 from shipyard.spec.loader import parse_spec
@@ -76,7 +77,8 @@ def validate(registry: LocalRegistry, ref: str, base_dir: Path, max_drop: float 
     evaluation = spec.evaluation
     if evaluation is None or evaluation.metric.name not in manifest.metrics:
         raise EvaluationError(f"{record.ref} was built without an evaluation: nothing to re-validate")
-    data = load_dataset(evaluation.dataset, manifest.signature, base_dir, evaluation.max_samples)
+    text = artifact_encoder(registry.path(record), manifest)
+    data = load_dataset(evaluation.dataset, manifest.signature, base_dir, evaluation.max_samples, text)
     source = model_source(registry.path(record), manifest)
     sess = session(source if isinstance(source, bytes) else Path(source))
     pred = run_in_chunks(ort_predict(sess), data.inputs, manifest.signature)[

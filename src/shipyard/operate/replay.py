@@ -20,6 +20,7 @@ import numpy as np
 from shipyard.artifact.encryption import model_source
 from shipyard.errors import FailedCheckError, InvalidInputError
 from shipyard.pipeline._onnx import session
+from shipyard.pipeline.text import artifact_encoder
 from shipyard.registry.local import LocalRegistry
 
 
@@ -56,6 +57,7 @@ def replay(logs: list[Path], registry: LocalRegistry, ref: str) -> ReplayReport:
     manifest = registry.manifest(record, verify=True)
     source = model_source(registry.path(record), manifest)
     sess = session(source if isinstance(source, bytes) else Path(source))
+    text = artifact_encoder(registry.path(record), manifest)
     agreed = compared = skipped = 0
     worst, times, logged_ms, served = 0.0, [], [], set()
     for log in logs:
@@ -70,6 +72,8 @@ def replay(logs: list[Path], registry: LocalRegistry, ref: str) -> ReplayReport:
                 skipped += 1
                 continue
             feeds = {name: _array(t) for name, t in entry["inputs"].items()}
+            if text is not None:
+                feeds = text.apply(feeds)
             start = time.perf_counter()
             outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
             times.append((time.perf_counter() - start) * 1e3)

@@ -8,7 +8,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shipyard.artifact.manifest import LineageStep
+from shipyard.artifact.manifest import GenerationRecord, LineageStep
+from shipyard.pipeline.text import TextEncoder
 from shipyard.spec.loader import LoadedSpec
 from shipyard.spec.models import ConvertSpec, SignatureSpec
 
@@ -60,6 +61,8 @@ class BuildContext:
     source: SourceModel | None = None
     signature: SignatureSpec | None = None
     eval_data: EvalData | None = None
+    text: TextEncoder | None = None  # text models: the tokenizer in front of the graph
+    generation: GenerationRecord | None = None  # language models: served token by token
     model_path: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     lineage: list[LineageStep] = field(default_factory=list)

@@ -13,6 +13,7 @@ from shipyard.errors import EvaluationError
 from shipyard.pipeline._imports import import_object
 from shipyard.pipeline._onnx import numpy_dtype
 from shipyard.pipeline.context import EvalData
+from shipyard.pipeline.text import TextEncoder
 from shipyard.spec.models import (
     DatasetSpec,
     FunctionDatasetSpec,
@@ -91,8 +92,20 @@ def _conform(tensor: TensorSpec, array: Any, samples: int) -> np.ndarray:
         raise EvaluationError(f"input {tensor.name!r}: cannot cast {data.dtype} to {tensor.dtype}: {exc}") from None
 
 
-def load_dataset(ds: DatasetSpec, signature: SignatureSpec, base_dir: Path, max_samples: int | None = None) -> EvalData:
-    """Load a dataset (the first `max_samples`) conformed to the model signature; EvaluationError on any mismatch."""
+def load_dataset(
+    ds: DatasetSpec,
+    signature: SignatureSpec,
+    base_dir: Path,
+    max_samples: int | None = None,
+    text: TextEncoder | None = None,
+) -> EvalData:
+    """Load a dataset (the first `max_samples`) conformed to the model signature; EvaluationError on any mismatch.
+
+    With a text encoder the dataset gives strings (the served signature) and they are tokenized for the graph.
+    """
+    graph = signature
+    if text is not None:
+        signature = text.record.served(graph)
     if isinstance(ds, SklearnDatasetSpec):
         raw_inputs, target = _sklearn(ds)
     elif isinstance(ds, NpzDatasetSpec):
@@ -113,7 +126,6 @@ def load_dataset(ds: DatasetSpec, signature: SignatureSpec, base_dir: Path, max_
     missing = [t.name for t in signature.inputs if t.name not in inputs]
     if missing:
         raise EvaluationError(f"dataset provides no data for inputs {missing}")
-    data = EvalData(inputs=inputs, target=target)
-    if max_samples is not None and len(data) > max_samples:
-        data = EvalData(inputs=data.head(max_samples), target=target[:max_samples])
-    return data
+    if max_samples is not None and len(target) > max_samples:
+        inputs, target = {k: v[:max_samples] for k, v in inputs.items()}, target[:max_samples]
+    return EvalData(inputs=inputs if text is None else text.apply(inputs), target=target)

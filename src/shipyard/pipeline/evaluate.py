@@ -86,7 +86,12 @@ class EvaluateStep:
             ctx.metrics[name] = metrics.compute(evaluation.metric, converted, target)
             ctx.metrics[f"{name}_original"] = metrics.compute(evaluation.metric, np.asarray(original), target)
             # What live traffic is compared with (input and prediction drift) when the model is served.
-            write_reference(ctx.artifact_dir, build_reference(feeds, converted, signature.outputs[index].name))
+            # Token ids are not features: a text model's reference keeps its predictions only. A language
+            # model gets none: clients see text, not the logits the evaluation scores.
+            tokens = ctx.text.record.feeds if ctx.text is not None else []
+            watched = {k: v for k, v in feeds.items() if k not in tokens}
+            if ctx.generation is None:
+                write_reference(ctx.artifact_dir, build_reference(watched, converted, signature.outputs[index].name))
             params.update(metric=name, direction=evaluation.metric.better, samples=len(target))
         ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
         if all(t.dtype != "string" for t in signature.inputs):

@@ -13,6 +13,7 @@ from shipyard.pipeline._onnx import check_onnx, session, signature_of
 from shipyard.pipeline.context import BuildContext, ExportResult, SourceModel
 from shipyard.pipeline.datasets import load_dataset
 from shipyard.pipeline.step import Progress
+from shipyard.pipeline.text import generation_record, spec_encoder
 from shipyard.spec.models import ConvertSpec, ModelSourceSpec, SignatureSpec, resolve_path
 
 
@@ -80,9 +81,15 @@ class LoadStep:
             assert spec.model.weights is not None
             ctx.source_sha256 = sha256_file(resolve_path(ctx.base_dir, spec.model.weights))
             params.update(module=spec.model.module, weights=Path(spec.model.weights).name)
+        if spec.model.tokenizer is not None:
+            ctx.text = spec_encoder(spec.model.tokenizer, ctx.signature, ctx.base_dir, ctx.artifact_dir)
+            params["tokenizer"] = {"input": ctx.text.record.input, "feeds": ctx.text.record.feeds}
+        if spec.model.generation is not None:
+            ctx.generation = generation_record(spec.model.generation, ctx.signature, ctx.base_dir, ctx.artifact_dir)
+            params["generation"] = ctx.generation.model_dump(mode="json")
         if spec.evaluation is not None:
             ctx.eval_data = load_dataset(
-                spec.evaluation.dataset, ctx.signature, ctx.base_dir, spec.evaluation.max_samples
+                spec.evaluation.dataset, ctx.signature, ctx.base_dir, spec.evaluation.max_samples, ctx.text
             )
             params["dataset"] = spec.evaluation.dataset.model_dump(mode="json")
             params["samples"] = len(ctx.eval_data)

@@ -41,6 +41,14 @@ def top_k(pred: np.ndarray, target: np.ndarray, k: int) -> float:
     return float(np.mean(np.any(top == target[..., None], axis=-1)))
 
 
+def iou(pred: np.ndarray, target: np.ndarray, k: int) -> float:
+    """Mean intersection over union over the classes seen in labels or predictions (segmentation masks)."""
+    labels = _labels(pred, target)
+    scores = [np.sum((labels == c) & (target == c)) / np.sum((labels == c) | (target == c))
+              for c in np.union1d(labels, target)]  # fmt: skip
+    return float(np.mean(scores))
+
+
 def _values(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     p, t = pred.astype(np.float64), target.astype(np.float64)
     if p.size != t.size:
@@ -68,6 +76,7 @@ def cosine(pred: np.ndarray, target: np.ndarray, k: int) -> float:
 _METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
     "accuracy": accuracy,
     "f1": f1_macro,
+    "iou": iou,
     "top_k": top_k,
     "mse": mse,
     "mae": mae,

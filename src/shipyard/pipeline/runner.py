@@ -90,6 +90,8 @@ def build(loaded: LoadedSpec, registry: LocalRegistry, reporter: Reporter | None
             lineage=ctx.lineage,
             spec=spec.model_dump(mode="json"),
             encryption=None if key is None else {"algorithm": ALGORITHM, "key_id": key_id(key)},
+            tokenizer=None if ctx.text is None else ctx.text.record,
+            generation=ctx.generation,
         )
         return registry.publish(staged)
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 
 from shipyard import __version__
 from shipyard.errors import InvalidInputError, NotFoundError, TimedOutError, TooLargeError
+from shipyard.serve.generation import Generation
 from shipyard.serve.repository import ModelHandle, ModelRepository
 from shipyard.serve.request_log import RequestLog
 from shipyard.serve.rollout import Rollout
@@ -193,6 +195,8 @@ class DataPlane:
             routed = self.rollout.route(name, self.repository.versions(name))
             version = str(routed) if routed is not None else None
         handle = self.repository.get(name, version)
+        if handle.generator is not None:
+            return await self._generate_whole(handle, request)
         samples = 1
         try:
             self._check_requested(handle, request)
@@ -208,6 +212,39 @@ class DataPlane:
         handle.stats.request_done(True, time.perf_counter_ns() - start, samples)
         self._after_answer(handle, request, feeds, samples, outputs, start)
         return response
+
+    def generates(self, name: str, version: str | None) -> bool:
+        """Whether the model is a language model (answers token by token)."""
+        return self.repository.get(name, version).generator is not None
+
+    def generate(self, name: str, version: str | None, request: InferRequest) -> Generation:
+        """A validated generation for a language model (text_input → pieces of text_output as iterated)."""
+        handle = self.repository.get(name, version)
+        if handle.generator is None:
+            raise InvalidInputError(f"{name}:{handle.version} is not a language model: use infer")
+        self._check_requested(handle, request)
+        feeds, _ = self._feeds(handle, request)
+        return handle.generator.start(str(feeds["text_input"][0]), request.parameters)
+
+    async def stream(self, name: str, version: str | None, generation: Generation) -> AsyncIterator[str]:
+        """Iterate a generation under the request timeout, counting it in the model's statistics."""
+        handle = self.repository.get(name, version)
+        start, ok = time.perf_counter_ns(), False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async for piece in generation:
+                    yield piece
+            ok = True
+        except TimeoutError:
+            raise TimedOutError(f"generation not finished within the {self.timeout_s:g} s request timeout") from None
+        finally:
+            handle.stats.request_done(ok, time.perf_counter_ns() - start, 1)
+
+    async def _generate_whole(self, handle: ModelHandle, request: InferRequest) -> InferResponse:
+        generation = self.generate(handle.name, str(handle.version), request)
+        text = "".join([piece async for piece in self.stream(handle.name, str(handle.version), generation)])
+        output = Tensor("text_output", "BYTES", [1], np.array([text.encode()], dtype=object))
+        return InferResponse(handle.name, str(handle.version), [output], request.id, generation.usage.parameters())
 
     def _after_answer(self, handle: ModelHandle, request: InferRequest, feeds: dict[str, np.ndarray], samples: int,
                       outputs: list[np.ndarray], start: int) -> None:  # fmt: skip
@@ -231,10 +268,8 @@ class DataPlane:
     async def _run(self, handle: ModelHandle, feeds: dict[str, np.ndarray], samples: int) -> list[np.ndarray]:
         if self.timeout_s is None:
             return await handle.batcher.submit(feeds, samples)
-        if hasattr(asyncio, "timeout"):  # 3.11+: a deadline on this task; wait_for would add a task per request
-            async with asyncio.timeout(self.timeout_s):
-                return await handle.batcher.submit(feeds, samples)
-        return await asyncio.wait_for(handle.batcher.submit(feeds, samples), self.timeout_s)
+        async with asyncio.timeout(self.timeout_s):  # a deadline on this task; wait_for would add a task per request
+            return await handle.batcher.submit(feeds, samples)
 
     def _feeds(self, handle: ModelHandle, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
         expected = handle.schema.inputs

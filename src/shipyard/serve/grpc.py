@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
@@ -17,6 +18,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError
 from shipyard.serve.dataplane import DataPlane
 from shipyard.serve.datatypes import from_list, from_raw, to_raw
+from shipyard.serve.generation import Generation
 from shipyard.serve.guard import Action, Guard
 from shipyard.serve.types import InferRequest, InferResponse, RequestedOutput, Tensor
 
@@ -196,7 +198,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         async for request in request_iterator:
             try:
                 self._allow(context, "infer", request.model_name)
-                response = await self.dp.infer(request.model_name, request.model_version or None, decode_infer(request))
+                name, version = request.model_name, request.model_version or None
+                if self.dp.generates(name, version):
+                    async for message in self._generation(name, version, decode_infer(request)):
+                        yield message
+                    continue
+                response = await self.dp.infer(name, version, decode_infer(request))
                 yield service_pb2.ModelStreamInferResponse(infer_response=encode_infer(response))
             except ShipyardError as exc:
                 message = exc.message if GRPC_STATUS[exc.kind] != grpc.StatusCode.INTERNAL else "internal error"
@@ -204,6 +211,35 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             except Exception:
                 logger.exception("unhandled stream error")
                 yield service_pb2.ModelStreamInferResponse(error_message="internal error")
+
+    async def _generation(self, name: str, version: str | None, request: InferRequest) -> AsyncIterator[Any]:
+        """A language model's answer as decoupled responses: one per piece of text, the last marked final
+        (or an empty final one, when the client asked with triton_enable_empty_final_response)."""
+        generation = self.dp.generate(name, version, request)
+        empty_final = bool(request.parameters.get("triton_enable_empty_final_response", False))
+        held: str | None = None  # one piece behind, so the last one can carry the final flag
+        async for piece in self.dp.stream(name, version, generation):
+            if held is not None:
+                yield _piece(generation, request, held, final=False)
+            held = piece
+        if held is not None:
+            yield _piece(generation, request, held, final=not empty_final)
+        if held is None or empty_final:
+            yield _piece(generation, request, None, final=True)
+
+
+def _piece(generation: Generation, request: InferRequest, text: str | None, final: bool) -> Any:
+    response = service_pb2.ModelInferResponse(
+        model_name=generation.generator.name, model_version=generation.generator.version, id=request.id or ""
+    )
+    if text is not None:
+        response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+        response.raw_output_contents.append(to_raw("BYTES", np.array([text.encode()], dtype=object)))
+    response.parameters["triton_final_response"].bool_param = final
+    if final:
+        for key, value in generation.usage.parameters().items():
+            response.parameters[key].int64_param = value
+    return service_pb2.ModelStreamInferResponse(infer_response=response)
 
 
 _MALFORMED = "malformed request: not a valid protobuf message for this method"

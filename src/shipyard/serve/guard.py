@@ -46,7 +46,7 @@ class TokenEntry(BaseModel):
     @classmethod
     def _utc(cls, value: datetime.datetime | None) -> datetime.datetime | None:
         # A time written without a zone is read as UTC, so it always compares with the clock.
-        return value.replace(tzinfo=datetime.timezone.utc) if value is not None and value.tzinfo is None else value
+        return value.replace(tzinfo=datetime.UTC) if value is not None and value.tzinfo is None else value
 
     def permits(self, action: Action, model: str | None) -> bool:
         if action in ("index", "admin"):
@@ -153,6 +153,6 @@ class Guard:
         entry = self.tokens.get(digest(token.strip()))
         if entry is None:
             raise UnauthenticatedError("unknown or revoked token")
-        if entry.expires is not None and datetime.datetime.now(datetime.timezone.utc) >= entry.expires:
+        if entry.expires is not None and datetime.datetime.now(datetime.UTC) >= entry.expires:
             raise UnauthenticatedError(f"token {entry.name!r} expired at {entry.expires.isoformat()}")
         return entry

@@ -18,6 +18,7 @@ from shipyard.serve.batching import Batcher
 from shipyard.serve.drift import DriftMonitor
 from shipyard.serve.feedback import SUPPORTED as FEEDBACK_METRICS
 from shipyard.serve.feedback import FeedbackStore
+from shipyard.serve.generation import Generator
 from shipyard.serve.metrics import ServerMetrics
 from shipyard.serve.runtime import OrtRuntime
 from shipyard.serve.schema import ModelSchema
@@ -43,6 +44,7 @@ class ModelHandle:
     drift: DriftMonitor | None = None  # when the build recorded reference distributions
     feedback: FeedbackStore | None = None  # when the build had an evaluation metric that can be scored online
     feedback_output: int = 0  # the output the evaluation metric (and so the online metric) reads
+    generator: Generator | None = None  # language models: requests generate token by token
 
     def warm_up_sizes(self) -> list[int]:
         if not self.batchable or self.batcher.max_batch_size <= 1:
@@ -56,6 +58,8 @@ class ModelHandle:
 
 
 def _drift_monitor(folder: Path, manifest: Manifest) -> DriftMonitor | None:
+    if manifest.generation is not None:  # its reference describes logits; clients see text
+        return None
     reference = read_reference(folder)
     names = [t.name for t in manifest.signature.outputs]
     if reference is None or reference.get("output") not in names:
@@ -65,7 +69,7 @@ def _drift_monitor(folder: Path, manifest: Manifest) -> DriftMonitor | None:
 
 def _feedback_store(manifest: Manifest) -> tuple[FeedbackStore | None, int]:
     evaluation = (manifest.spec or {}).get("evaluation")
-    if not evaluation:
+    if not evaluation or manifest.generation is not None:
         return None, 0
     spec = EvaluationSpec.model_validate(evaluation)
     if spec.metric.name not in FEEDBACK_METRICS:
@@ -106,7 +110,7 @@ class ModelRepository:
             settings = serve_settings(manifest)
             runtime = OrtRuntime(self.registry.path(record), manifest, settings)
             stats = ModelStats(record.name, record.version, self.metrics)
-            batchable = is_batchable(manifest.signature)
+            batchable = is_batchable(manifest.served_signature)
             batcher = Batcher(
                 runtime.infer,
                 stats,
@@ -118,9 +122,11 @@ class ModelRepository:
             )
             handle = ModelHandle(
                 record.name, record.version, manifest, settings, runtime, batcher, stats, batchable,
-                ModelSchema.of(manifest.signature), _drift_monitor(self.registry.path(record), manifest),
+                ModelSchema.of(manifest.served_signature), _drift_monitor(self.registry.path(record), manifest),
                 *_feedback_store(manifest),
             )  # fmt: skip
+            if manifest.generation is not None:
+                handle.generator = Generator(self.registry.path(record), manifest, runtime)
             await runtime.load()
             try:
                 slowest = await runtime.warm_up(handle.warm_up_sizes())

@@ -7,7 +7,7 @@ per-request overhead to a few microseconds. Error kinds become HTTP statuses her
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError, TooLargeError
@@ -15,6 +15,7 @@ from shipyard.serve.dataplane import DataPlane
 from shipyard.serve.guard import Action, Guard
 from shipyard.serve.rest_codec import (
     HEADER_LENGTH,
+    decode_generate,
     decode_object,
     decode_parameters,
     decode_request,
@@ -23,6 +24,18 @@ from shipyard.serve.rest_codec import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _failure(exc: Exception, scope: Scope) -> tuple[int, str]:
+    """An error's HTTP status and the message a client may see (internal details stay in the log)."""
+    if isinstance(exc, ShipyardError):
+        status = HTTP_STATUS[exc.kind]
+        if status == 500:
+            logger.error("internal error: %s", exc)
+        return status, exc.message if status != 500 else "internal error"
+    logger.error("unhandled error serving %s", scope.get("path"), exc_info=exc)
+    return 500, "internal error"
+
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -55,6 +68,15 @@ class _Response:
         self.status, self.body, self.headers = status, body, headers or _JSON
 
 
+class _EventStream:
+    """A server-sent-events answer: each item of `events` becomes one `data:` event."""
+
+    __slots__ = ("events",)
+
+    def __init__(self, events: AsyncIterator[dict[str, Any]]) -> None:
+        self.events = events
+
+
 def _json(value: Any, status: int = 200) -> _Response:
     return _Response(status, encode_json(value))
 
@@ -84,18 +106,33 @@ class RestApp:
             return
         try:
             response = await self._route(scope, receive)
-        except ShipyardError as exc:
-            status = HTTP_STATUS[exc.kind]
-            message = exc.message if status != 500 else "internal error"
-            if status == 500:
-                logger.error("internal error: %s", exc)
-            response = _error(status, message)
-        except Exception:
-            logger.exception("unhandled error serving %s", scope.get("path"))
-            response = _error(500, "internal error")
+        except Exception as exc:  # every error becomes an answer; _failure logs the unexpected ones
+            response = _error(*_failure(exc, scope))
+        if isinstance(response, _EventStream):
+            await self._send_events(response, scope, send)
+            return
         headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
+
+    @staticmethod
+    async def _send_events(stream: _EventStream, scope: Scope, send: Send) -> None:
+        """Send events as they come; an error after the start goes out as a last {"error": ...} event."""
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        try:
+            async for event in stream.events:
+                await send({"type": "http.response.body", "body": b"data: " + encode_json(event) + b"\n\n",
+                            "more_body": True})  # fmt: skip
+        except OSError:  # the client went away: stop generating (the iterator is closed below)
+            return
+        except Exception as exc:
+            _, message = _failure(exc, scope)
+            await send({"type": "http.response.body", "body": b"data: " + encode_json({"error": message}) + b"\n\n",
+                        "more_body": True})  # fmt: skip
+        finally:
+            await stream.events.aclose()  # type: ignore[attr-defined]
+        await send({"type": "http.response.body", "body": b""})
 
     @staticmethod
     async def _lifespan(receive: Receive, send: Send) -> None:
@@ -124,7 +161,7 @@ class RestApp:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _route(self, scope: Scope, receive: Receive) -> _Response:
+    async def _route(self, scope: Scope, receive: Receive) -> _Response | _EventStream:
         parts = scope["path"].strip("/").split("/")
         method = scope["method"]
         if not parts or parts[0] != "v2":
@@ -150,14 +187,15 @@ class RestApp:
     def _get(method: str) -> _Response | None:
         return None if method == "GET" else _error(405, "use GET")
 
-    async def _models(self, rest: list[str], method: str, scope: Scope, receive: Receive) -> _Response:
+    async def _models(self, rest: list[str], method: str, scope: Scope, receive: Receive) -> _Response | _EventStream:
         if rest == ["stats"]:
             self._allow(scope, "index")
             return self._get(method) or _json(self.dataplane.model_statistics(None, None))
         if not rest or not rest[0]:
             return _error(404, "no model name in the path")
         name, version, tail = rest[0], None, rest[1:]
-        self._allow(scope, "infer" if tail[-1:] in (["infer"], ["feedback"]) else "read", name)
+        self._allow(scope, "infer" if tail[-1:] in (["infer"], ["feedback"], ["generate"], ["generate_stream"])
+                    else "read", name)  # fmt: skip
         if len(tail) >= 2 and tail[0] == "versions":
             version, tail = tail[1], tail[2:]
         action = tail[0] if len(tail) == 1 else ("" if not tail else None)
@@ -165,6 +203,10 @@ class RestApp:
             if method != "POST":
                 return _error(405, "use POST")
             return await self._infer(name, version, scope, receive)
+        if action in ("generate", "generate_stream"):
+            if method != "POST":
+                return _error(405, "use POST")
+            return await self._generate(name, version, action == "generate_stream", scope, receive)
         if action == "":
             return self._get(method) or _json(self.dataplane.model_metadata(name, version))
         if action == "ready":
@@ -199,6 +241,27 @@ class RestApp:
             return _Response(200, payload)
         headers = [(b"content-type", b"application/octet-stream"), (HEADER_LENGTH.encode(), str(json_length).encode())]
         return _Response(200, payload, headers)
+
+    async def _generate(
+        self, name: str, version: str | None, stream: bool, scope: Scope, receive: Receive
+    ) -> _Response | _EventStream:
+        """Triton's generate extension: one JSON answer, or server-sent events, one per piece of text."""
+        request = decode_generate(await self._body(scope, receive))
+        if not stream:
+            response = await self.dataplane.infer(name, version, request)
+            text = response.outputs[0].data[0].decode()
+            return _json({"model_name": response.model_name, "model_version": response.model_version,
+                          "text_output": text, **response.parameters})  # fmt: skip
+        generation = self.dataplane.generate(name, version, request)  # validated before the stream starts
+        model_version = self.dataplane.repository.get(name, version).version
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            async for piece in self.dataplane.stream(name, str(model_version), generation):
+                yield {"model_name": name, "model_version": str(model_version), "text_output": piece}
+            yield {"model_name": name, "model_version": str(model_version), "text_output": "", "final": True,
+                   **generation.usage.parameters()}  # fmt: skip
+
+        return _EventStream(events())
 
     async def _repository(self, rest: list[str], method: str, scope: Scope, receive: Receive) -> _Response:
         if method != "POST":

@@ -97,6 +97,26 @@ def decode_parameters(body: bytes) -> dict[str, Any]:
     return _dict(decode_object(body).get("parameters") or {}, "parameters")
 
 
+_GENERATE_PARAMETERS = ("max_tokens", "temperature", "seed")
+
+
+def decode_generate(body: bytes) -> InferRequest:
+    """A generate-extension body: {"text_input": str, "parameters": {...}}; top-level max_tokens,
+    temperature and seed are taken as parameters too (as Triton's generate endpoint maps them)."""
+    fields = decode_object(body)
+    text = fields.pop("text_input", None)
+    if not isinstance(text, str):
+        raise InvalidInputError('the body needs "text_input": a string')
+    request_id = fields.pop("id", None)
+    parameters = _dict(fields.pop("parameters", None) or {}, "parameters")
+    unknown = [key for key in fields if key not in _GENERATE_PARAMETERS]
+    if unknown:
+        raise InvalidInputError(f"unknown fields {unknown}; the body takes text_input, parameters, id, "
+                                f"{', '.join(_GENERATE_PARAMETERS)}")  # fmt: skip
+    tensor = Tensor("text_input", "BYTES", [1], np.array([text.encode()], dtype=object))
+    return InferRequest([tensor], None, request_id if isinstance(request_id, str) else None, {**parameters, **fields})
+
+
 def _numpy_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()

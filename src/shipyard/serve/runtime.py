@@ -17,6 +17,7 @@ from shipyard.artifact.layout import verify_artifact
 from shipyard.artifact.manifest import Manifest
 from shipyard.errors import ModelLoadError
 from shipyard.pipeline._onnx import random_feeds
+from shipyard.pipeline.text import TextEncoder, artifact_encoder
 from shipyard.spec.models import ServeSpec, SignatureSpec
 
 
@@ -47,7 +48,10 @@ class OrtRuntime:
         self.folder = folder
         self.manifest = manifest
         self.settings = settings
-        self.signature = manifest.signature
+        # What infer() takes: strings for text models (tokenized here), the graph's tensors otherwise
+        # (a language model's generator feeds the graph itself).
+        self.signature = manifest.signature if manifest.generation is not None else manifest.served_signature
+        self._text: TextEncoder | None = None  # text models: tokenized on the worker thread, after batching
         self.providers: list[str] = []
         self._sessions: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         self._executor: ThreadPoolExecutor | None = None
@@ -59,6 +63,7 @@ class OrtRuntime:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         providers = _providers(self.settings.execution_providers)
+        self._text = artifact_encoder(self.folder, self.manifest)
         source = model_source(self.folder, self.manifest)  # a path, or decrypted bytes kept in memory only
         for _ in range(self.settings.instances):
             try:
@@ -76,6 +81,8 @@ class OrtRuntime:
 
     def run_sync(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run on the calling thread (worker threads, or the event loop for models fast enough)."""
+        if self._text is not None:
+            feeds = self._text.apply(feeds)
         session = self._sessions.get()
         try:
             return session.run(None, feeds)  # type: ignore[no-any-return]

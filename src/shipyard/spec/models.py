@@ -51,6 +51,35 @@ class SignatureSpec(_Spec):
         return self
 
 
+class TokenizerSpec(_Spec):
+    """A Hugging Face fast tokenizer in front of a graph that takes token ids, so clients send strings."""
+
+    path: str
+    """A tokenizer.json file (the `tokenizers` format), resolved against the spec's folder; copied into the artifact."""
+    input: str = Field(default="text", pattern=r"^[A-Za-z_][\w.\-]*$")
+    """Name of the string input that replaces the token-id inputs in the served signature."""
+    max_length: int = Field(default=128, ge=1, le=8192)
+    """Longer texts are truncated to this many tokens; shorter ones are padded to the longest in the batch."""
+
+
+class GenerationSpec(_Spec):
+    """A decoder-only language model served token by token, with its key/value cache fed back each step.
+
+    The graph takes `input_ids` [batch, sequence] and `past` [batch, …, past_sequence, …] (the cache: its
+    4th dimension is the sequence) and returns `logits` [batch, sequence, vocab] and `present` (`past` with
+    the new positions appended). The server then offers /generate, /generate_stream (server-sent events)
+    and token streaming over gRPC ModelStreamInfer; clients send `text_input` and get `text_output`."""
+
+    tokenizer: str
+    """The tokenizer.json (the `tokenizers` format) that encodes prompts and decodes tokens."""
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    """Default and upper bound of the tokens one request may generate (`max_tokens` asks for fewer)."""
+    context: int = Field(default=256, ge=2, le=131072)
+    """Longest prompt + generation the model was trained for (its position table)."""
+    eos_token: str | None = None
+    """A token that ends the generation when produced (kept out of the text)."""
+
+
 class ModelSourceSpec(_Spec):
     """Where the trained model comes from."""
 
@@ -70,6 +99,11 @@ class ModelSourceSpec(_Spec):
     only enable for files you produced yourself."""
     signature: SignatureSpec | None = None
     """Input/output signature; required for torch, read from the graph for onnx and sklearn."""
+    tokenizer: TokenizerSpec | None = None
+    """Serve a text model on strings: the tokenizer fills the graph's input_ids / attention_mask /
+    token_type_ids inputs (evaluation datasets then give the texts under `tokenizer.input`)."""
+    generation: GenerationSpec | None = None
+    """Serve a decoder-only language model with token streaming and a key/value cache."""
 
     @model_validator(mode="after")
     def _source_is_complete(self) -> ModelSourceSpec:
@@ -86,6 +120,8 @@ class ModelSourceSpec(_Spec):
             raise ValueError("`weights` goes with `module`")
         if self.format == "torch" and self.signature is None:
             raise ValueError("format: torch needs `signature.inputs` (names, dtypes and shapes to export)")
+        if self.tokenizer is not None and self.generation is not None:
+            raise ValueError("`tokenizer` is for models that take strings; a `generation` model names its own")
         return self
 
 
@@ -147,10 +183,11 @@ class FunctionDatasetSpec(_Spec):
 
 DatasetSpec = Annotated[SklearnDatasetSpec | NpzDatasetSpec | FunctionDatasetSpec, Field(discriminator="kind")]
 
-MetricName = Literal["accuracy", "f1", "mse", "mae", "cosine", "top_k"]
+MetricName = Literal["accuracy", "f1", "iou", "mse", "mae", "cosine", "top_k"]
 METRIC_DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {
     "accuracy": "maximize",
     "f1": "maximize",
+    "iou": "maximize",
     "cosine": "maximize",
     "top_k": "maximize",
     "mse": "minimize",
@@ -162,7 +199,8 @@ class MetricSpec(_Spec):
     """Quality metric; a plain string such as `accuracy` is accepted as shorthand."""
 
     name: MetricName
-    """accuracy / f1 (macro) / top_k on class scores or labels; mse / mae / cosine on values."""
+    """accuracy / f1 (macro) / top_k on class scores or labels; iou (mean over classes) on per-pixel class
+    scores (class axis last) or label masks; mse / mae / cosine on values."""
     k: int = Field(default=5, ge=1)
     """k for top_k."""
     direction: Literal["maximize", "minimize"] | None = None

@@ -1,0 +1,120 @@
+"""Token-by-token generation on an ONNX decoder graph, feeding its key/value cache back each step.
+
+The prompt runs through the graph once (prefill); after that each step feeds only the newest token and
+the cache (`present` becomes the next `past`), so a long generation never recomputes its prefix.
+Decoding is greedy unless the request sets a temperature (then sampled, seeded by `seed` if given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shipyard.artifact.manifest import GenerationRecord, Manifest
+from shipyard.errors import InvalidInputError, ModelLoadError
+from shipyard.pipeline._onnx import numpy_dtype
+from shipyard.pipeline.text import load_tokenizer
+from shipyard.serve.runtime import OrtRuntime
+
+
+@dataclass
+class Usage:
+    """Token counts of one generation; `computed_tokens` counts positions run through the graph."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    computed_tokens: int = 0
+
+    def parameters(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "computed_tokens": self.computed_tokens}  # fmt: skip
+
+
+def _int_parameter(parameters: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = parameters.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInputError(f"parameter {name!r} must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+class Generation:
+    """One request's generation: validated when made, run while iterated (yields text pieces)."""
+
+    def __init__(self, generator: Generator, prompt: str, parameters: dict[str, Any]) -> None:
+        record = generator.record
+        ids = generator.tokenizer.encode(prompt).ids
+        if not ids:
+            raise InvalidInputError("text_input is empty: there is nothing to continue")
+        if len(ids) >= record.context:
+            raise InvalidInputError(f"the prompt has {len(ids)} tokens; the model's context is {record.context}")
+        limit = record.max_new_tokens
+        self.max_tokens = min(_int_parameter(parameters, "max_tokens", limit, 1, limit), record.context - len(ids))
+        temperature = parameters.get("temperature", 0.0)
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 10:
+            raise InvalidInputError(f"parameter 'temperature' must be a number from 0 to 10, got {temperature!r}")
+        self.temperature = float(temperature)
+        seed = parameters.get("seed")
+        self.rng = np.random.default_rng(None if seed is None else _int_parameter(parameters, "seed", 0, 0, 2**63 - 1))
+        self.generator, self.ids = generator, ids
+        self.usage = Usage(prompt_tokens=len(ids))
+
+    def _pick(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(logits.argmax())
+        scaled = (logits - logits.max()) / self.temperature
+        weights = np.exp(scaled.astype(np.float64))
+        return int(self.rng.choice(len(weights), p=weights / weights.sum()))
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        gen = self.generator
+        feeds = {"input_ids": np.asarray([self.ids], dtype=gen.ids_dtype), "past": gen.empty_cache()}
+        produced: list[int] = []
+        emitted = ""
+        for _ in range(self.max_tokens):
+            outputs = await gen.runtime.infer(feeds)
+            self.usage.computed_tokens += feeds["input_ids"].shape[1]
+            token = self._pick(outputs[gen.logits_index][0, -1])
+            if token == gen.record.eos_token_id:
+                break
+            produced.append(token)
+            self.usage.completion_tokens = len(produced)
+            text = gen.tokenizer.decode(produced)
+            if not text.endswith("\ufffd"):  # hold back a character whose bytes are not all generated yet
+                yield text[len(emitted) :]
+                emitted = text
+            feeds = {"input_ids": np.asarray([[token]], dtype=gen.ids_dtype), "past": outputs[gen.present_index]}
+        text = gen.tokenizer.decode(produced)
+        if text != emitted:
+            yield text[len(emitted) :]
+
+
+class Generator:
+    """A loaded language model: its tokenizer, cache layout and the runtime that runs each step."""
+
+    def __init__(self, folder: Path, manifest: Manifest, runtime: OrtRuntime) -> None:
+        assert manifest.generation is not None
+        self.record: GenerationRecord = manifest.generation
+        self.name, self.version = manifest.name, str(manifest.version)
+        self.tokenizer = load_tokenizer(folder / self.record.tokenizer_file)
+        self.runtime = runtime
+        graph = manifest.signature
+        inputs = {t.name: t for t in graph.inputs}
+        past = inputs["past"]
+        kv, heads, width = past.shape[1], past.shape[2], past.shape[4]
+        if not (isinstance(kv, int) and isinstance(heads, int) and isinstance(width, int)):
+            raise ModelLoadError(f"{manifest.name}: the cache input 'past' needs fixed kv/heads/head_dim dimensions")
+        self._cache_shape = (1, kv, heads, 0, width)
+        self._cache_dtype = numpy_dtype(past.dtype)
+        self.ids_dtype = numpy_dtype(inputs["input_ids"].dtype)
+        names = [t.name for t in graph.outputs]
+        self.logits_index, self.present_index = names.index("logits"), names.index("present")
+
+    def empty_cache(self) -> np.ndarray:
+        return np.zeros(self._cache_shape, dtype=self._cache_dtype)
+
+    def start(self, prompt: str, parameters: dict[str, Any]) -> Generation:
+        return Generation(self, prompt, parameters)

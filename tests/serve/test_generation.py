@@ -1,0 +1,179 @@
+"""Language models: token streaming over SSE and gRPC ModelStreamInfer, and the key/value cache.
+
+The decoder is the generation example's TinyGPT with random weights (tiny dims) and a word-level
+tokenizer, built through the real pipeline. The reference is a greedy loop without any cache: the whole
+sequence through the registered graph at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import sys
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from shipyard.pipeline import build
+from shipyard.registry import LocalRegistry
+from shipyard.spec import load_spec
+from tests._helpers import write_spec
+from tests.serve.conftest import RunningServer, start_server, stop_server
+
+WORDS = ["<eos>", "<unk>", "the", "ship", "sails", "north", "south", "at", "dawn", "dusk", "with", "crew", "salt"]
+PROMPT = "the ship sails"
+
+
+def make_decoder(folder: Path) -> dict[str, Any]:
+    shutil.copyfile(str(resources.files("shipyard").joinpath("examples/generation/model.py")), folder / "model.py")
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer.save(str(folder / "tokenizer.json"))
+    sys.path.insert(0, str(folder))
+    try:
+        from model import TinyGPT  # the example's module, copied above
+    finally:
+        sys.path.remove(str(folder))
+    torch.manual_seed(0)
+    save_file(
+        TinyGPT(vocab=len(WORDS), dim=16, heads=2, layers=1, context=64).state_dict(), str(folder / "w.safetensors")
+    )
+    return {
+        "name": "lm",
+        "model": {
+            "format": "torch", "module": "model:TinyGPT", "weights": "w.safetensors",
+            "init_args": {"vocab": len(WORDS), "dim": 16, "heads": 2, "layers": 1, "context": 64},
+            "signature": {
+                "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+                           {"name": "past", "dtype": "float32", "shape": ["batch", 2, 2, "past_sequence", 8]}],
+                "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", len(WORDS)]},
+                            {"name": "present", "dtype": "float32", "shape": ["batch", 2, 2, "total", 8]}],
+            },
+            "generation": {"tokenizer": "tokenizer.json", "max_new_tokens": 24, "context": 64},
+        },
+        "convert": {"exporter": "legacy"},
+    }  # fmt: skip
+
+
+def greedy_without_cache(model_file: Path, prompt_ids: list[int], steps: int) -> list[int]:
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    ids = list(prompt_ids)
+    for _ in range(steps):
+        logits, _ = session.run(None, {"input_ids": np.array([ids]), "past": np.zeros((1, 2, 2, 0, 8), np.float32)})
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
+@pytest.fixture(scope="module")
+def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, str]]:
+    folder = tmp_path_factory.mktemp("lm")
+    registry = LocalRegistry(folder / "registry")
+    build(load_spec(write_spec(folder, make_decoder(folder))), registry)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    record = registry.resolve("lm")
+    new = greedy_without_cache(registry.path(record) / "model.onnx", tokenizer.encode(PROMPT).ids, 12)
+    running = start_server(registry, folder / "server.log", "lm")
+    yield running, tokenizer.decode(new)
+    assert stop_server(running) == 0
+    assert "Traceback" not in running.log.read_text()
+
+
+def test_generate_matches_a_greedy_loop_without_cache_and_computes_each_position_once(
+    lm_server: tuple[RunningServer, str],
+) -> None:
+    server, expected = lm_server
+    reply = httpx.post(f"{server.base()}/v2/models/lm/generate", json={"text_input": PROMPT, "max_tokens": 12})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["text_output"] == expected
+    assert body["prompt_tokens"] == 3
+    assert body["completion_tokens"] == 12
+    assert body["computed_tokens"] == 3 + 12 - 1  # the prompt once, then only the newest token each step
+
+
+def test_sse_stream_sends_one_event_per_token_then_a_final_one(lm_server: tuple[RunningServer, str]) -> None:
+    server, expected = lm_server
+    body = {"text_input": PROMPT, "parameters": {"max_tokens": 12}}
+    with httpx.stream("POST", f"{server.base()}/v2/models/lm/generate_stream", json=body) as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    *pieces, final = events
+    assert final["final"] is True
+    assert final["completion_tokens"] == 12
+    assert len(pieces) == 12
+    assert "".join(e["text_output"] for e in pieces) == expected
+
+
+def test_grpc_stream_is_decoupled_with_a_final_flag(lm_server: tuple[RunningServer, str]) -> None:
+    server, expected = lm_server
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
+    try:
+        for empty_final in (False, True):
+            client.async_stream_infer("lm", [text], parameters={"max_tokens": 12},
+                                      enable_empty_final_response=empty_final)  # fmt: skip
+            pieces, finals = [], []
+            while not finals or not finals[-1]:
+                result, error = answers.get(timeout=30)
+                assert error is None
+                output = result.as_numpy("text_output")
+                pieces += [] if output is None else [output[0].decode()]
+                finals.append(result.get_response().parameters["triton_final_response"].bool_param)
+            assert "".join(pieces) == expected
+            assert len(finals) == (13 if empty_final else 12)  # the empty final answer only when asked for
+    finally:
+        client.stop_stream()
+
+
+def test_infer_on_a_language_model_returns_the_whole_text(lm_server: tuple[RunningServer, str]) -> None:
+    server, expected = lm_server
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
+    got = client.infer("lm", [text], parameters={"max_tokens": 12}).as_numpy("text_output")
+    assert got[0].decode() == expected
+
+
+def test_sampling_with_a_seed_repeats(lm_server: tuple[RunningServer, str]) -> None:
+    server, _ = lm_server
+    body = {"text_input": PROMPT, "temperature": 1.5, "seed": 7}
+    first, second = (httpx.post(f"{server.base()}/v2/models/lm/generate", json=body).json() for _ in range(2))
+    assert first["text_output"] == second["text_output"]
+    assert first["completion_tokens"] == 24  # the spec's max_new_tokens: it sets no end token
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"text_input": ""}, "empty"),
+        ({"text_input": PROMPT, "max_tokens": 0}, "max_tokens"),
+        ({"text_input": PROMPT, "max_tokens": 25}, "max_tokens"),
+        ({"text_input": PROMPT, "temperature": "hot"}, "temperature"),
+        ({"text_input": PROMPT, "top_k": 3}, "unknown fields"),
+        ({"text_input": 5}, "text_input"),
+        ({"text_input": " ".join(["salt"] * 64)}, "context"),
+    ],
+)
+def test_bad_generate_requests_are_refused_before_streaming(
+    lm_server: tuple[RunningServer, str], body: dict[str, Any], message: str
+) -> None:
+    server, _ = lm_server
+    for route in ("generate", "generate_stream"):
+        reply = httpx.post(f"{server.base()}/v2/models/lm/{route}", json=body)
+        assert reply.status_code == 400
+        assert message in reply.json()["error"]
