@@ -177,3 +177,10 @@ def test_bad_generate_requests_are_refused_before_streaming(
         reply = httpx.post(f"{server.base()}/v2/models/lm/{route}", json=body)
         assert reply.status_code == 400
         assert message in reply.json()["error"]
+
+
+def test_generate_on_a_model_that_is_not_a_language_model_is_refused(server: RunningServer) -> None:
+    for route in ("generate", "generate_stream"):
+        reply = httpx.post(f"{server.base()}/v2/models/mlp/{route}", json={"text_input": "hello"})
+        assert reply.status_code == 400
+        assert "not a language model" in reply.json()["error"]

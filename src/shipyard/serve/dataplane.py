@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
@@ -196,7 +196,7 @@ class DataPlane:
             version = str(routed) if routed is not None else None
         handle = self.repository.get(name, version)
         if handle.generator is not None:
-            return await self._generate_whole(handle, request)
+            return await self.generate_text(name, str(handle.version), request)
         samples = 1
         try:
             self._check_requested(handle, request)
@@ -218,7 +218,7 @@ class DataPlane:
         return self.repository.get(name, version).generator is not None
 
     def generate(self, name: str, version: str | None, request: InferRequest) -> Generation:
-        """A validated generation for a language model (text_input → pieces of text_output as iterated)."""
+        """A validated generation for a language model: nothing runs until `stream` iterates it."""
         handle = self.repository.get(name, version)
         if handle.generator is None:
             raise InvalidInputError(f"{name}:{handle.version} is not a language model: use infer")
@@ -226,25 +226,29 @@ class DataPlane:
         feeds, _ = self._feeds(handle, request)
         return handle.generator.start(str(feeds["text_input"][0]), request.parameters)
 
-    async def stream(self, name: str, version: str | None, generation: Generation) -> AsyncIterator[str]:
-        """Iterate a generation under the request timeout, counting it in the model's statistics."""
-        handle = self.repository.get(name, version)
+    async def stream(self, generation: Generation) -> AsyncGenerator[str, None]:
+        """Run a generation under the request timeout, counting it in its model's statistics."""
+        # A deadline, not asyncio.timeout around the loop: that would also cover the consumer's awaits
+        # between pieces, which run while this generator is suspended.
+        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
+        stats = self.repository.get(generation.generator.name, generation.generator.version).stats
         start, ok = time.perf_counter_ns(), False
         try:
-            async with asyncio.timeout(self.timeout_s):
-                async for piece in generation:
-                    yield piece
+            async for piece in generation.run(deadline):
+                yield piece
             ok = True
         except TimeoutError:
             raise TimedOutError(f"generation not finished within the {self.timeout_s:g} s request timeout") from None
         finally:
-            handle.stats.request_done(ok, time.perf_counter_ns() - start, 1)
+            stats.request_done(ok, time.perf_counter_ns() - start, 1)
 
-    async def _generate_whole(self, handle: ModelHandle, request: InferRequest) -> InferResponse:
-        generation = self.generate(handle.name, str(handle.version), request)
-        text = "".join([piece async for piece in self.stream(handle.name, str(handle.version), generation)])
+    async def generate_text(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        """A language model's whole answer as one `text_output` (plain infer, and /generate)."""
+        generation = self.generate(name, version, request)
+        text = "".join([piece async for piece in self.stream(generation)])
         output = Tensor("text_output", "BYTES", [1], np.array([text.encode()], dtype=object))
-        return InferResponse(handle.name, str(handle.version), [output], request.id, generation.usage.parameters())
+        generator = generation.generator
+        return InferResponse(generator.name, generator.version, [output], request.id, generation.usage.parameters())
 
     def _after_answer(self, handle: ModelHandle, request: InferRequest, feeds: dict[str, np.ndarray], samples: int,
                       outputs: list[np.ndarray], start: int) -> None:  # fmt: skip

@@ -7,6 +7,7 @@ Decoding is greedy unless the request sets a temperature (then sampled, seeded b
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +70,15 @@ class Generation:
         weights = np.exp(scaled.astype(np.float64))
         return int(self.rng.choice(len(weights), p=weights / weights.sum()))
 
-    async def __aiter__(self) -> AsyncIterator[str]:
+    async def run(self, deadline: float | None = None) -> AsyncIterator[str]:
+        """Pieces of text as tokens come; TimeoutError when a step would end past `deadline` (loop time)."""
         gen = self.generator
         feeds = {"input_ids": np.asarray([self.ids], dtype=gen.ids_dtype), "past": gen.empty_cache()}
         produced: list[int] = []
         emitted = ""
         for _ in range(self.max_tokens):
-            outputs = await gen.runtime.infer(feeds)
+            async with asyncio.timeout_at(deadline):
+                outputs = await gen.runtime.infer(feeds)
             self.usage.computed_tokens += feeds["input_ids"].shape[1]
             token = self._pick(outputs[gen.logits_index][0, -1])
             if token == gen.record.eos_token_id:
@@ -83,12 +86,13 @@ class Generation:
             produced.append(token)
             self.usage.completion_tokens = len(produced)
             text = gen.tokenizer.decode(produced)
-            if not text.endswith("\ufffd"):  # hold back a character whose bytes are not all generated yet
+            # Hold back a character whose bytes are not all generated yet, and text a decoder rewrote.
+            if not text.endswith("\ufffd") and text.startswith(emitted):
                 yield text[len(emitted) :]
                 emitted = text
             feeds = {"input_ids": np.asarray([[token]], dtype=gen.ids_dtype), "past": outputs[gen.present_index]}
         text = gen.tokenizer.decode(produced)
-        if text != emitted:
+        if text != emitted and text.startswith(emitted):
             yield text[len(emitted) :]
 
 

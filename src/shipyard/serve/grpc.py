@@ -218,7 +218,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         generation = self.dp.generate(name, version, request)
         empty_final = bool(request.parameters.get("triton_enable_empty_final_response", False))
         held: str | None = None  # one piece behind, so the last one can carry the final flag
-        async for piece in self.dp.stream(name, version, generation):
+        async for piece in self.dp.stream(generation):
             if held is not None:
                 yield _piece(generation, request, held, final=False)
             held = piece

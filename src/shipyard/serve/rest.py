@@ -6,8 +6,9 @@ per-request overhead to a few microseconds. Error kinds become HTTP statuses her
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError, TooLargeError
@@ -73,7 +74,7 @@ class _EventStream:
 
     __slots__ = ("events",)
 
-    def __init__(self, events: AsyncIterator[dict[str, Any]]) -> None:
+    def __init__(self, events: AsyncGenerator[dict[str, Any], None]) -> None:
         self.events = events
 
 
@@ -109,30 +110,43 @@ class RestApp:
         except Exception as exc:  # every error becomes an answer; _failure logs the unexpected ones
             response = _error(*_failure(exc, scope))
         if isinstance(response, _EventStream):
-            await self._send_events(response, scope, send)
+            await self._send_events(response, scope, receive, send)
             return
         headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
 
     @staticmethod
-    async def _send_events(stream: _EventStream, scope: Scope, send: Send) -> None:
-        """Send events as they come; an error after the start goes out as a last {"error": ...} event."""
+    async def _send_events(stream: _EventStream, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send events as they come; stop generating when the client goes away (uvicorn drops writes to a
+        closed connection silently, so the disconnect is watched on `receive`). An error after the start
+        goes out as a last {"error": ...} event."""
+
+        async def pump() -> None:
+            try:
+                async for event in stream.events:
+                    await send({"type": "http.response.body", "body": b"data: " + encode_json(event) + b"\n\n",
+                                "more_body": True})  # fmt: skip
+            except Exception as exc:
+                _, message = _failure(exc, scope)
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"data: " + encode_json({"error": message}) + b"\n\n"})  # fmt: skip
+            await send({"type": "http.response.body", "body": b""})
+
+        async def disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
         headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        tasks = [asyncio.create_task(pump()), asyncio.create_task(disconnect())]
         try:
-            async for event in stream.events:
-                await send({"type": "http.response.body", "body": b"data: " + encode_json(event) + b"\n\n",
-                            "more_body": True})  # fmt: skip
-        except OSError:  # the client went away: stop generating (the iterator is closed below)
-            return
-        except Exception as exc:
-            _, message = _failure(exc, scope)
-            await send({"type": "http.response.body", "body": b"data: " + encode_json({"error": message}) + b"\n\n",
-                        "more_body": True})  # fmt: skip
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await stream.events.aclose()  # type: ignore[attr-defined]
-        await send({"type": "http.response.body", "body": b""})
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await stream.events.aclose()
 
     @staticmethod
     async def _lifespan(receive: Receive, send: Send) -> None:
@@ -248,18 +262,17 @@ class RestApp:
         """Triton's generate extension: one JSON answer, or server-sent events, one per piece of text."""
         request = decode_generate(await self._body(scope, receive))
         if not stream:
-            response = await self.dataplane.infer(name, version, request)
+            response = await self.dataplane.generate_text(name, version, request)
             text = response.outputs[0].data[0].decode()
             return _json({"model_name": response.model_name, "model_version": response.model_version,
                           "text_output": text, **response.parameters})  # fmt: skip
         generation = self.dataplane.generate(name, version, request)  # validated before the stream starts
-        model_version = self.dataplane.repository.get(name, version).version
+        model = {"model_name": generation.generator.name, "model_version": generation.generator.version}
 
-        async def events() -> AsyncIterator[dict[str, Any]]:
-            async for piece in self.dataplane.stream(name, str(model_version), generation):
-                yield {"model_name": name, "model_version": str(model_version), "text_output": piece}
-            yield {"model_name": name, "model_version": str(model_version), "text_output": "", "final": True,
-                   **generation.usage.parameters()}  # fmt: skip
+        async def events() -> AsyncGenerator[dict[str, Any], None]:
+            async for piece in self.dataplane.stream(generation):
+                yield {**model, "text_output": piece}
+            yield {**model, "text_output": "", "final": True, **generation.usage.parameters()}
 
         return _EventStream(events())
 

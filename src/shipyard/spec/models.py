@@ -280,7 +280,8 @@ class OptimizeSpec(_Spec):
     """Steps to try, in order; each accepted step becomes the parent of the next."""
     train_data: DatasetSpec | None = None
     """Training data for distillation and fine-tuning (labels optional: the teacher's outputs are the
-    targets). Must not be the evaluation set, or the guard would judge a model on what it learned."""
+    targets), and the calibration inputs of static quantization (else the evaluation inputs are used).
+    Must not be the evaluation set, or the guard would judge a model on what it learned."""
     max_drop: float = Field(default=0.01, ge=0)
     """Largest allowed metric loss versus the unoptimized model (absolute, or a fraction with `relative`)."""
     relative: bool = False

@@ -139,6 +139,11 @@ class OptimizeStep:
         base_pred = predict(best)
         # Timed on real evaluation samples: random inputs can take shapes (e.g. sequence lengths) nobody sends.
         single = data.head(spec.speed_batch if is_batchable(signature) else 1)
+        # Static quantization calibrates on the training data when the spec names it: the evaluation set
+        # that judges the candidate then plays no part in making it.
+        calibration = data.inputs
+        if spec.train_data is not None:
+            calibration = load_dataset(spec.train_data, signature, ctx.base_dir, text=ctx.text).inputs
         candidates: list[Candidate] = []
         torch_runner = _torch_steps(ctx) if any(s.step in TORCH_STEPS for s in spec.steps) else None
         started = time.monotonic()
@@ -153,7 +158,7 @@ class OptimizeStep:
                     applied = torch_runner.apply(step, params, None if source is None else source.trial, trial, dest)
                 else:
                     with _quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
-                        applied = TRANSFORMS[step](parent, dest, params, data.inputs)
+                        applied = TRANSFORMS[step](parent, dest, params, calibration)
                 check_onnx(dest)
                 verdict = Candidate(trial, step, applied, False, "", size_bytes=dest.stat().st_size)
                 judged = predict(dest)
@@ -197,7 +202,7 @@ class OptimizeStep:
                     retries += 1
                     if ranking is None:
                         with _quiet_root_logger():
-                            ranking = rank_nodes(step.step, dict(step.params), best, data.inputs, work)
+                            ranking = rank_nodes(step.step, dict(step.params), best, calibration, work)
                     wider = ranking[: max(1, 2 * len(fallback))]
                     if len(wider) <= len(fallback) or len(wider) >= len(ranking):
                         break  # falling back further would leave nothing quantized
