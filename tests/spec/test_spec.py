@@ -28,6 +28,11 @@ def test_bundled_specs_validate() -> None:
     assert spec.evaluation is not None
     assert isinstance(spec.evaluation.dataset, SklearnDatasetSpec)
     assert spec.evaluation.metric.better == "maximize"
+    examples = resources.files("shipyard").joinpath("examples")
+    specs = [f for d in examples.iterdir() if d.is_dir() for f in d.iterdir() if f.name.endswith(".yaml")]
+    assert len(specs) >= 8  # one per example, two for text
+    for path in specs:
+        assert parse_spec(yaml.safe_load(path.read_text()), path.name).evaluation is not None
 
 
 def test_unknown_field_is_an_error_naming_file_and_path(tmp_path: Path) -> None:
