@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import queue
 import shutil
-import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from shipyard.pipeline import build
+from shipyard.pipeline._imports import import_object
 from shipyard.registry import LocalRegistry
 from shipyard.spec import load_spec
 from tests._helpers import write_spec
@@ -41,14 +42,10 @@ def make_decoder(folder: Path) -> dict[str, Any]:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
     tokenizer.save(str(folder / "tokenizer.json"))
-    sys.path.insert(0, str(folder))
-    try:
-        from model import TinyGPT  # the example's module, copied above
-    finally:
-        sys.path.remove(str(folder))
+    tiny_gpt = import_object("model:TinyGPT", folder)  # the example's module, copied above (as a build imports it)
     torch.manual_seed(0)
     save_file(
-        TinyGPT(vocab=len(WORDS), dim=16, heads=2, layers=1, context=64).state_dict(), str(folder / "w.safetensors")
+        tiny_gpt(vocab=len(WORDS), dim=16, heads=2, layers=1, context=64).state_dict(), str(folder / "w.safetensors")
     )
     return {
         "name": "lm",
@@ -138,6 +135,14 @@ def test_grpc_stream_is_decoupled_with_a_final_flag(lm_server: tuple[RunningServ
             assert len(finals) == (13 if empty_final else 12)  # the empty final answer only when asked for
     finally:
         client.stop_stream()
+
+
+def test_concurrent_generations_keep_their_own_caches(lm_server: tuple[RunningServer, str]) -> None:
+    server, expected = lm_server
+    body = {"text_input": PROMPT, "max_tokens": 12}
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        replies = list(pool.map(lambda _: httpx.post(f"{server.base()}/v2/models/lm/generate", json=body), range(12)))
+    assert [r.json()["text_output"] for r in replies] == [expected] * 12
 
 
 def test_infer_on_a_language_model_returns_the_whole_text(lm_server: tuple[RunningServer, str]) -> None:
