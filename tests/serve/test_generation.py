@@ -22,6 +22,8 @@ import onnxruntime as ort
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -189,3 +191,32 @@ def test_generate_on_a_model_that_is_not_a_language_model_is_refused(server: Run
         reply = httpx.post(f"{server.base()}/v2/models/mlp/{route}", json={"text_input": "hello"})
         assert reply.status_code == 400
         assert "not a language model" in reply.json()["error"]
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+_generate_bodies = st.fixed_dictionaries(
+    {},
+    optional={"text_input": _json_values | st.text(max_size=80), "max_tokens": _json_values,
+              "temperature": _json_values, "seed": _json_values, "parameters": _json_values, "id": _json_values},
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=_generate_bodies | _json_values)
+def test_random_generate_bodies_never_cause_a_5xx(lm_server: tuple[RunningServer, str], body: Any) -> None:
+    server, _ = lm_server
+    for route in ("generate", "generate_stream"):
+        reply = httpx.post(f"{server.base()}/v2/models/lm/{route}", json=body, timeout=30)
+        assert reply.status_code in (200, 400), (body, reply.text)
+        if reply.status_code == 400:
+            assert isinstance(reply.json()["error"], str)
+        elif route == "generate_stream":  # a stream that started must not end in an error event
+            assert '"error"' not in reply.text, (body, reply.text)
