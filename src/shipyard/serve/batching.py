@@ -147,7 +147,7 @@ class Batcher:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:  # a distinct class from TimeoutError before Python 3.11
+            except TimeoutError:
                 break
             self._queue.extendleft(reversed(batch))
             batch = self._take()
