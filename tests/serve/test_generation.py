@@ -147,6 +147,22 @@ def test_concurrent_generations_keep_their_own_caches(lm_server: tuple[RunningSe
     assert [r.json()["text_output"] for r in replies] == [expected] * 12
 
 
+def _sample(server: RunningServer, series: str) -> float:
+    """A series' value on the metrics endpoint (0 before it first appears)."""
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+
+
+def test_metrics_count_generated_tokens_and_time_to_first_token(lm_server: tuple[RunningServer, str]) -> None:
+    server, _ = lm_server
+    series = ['shipyard_generated_tokens_total{model="lm",version="1"}',
+              'shipyard_time_to_first_token_seconds_count{model="lm",version="1"}']  # fmt: skip
+    before = [_sample(server, s) for s in series]
+    httpx.post(f"{server.base()}/v2/models/lm/generate", json={"text_input": PROMPT, "max_tokens": 12})
+    after = [_sample(server, s) for s in series]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [12, 1]
+
+
 def test_infer_on_a_language_model_returns_the_whole_text(lm_server: tuple[RunningServer, str]) -> None:
     server, expected = lm_server
     client = grpcclient.InferenceServerClient(server.grpc_url)

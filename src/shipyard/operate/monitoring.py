@@ -21,6 +21,9 @@ P99 = "histogram_quantile(0.99, sum by (le, model, version) (rate(shipyard_reque
 P50 = "histogram_quantile(0.5, sum by (le, model, version) (rate(shipyard_request_duration_seconds_bucket[5m])))"
 BATCH = "histogram_quantile(0.5, sum by (le, model, version) (rate(shipyard_batch_size_bucket[5m])))"
 QUEUE = "sum by (model, version) (shipyard_queue_depth)"
+FIRST_TOKEN = ("histogram_quantile(0.5, sum by (le, model, version) "
+               "(rate(shipyard_time_to_first_token_seconds_bucket[5m])))")  # fmt: skip
+TOKENS = "sum by (model, version) (rate(shipyard_generated_tokens_total[5m]))"
 INPUT_DRIFT = "max by (model, version, input) (shipyard_input_drift_psi)"
 PREDICTION_DRIFT = "max by (model, version) (shipyard_prediction_drift_psi)"
 WINDOW = "max by (model, version) (shipyard_drift_window_samples)"
@@ -67,6 +70,8 @@ def dashboard() -> dict[str, Any]:
         ("Prediction drift (PSI)", PREDICTION_DRIFT, "short", "{{model}}:{{version}}"),
         ("Shadow disagreement", SHADOW, "percentunit", "{{model}}:{{version}}"),
         ("Online metric (from feedback)", ONLINE, "short", "{{model}}:{{version}} {{metric}}"),
+        ("Time to first token p50 (language models)", FIRST_TOKEN, "s", "{{model}}:{{version}}"),
+        ("Generated tokens per second", TOKENS, "short", "{{model}}:{{version}}"),
     ]
     return {
         "title": "Shipyard model serving",

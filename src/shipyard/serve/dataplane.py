@@ -232,15 +232,17 @@ class DataPlane:
         # between pieces, which run while this generator is suspended.
         deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
         stats = self.repository.get(generation.generator.name, generation.generator.version).stats
-        start, ok = time.perf_counter_ns(), False
+        start, ok, first = time.perf_counter_ns(), False, None
         try:
             async for piece in generation.run(deadline):
+                first = first if first is not None else time.perf_counter_ns() - start
                 yield piece
             ok = True
         except TimeoutError:
             raise TimedOutError(f"generation not finished within the {self.timeout_s:g} s request timeout") from None
         finally:
             stats.request_done(ok, time.perf_counter_ns() - start, 1)
+            stats.generation_done(first, generation.usage.completion_tokens)
 
     async def generate_text(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """A language model's whole answer as one `text_output` (plain infer, and /generate)."""

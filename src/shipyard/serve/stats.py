@@ -45,6 +45,8 @@ class ModelStats:
     queue_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     compute_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    first_token_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    generated_tokens: int = 0  # language models only
 
     def __post_init__(self) -> None:
         self.metrics.track(self)
@@ -53,12 +55,15 @@ class ModelStats:
         return self.success.count, self.fail.count
 
     def histograms(self) -> dict[str, Histogram]:
-        return {
+        histograms = {
             "shipyard_request_duration_seconds": self.request_seconds,
             "shipyard_queue_duration_seconds": self.queue_seconds,
             "shipyard_compute_duration_seconds": self.compute_seconds,
             "shipyard_batch_size": self.batch_size,
         }
+        if self.first_token_seconds.count:  # only models that generate text have this series
+            histograms["shipyard_time_to_first_token_seconds"] = self.first_token_seconds
+        return histograms
 
     def request_done(self, ok: bool, total_ns: int, samples: int) -> None:
         if ok:
@@ -68,6 +73,12 @@ class ModelStats:
             self.fail.add(total_ns)
         self.last_inference_ms = int(time.time() * 1000)
         self.request_seconds.observe(total_ns / 1e9)
+
+    def generation_done(self, first_token_ns: int | None, tokens: int) -> None:
+        """A language model's request: the time to its first piece of text, and the tokens it generated."""
+        self.generated_tokens += tokens
+        if first_token_ns is not None:
+            self.first_token_seconds.observe(first_token_ns / 1e9)
 
     def queued(self, queue_ns: int) -> None:
         self.queue.add(queue_ns)
