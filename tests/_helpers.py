@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 import socket
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +152,42 @@ def build_evaluated_mlp(folder: Path, registry: LocalRegistry, samples: int) -> 
                            "latency": {"iterations": 10}}}  # fmt: skip
     build(load_spec(write_spec(folder, spec)), registry)
     return x, labels
+
+
+WORDS = ["<eos>", "<unk>", "the", "ship", "sails", "north", "south", "at", "dawn", "dusk", "with", "crew", "salt"]
+
+
+def make_decoder(folder: Path) -> dict[str, Any]:
+    """The generation example's TinyGPT with random weights (tiny dims), a word-level tokenizer over WORDS,
+    and the spec that builds them as a language model named `lm`."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from shipyard.pipeline._imports import import_object
+
+    shutil.copyfile(str(resources.files("shipyard").joinpath("examples/generation/model.py")), folder / "model.py")
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer.save(str(folder / "tokenizer.json"))
+    tiny_gpt = import_object("model:TinyGPT", folder)  # the example's module, copied above (as a build imports it)
+    torch.manual_seed(0)
+    save_file(
+        tiny_gpt(vocab=len(WORDS), dim=16, heads=2, layers=1, context=64).state_dict(), str(folder / "w.safetensors")
+    )
+    return {
+        "name": "lm",
+        "model": {
+            "format": "torch", "module": "model:TinyGPT", "weights": "w.safetensors",
+            "init_args": {"vocab": len(WORDS), "dim": 16, "heads": 2, "layers": 1, "context": 64},
+            "signature": {
+                "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+                           {"name": "past", "dtype": "float32", "shape": ["batch", 2, 2, "past_sequence", 8]}],
+                "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", len(WORDS)]},
+                            {"name": "present", "dtype": "float32", "shape": ["batch", 2, 2, "total", 8]}],
+            },
+            "generation": {"tokenizer": "tokenizer.json", "max_new_tokens": 24, "context": 64},
+        },
+        "convert": {"exporter": "legacy"},
+    }  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,10 @@ import yaml
 from shipyard.deploy.capacity import plan_capacity, save_plan
 from shipyard.deploy.releases import render
 from shipyard.errors import ConflictError, InvalidInputError
+from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
+from shipyard.spec import load_spec
+from tests._helpers import make_decoder, write_spec
 from tests.deploy.conftest import Project
 
 
@@ -79,3 +83,9 @@ def test_capacity_command_prints_json(registry: LocalRegistry, cli: Callable[...
     bad = cli("capacity", "mlp", "--qps", "500", "--p99", "soon", "--registry", str(registry.root))
     assert bad.code == 2
     assert "not a duration" in bad.err
+
+
+def test_a_language_model_is_refused_with_a_reason(tmp_path: Path, registry: LocalRegistry) -> None:
+    build(load_spec(write_spec(tmp_path, make_decoder(tmp_path))), registry)
+    with pytest.raises(InvalidInputError, match="language model"):
+        plan_capacity(registry, "lm", qps=10, p99_ms=100)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,50 +18,18 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 from shipyard.pipeline import build
-from shipyard.pipeline._imports import import_object
 from shipyard.registry import LocalRegistry
 from shipyard.spec import load_spec
-from tests._helpers import write_spec
+from tests._helpers import make_decoder, write_spec
 from tests.serve.conftest import RunningServer, start_server, stop_server
 
-WORDS = ["<eos>", "<unk>", "the", "ship", "sails", "north", "south", "at", "dawn", "dusk", "with", "crew", "salt"]
 PROMPT = "the ship sails"
-
-
-def make_decoder(folder: Path) -> dict[str, Any]:
-    shutil.copyfile(str(resources.files("shipyard").joinpath("examples/generation/model.py")), folder / "model.py")
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
-    tokenizer.save(str(folder / "tokenizer.json"))
-    tiny_gpt = import_object("model:TinyGPT", folder)  # the example's module, copied above (as a build imports it)
-    torch.manual_seed(0)
-    save_file(
-        tiny_gpt(vocab=len(WORDS), dim=16, heads=2, layers=1, context=64).state_dict(), str(folder / "w.safetensors")
-    )
-    return {
-        "name": "lm",
-        "model": {
-            "format": "torch", "module": "model:TinyGPT", "weights": "w.safetensors",
-            "init_args": {"vocab": len(WORDS), "dim": 16, "heads": 2, "layers": 1, "context": 64},
-            "signature": {
-                "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-                           {"name": "past", "dtype": "float32", "shape": ["batch", 2, 2, "past_sequence", 8]}],
-                "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", len(WORDS)]},
-                            {"name": "present", "dtype": "float32", "shape": ["batch", 2, 2, "total", 8]}],
-            },
-            "generation": {"tokenizer": "tokenizer.json", "max_new_tokens": 24, "context": 64},
-        },
-        "convert": {"exporter": "legacy"},
-    }  # fmt: skip
 
 
 def greedy_without_cache(model_file: Path, prompt_ids: list[int], steps: int) -> list[int]:

@@ -130,6 +130,9 @@ def plan_capacity(
         raise InvalidInputError("--utilization must be in (0, 1]")
     record = registry.resolve(ref)
     manifest = registry.manifest(record, verify=True)
+    if manifest.generation is not None:
+        raise InvalidInputError(f"{record.ref} is a language model: capacity plans models that answer in one pass, "
+                                "and a generation runs one pass per token (not measured here yet)")  # fmt: skip
     folder = registry.path(record)
     source = model_source(folder, manifest)
     model = source if isinstance(source, bytes) else Path(source)
