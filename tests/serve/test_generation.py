@@ -32,25 +32,30 @@ from tests.serve.conftest import RunningServer, start_server, stop_server
 PROMPT = "the ship sails"
 
 
-def greedy_without_cache(model_file: Path, prompt_ids: list[int], steps: int) -> list[int]:
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    ids = list(prompt_ids)
+def greedy_without_cache(folder: Path, registry: LocalRegistry, prompt: str, steps: int) -> str:
+    """The reference: the whole sequence through the registered graph at every step, no cache at all."""
+    session = ort.InferenceSession(str(registry.path(registry.resolve("lm")) / "model.onnx"))
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = start = tokenizer.encode(prompt).ids
     for _ in range(steps):
         logits, _ = session.run(None, {"input_ids": np.array([ids]), "past": np.zeros((1, 2, 2, 0, 8), np.float32)})
-        ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt_ids) :]
+        ids = [*ids, int(logits[0, -1].argmax())]
+    return str(tokenizer.decode(ids[len(start) :]))
 
 
 @pytest.fixture(scope="module")
-def lm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, str]]:
+def lm_registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LocalRegistry]:
     folder = tmp_path_factory.mktemp("lm")
     registry = LocalRegistry(folder / "registry")
     build(load_spec(write_spec(folder, make_decoder(folder))), registry)
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    record = registry.resolve("lm")
-    new = greedy_without_cache(registry.path(record) / "model.onnx", tokenizer.encode(PROMPT).ids, 12)
+    return folder, registry
+
+
+@pytest.fixture(scope="module")
+def lm_server(lm_registry: tuple[Path, LocalRegistry]) -> Iterator[tuple[RunningServer, str]]:
+    folder, registry = lm_registry
     running = start_server(registry, folder / "server.log", "lm")
-    yield running, tokenizer.decode(new)
+    yield running, greedy_without_cache(folder, registry, PROMPT, 12)
     assert stop_server(running) == 0
     assert "Traceback" not in running.log.read_text()
 
@@ -65,7 +70,24 @@ def test_generate_matches_a_greedy_loop_without_cache_and_computes_each_position
     assert body["text_output"] == expected
     assert body["prompt_tokens"] == 3
     assert body["completion_tokens"] == 12
-    assert body["computed_tokens"] == 3 + 12 - 1  # the prompt once, then only the newest token each step
+    # The prompt once (unless an earlier test left its cache), then only the newest token each step.
+    assert body["computed_tokens"] in (3 + 12 - 1, 12 - 1)
+
+
+def test_a_kept_prompt_cache_serves_requests_that_start_with_that_prompt(
+    lm_server: tuple[RunningServer, str], lm_registry: tuple[Path, LocalRegistry]
+) -> None:
+    server, _ = lm_server
+    prompts = ["dawn dusk crew", "dawn dusk crew", "dawn dusk crew salt"]  # used by no other test
+    first, again, longer = (
+        httpx.post(f"{server.base()}/v2/models/lm/generate", json={"text_input": p, "max_tokens": 6}).json()
+        for p in prompts
+    )
+    assert first["computed_tokens"] == 3 + 6 - 1
+    assert again["computed_tokens"] == 6 - 1  # the whole prompt came from the kept cache
+    assert longer["computed_tokens"] == 1 + 6 - 1  # only "salt" was new
+    assert first["text_output"] == again["text_output"] == greedy_without_cache(*lm_registry, prompts[0], 6)
+    assert longer["text_output"] == greedy_without_cache(*lm_registry, prompts[2], 6)
 
 
 def test_sse_stream_sends_one_event_per_token_then_a_final_one(lm_server: tuple[RunningServer, str]) -> None:

@@ -65,6 +65,7 @@ class GenerationRecord(_Record):
     max_new_tokens: int
     context: int
     eos_token_id: int | None = None
+    prefix_cache: int = 0  # prompts whose cache the server keeps
 
 
 class Manifest(_Record):

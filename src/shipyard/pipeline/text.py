@@ -117,6 +117,5 @@ def generation_record(
         if eos is None:
             raise ModelLoadError(f"model.generation.eos_token {spec.eos_token!r} is not in the tokenizer's vocabulary")
     shutil.copyfile(source, artifact_dir / TOKENIZER_FILE)
-    return GenerationRecord(
-        tokenizer_file=TOKENIZER_FILE, max_new_tokens=spec.max_new_tokens, context=spec.context, eos_token_id=eos
-    )
+    return GenerationRecord(tokenizer_file=TOKENIZER_FILE, max_new_tokens=spec.max_new_tokens, context=spec.context,
+                            eos_token_id=eos, prefix_cache=spec.prefix_cache)  # fmt: skip

@@ -1,13 +1,16 @@
 """Token-by-token generation on an ONNX decoder graph, feeding its key/value cache back each step.
 
 The prompt runs through the graph once (prefill); after that each step feeds only the newest token and
-the cache (`present` becomes the next `past`), so a long generation never recomputes its prefix.
-Decoding is greedy unless the request sets a temperature (then sampled, seeded by `seed` if given).
+the cache (`present` becomes the next `past`), so a long generation never recomputes its prefix. The
+caches of recent prompts are kept too, so a request whose prompt starts with one of them (a repeated
+system prompt, a conversation so far) computes only what follows. Decoding is greedy unless the request
+sets a temperature (then sampled, seeded by `seed` if given).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,14 +76,21 @@ class Generation:
     async def run(self, deadline: float | None = None) -> AsyncIterator[str]:
         """Pieces of text as tokens come; TimeoutError when a step would end past `deadline` (loop time)."""
         gen = self.generator
-        feeds = {"input_ids": np.asarray([self.ids], dtype=gen.ids_dtype), "past": gen.empty_cache()}
+        known, past, logits = gen.cached_prefix(self.ids)
+        pending = self.ids[known:]  # positions not in the cache yet
         produced: list[int] = []
         emitted = ""
         for _ in range(self.max_tokens):
-            async with asyncio.timeout_at(deadline):
-                outputs = await gen.runtime.infer(feeds)
-            self.usage.computed_tokens += feeds["input_ids"].shape[1]
-            token = self._pick(outputs[gen.logits_index][0, -1])
+            if pending:
+                feeds = {"input_ids": np.asarray([pending], dtype=gen.ids_dtype), "past": past}
+                async with asyncio.timeout_at(deadline):
+                    outputs = await gen.runtime.infer(feeds)
+                self.usage.computed_tokens += len(pending)
+                logits, past = outputs[gen.logits_index][0, -1], outputs[gen.present_index]
+                if not produced:  # the whole prompt is in `past` now
+                    gen.remember(self.ids, past, logits)
+            assert logits is not None  # a cache hit brings the prompt's last logits; a miss computes them
+            token = self._pick(logits)
             if token == gen.record.eos_token_id:
                 break
             produced.append(token)
@@ -90,7 +100,7 @@ class Generation:
             if not text.endswith("\ufffd") and text.startswith(emitted):
                 yield text[len(emitted) :]
                 emitted = text
-            feeds = {"input_ids": np.asarray([[token]], dtype=gen.ids_dtype), "past": outputs[gen.present_index]}
+            pending = [token]
         text = gen.tokenizer.decode(produced)
         if text != emitted and text.startswith(emitted):
             yield text[len(emitted) :]
@@ -116,9 +126,29 @@ class Generator:
         self.ids_dtype = numpy_dtype(inputs["input_ids"].dtype)
         names = [t.name for t in graph.outputs]
         self.logits_index, self.present_index = names.index("logits"), names.index("present")
+        # prompt token ids → (the cache after them, the logits of their last position), least recent first
+        self._prompts: OrderedDict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
-    def empty_cache(self) -> np.ndarray:
-        return np.zeros(self._cache_shape, dtype=self._cache_dtype)
+    def cached_prefix(self, ids: list[int]) -> tuple[int, np.ndarray, np.ndarray | None]:
+        """The longest kept prompt that `ids` starts with: (its length, its cache, its last logits), or
+        (0, an empty cache, None). Cached arrays are never written to, so requests can share them."""
+        best: tuple[int, ...] = ()
+        for key in self._prompts:
+            if len(best) < len(key) <= len(ids) and tuple(ids[: len(key)]) == key:
+                best = key
+        if not best:
+            return 0, np.zeros(self._cache_shape, dtype=self._cache_dtype), None
+        self._prompts.move_to_end(best)
+        cache, logits = self._prompts[best]
+        return len(best), cache, logits
+
+    def remember(self, ids: list[int], cache: np.ndarray, logits: np.ndarray) -> None:
+        if self.record.prefix_cache == 0:
+            return
+        self._prompts[tuple(ids)] = (cache, logits)
+        self._prompts.move_to_end(tuple(ids))
+        while len(self._prompts) > self.record.prefix_cache:
+            self._prompts.popitem(last=False)
 
     def start(self, prompt: str, parameters: dict[str, Any]) -> Generation:
         return Generation(self, prompt, parameters)

@@ -78,6 +78,9 @@ class GenerationSpec(_Spec):
     """Longest prompt + generation the model was trained for (its position table)."""
     eos_token: str | None = None
     """A token that ends the generation when produced (kept out of the text)."""
+    prefix_cache: int = Field(default=32, ge=0, le=4096)
+    """Prompts whose key/value cache the server keeps (least recently used go first): a request whose prompt
+    starts with one of them computes only the rest. 0 turns it off."""
 
 
 class ModelSourceSpec(_Spec):

@@ -76,6 +76,13 @@ def main() -> None:
     recomputed = sum(sse["prompt_tokens"] + i for i in range(sse["completion_tokens"]))
     print(f"     KV cache: {sse['computed_tokens']} positions computed for {sse['prompt_tokens']} prompt + "
           f"{sse['completion_tokens']} new tokens (without the cache: {recomputed})")  # fmt: skip
+    body = json.dumps({"text_input": prompt, "max_tokens": 96}).encode()
+    request = urllib.request.Request(f"http://{args.url}/v2/models/logbook/generate", data=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as response:
+        again = json.load(response)
+    print(f"     the same prompt again (/generate): {again['computed_tokens']} positions computed, "
+          f"same text: {again['text_output'] == sse['text']} (the prompt's cache was kept)")  # fmt: skip
     text, responses, usage = stream_grpc(args.grpc, "Day 182: we sailed from Oslo toward", 48)
     print(f"gRPC Day 182: we sailed from Oslo toward{text}\n     {responses} streamed responses, {usage}")
 
