@@ -11,6 +11,7 @@ import pytest
 
 from shipyard.errors import ConversionError, ModelLoadError, UnsafeModelError
 from shipyard.pipeline import build
+from shipyard.pipeline._imports import import_object
 from shipyard.registry import LocalRegistry
 from shipyard.spec import load_spec
 from tests._helpers import write_spec
@@ -53,15 +54,8 @@ def project(tmp_path: Path) -> Path:
     folder = tmp_path / "project"
     folder.mkdir()
     (folder / "model.py").write_text(MODEL_PY)
-    import sys
-
-    sys.path.insert(0, str(folder))
-    try:
-        import model as user_model  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(folder))
     torch.manual_seed(0)
-    net = user_model.Net().eval()
+    net = import_object("model:Net", folder)().eval()  # as a build imports it (another test's `model` may be cached)
     from safetensors.torch import save_file
 
     save_file(net.state_dict(), str(folder / "weights.safetensors"))
@@ -242,13 +236,6 @@ def test_without_evaluation_random_inputs_verify_the_export(project: Path, regis
 
 
 def _load_net(project: Path) -> Any:
-    import sys
-
-    sys.path.insert(0, str(project))
-    try:
-        import model as user_model
-    finally:
-        sys.path.remove(str(project))
-    net = user_model.Net().eval()
+    net = import_object("model:Net", project)().eval()
     net.load_state_dict(torch.load(str(project / "weights.pt"), weights_only=True))
     return net
