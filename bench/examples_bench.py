@@ -32,6 +32,7 @@ from shipyard.serve.datatypes import SPEC_TO_V2
 from shipyard.serve.generation import Generator
 from shipyard.serve.repository import serve_settings
 from shipyard.serve.runtime import OrtRuntime
+from shipyard.spec.models import SignatureSpec
 
 EXAMPLES = {  # example → the specs its training script prepares, in build order
     "digits": ["shipyard.yaml"], "wine": ["shipyard.yaml"], "sensors": ["shipyard.yaml"],
@@ -69,8 +70,9 @@ def percentiles(run: Callable[[], Any], count: int) -> tuple[float, float]:
     return statistics.median(times), float(np.percentile(times, 99))
 
 
-def request_feeds(runtime: OrtRuntime) -> dict[str, np.ndarray]:
-    feeds = random_feeds(runtime.signature, batch=1, seed=1)
+def request_feeds(signature: SignatureSpec) -> dict[str, np.ndarray]:
+    """One batch-1 request in the served signature: a sentence for string inputs, random tensors otherwise."""
+    feeds = random_feeds(signature, batch=1, seed=1)
     return {k: (np.array([SENTENCE], dtype=object) if v.dtype == object else v) for k, v in feeds.items()}
 
 
@@ -82,7 +84,7 @@ def in_process(folder: Path, manifest: Any, count: int) -> tuple[float, float]:
         await runtime.load()
         try:
             if manifest.generation is None:
-                feeds = request_feeds(runtime)
+                feeds = request_feeds(manifest.served_signature)
                 return percentiles(lambda: runtime.run_sync(feeds), count)
             generator = Generator(folder, manifest, runtime)
             times = []
@@ -98,7 +100,7 @@ def in_process(folder: Path, manifest: Any, count: int) -> tuple[float, float]:
     return asyncio.run(measure())
 
 
-def served(registry: LocalRegistry, name: str, manifest: Any, folder: Path, count: int) -> tuple[float, float]:
+def served(registry: LocalRegistry, name: str, manifest: Any, count: int) -> tuple[float, float]:
     http, grpc = 18600, 18601
     cmd = [sys.executable, "-m", "shipyard", "serve", name, "--registry", str(registry.root), "--http-port",
            str(http), "--grpc-port", str(grpc), "--metrics-port", "0"]  # fmt: skip
@@ -117,7 +119,7 @@ def served(registry: LocalRegistry, name: str, manifest: Any, folder: Path, coun
                 return percentiles(lambda: client.post(url, json=body).raise_for_status(), count // 4)
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
         signature = manifest.served_signature
-        feeds = request_feeds(OrtRuntime(folder, manifest, serve_settings(manifest)))
+        feeds = request_feeds(signature)
         inputs = []
         for tensor in signature.inputs:
             data = feeds[tensor.name]
@@ -153,7 +155,7 @@ def main() -> None:
             before = manifest.metrics.get(f"{name}_unoptimized", manifest.metrics.get(name))
             size_before = manifest.metrics.get("size_bytes_unoptimized", manifest.metrics["size_bytes"])
             floor = in_process(folder, manifest, args.requests)
-            over_wire = served(registry, record.name, manifest, folder, args.requests)
+            over_wire = served(registry, record.name, manifest, args.requests)
             rows.append((record.name, name, before, manifest.metrics.get(name), size_before,
                          manifest.metrics["size_bytes"], floor, over_wire))  # fmt: skip
     print("\n| model | metric | before → after optimization | size before → after | p50 in process (ms) "

@@ -103,9 +103,8 @@ def load_dataset(
 
     With a text encoder the dataset gives strings (the served signature) and they are tokenized for the graph.
     """
-    graph = signature
     if text is not None:
-        signature = text.record.served(graph)
+        signature = text.record.served(signature)
     if isinstance(ds, SklearnDatasetSpec):
         raw_inputs, target = _sklearn(ds)
     elif isinstance(ds, NpzDatasetSpec):

@@ -28,6 +28,13 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise ModelLoadError(f"{path}: not a readable tokenizer.json: {str(exc).splitlines()[0]}") from None
 
 
+def _tokenizer_file(path: str, base_dir: Path) -> Path:
+    source = resolve_path(base_dir, path)
+    if not source.is_file():
+        raise ModelLoadError(f"tokenizer file not found: {source}")
+    return source
+
+
 def tokenizer_record(spec: TokenizerSpec, graph: SignatureSpec) -> TokenizerRecord:
     """Which graph inputs the tokenizer fills; ModelLoadError when the graph does not take token ids."""
     inputs = {t.name: t for t in graph.inputs}
@@ -79,9 +86,7 @@ class TextEncoder:
 
 def spec_encoder(spec: TokenizerSpec, graph: SignatureSpec, base_dir: Path, artifact_dir: Path) -> TextEncoder:
     """At build: check the tokenizer against the graph and copy its file into the artifact."""
-    source = resolve_path(base_dir, spec.path)
-    if not source.is_file():
-        raise ModelLoadError(f"tokenizer file not found: {source}")
+    source = _tokenizer_file(spec.path, base_dir)
     record = tokenizer_record(spec, graph)
     encoder = TextEncoder(source, record, graph)
     shutil.copyfile(source, artifact_dir / record.file)
@@ -107,9 +112,7 @@ def generation_record(
                 f"model.generation: the graph needs {name!r} of rank {rank} (input_ids [batch, sequence], "
                 "past [batch, kv, heads, past_sequence, head_dim] → logits [batch, sequence, vocab], present)"
             )
-    source = resolve_path(base_dir, spec.tokenizer)
-    if not source.is_file():
-        raise ModelLoadError(f"tokenizer file not found: {source}")
+    source = _tokenizer_file(spec.tokenizer, base_dir)
     tokenizer = load_tokenizer(source)
     eos = None
     if spec.eos_token is not None:

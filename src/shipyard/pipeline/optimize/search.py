@@ -31,7 +31,7 @@ from shipyard.pipeline._onnx import (
     session,
 )
 from shipyard.pipeline._torch import TorchSource
-from shipyard.pipeline.context import BuildContext
+from shipyard.pipeline.context import BuildContext, EvalData
 from shipyard.pipeline.datasets import load_dataset
 from shipyard.pipeline.evaluate import measure_latency, output_index
 from shipyard.pipeline.optimize.fallback import rank_nodes
@@ -102,15 +102,14 @@ def applied_chain(candidates: list[Candidate], winner: Candidate | None) -> list
     return chain
 
 
-def _torch_steps(ctx: BuildContext) -> TorchSteps:
+def _torch_steps(ctx: BuildContext, train: EvalData | None) -> TorchSteps:
     """The PyTorch steps' runner for this build: the source module, training data, loss for the metric."""
     spec, evaluation, data = ctx.loaded.spec, ctx.loaded.spec.evaluation, ctx.eval_data
     _, signature = ctx.require_model()
     if not isinstance(ctx.source, TorchSource) or spec.optimize is None or evaluation is None or data is None:
         raise RuntimeError("pipeline order: PyTorch steps run on a loaded torch source with an evaluation set")
-    train = spec.optimize.train_data
     training = Training(
-        data=None if train is None else load_dataset(train, signature, ctx.base_dir),
+        data=train,
         output=output_index(evaluation, signature),
         metric=evaluation.metric.name,
     )
@@ -141,11 +140,12 @@ class OptimizeStep:
         single = data.head(spec.speed_batch if is_batchable(signature) else 1)
         # Static quantization calibrates on the training data when the spec names it: the evaluation set
         # that judges the candidate then plays no part in making it.
-        calibration = data.inputs
-        if spec.train_data is not None:
-            calibration = load_dataset(spec.train_data, signature, ctx.base_dir, text=ctx.text).inputs
+        train = (
+            None if spec.train_data is None else load_dataset(spec.train_data, signature, ctx.base_dir, text=ctx.text)
+        )
+        calibration = data.inputs if train is None else train.inputs
         candidates: list[Candidate] = []
-        torch_runner = _torch_steps(ctx) if any(s.step in TORCH_STEPS for s in spec.steps) else None
+        torch_runner = _torch_steps(ctx, train) if any(s.step in TORCH_STEPS for s in spec.steps) else None
         started = time.monotonic()
 
         def attempt(step: str, params: dict[str, Any], source: Candidate | None) -> Candidate:
