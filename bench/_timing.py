@@ -1,20 +1,13 @@
-"""The in-process ONNX Runtime timing loop every benchmark shares (the floor servers are compared with)."""
+"""The in-process ONNX Runtime timing loop every benchmark shares (the floor servers are compared with), on
+sessions made by shipyard.onnxrt.session: the server's own session setup."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-
-def ort_session(model: Path, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
 def time_runs(session: ort.InferenceSession, feeds: dict[str, np.ndarray], seconds: float) -> dict[str, float]:

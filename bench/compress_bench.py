@@ -25,7 +25,9 @@ import yaml
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "src" / "shipyard" / "examples" / "digits"
 sys.path.insert(0, str(HERE))
-from _timing import ort_session, time_runs  # noqa: E402
+from _timing import time_runs  # noqa: E402
+
+from shipyard.onnxrt import session  # noqa: E402
 
 SPLIT = {"kind": "sklearn", "name": "digits", "test_size": 0.25, "seed": 0}
 TEACHER = {"channels": 32, "hidden": 128}
@@ -98,8 +100,8 @@ def main() -> None:
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             manifest = LocalRegistry(registry).manifest(f"{name}:1")
             path = registry / "models" / name / "1" / "model.onnx"
-            session = ort_session(path)
-            one, many = time_runs(session, {"pixels": pixels[:1]}, 3.0), time_runs(session, {"pixels": pixels}, 3.0)
+            sess = session(path)
+            one, many = time_runs(sess, {"pixels": pixels[:1]}, 3.0), time_runs(sess, {"pixels": pixels}, 3.0)
             applied = [s["step"] for s in manifest.lineage[-1].params.get("applied", [])] if steps else []
             rows.append((label, " -> ".join(applied) or "-", manifest.metrics["parameters"], path.stat().st_size,
                          manifest.metrics["accuracy"], one, many))  # fmt: skip

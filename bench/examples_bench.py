@@ -26,12 +26,12 @@ import httpx
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from shipyard.pipeline._onnx import random_feeds
+from shipyard.dtypes import BY_NAME
+from shipyard.onnxrt import random_feeds
 from shipyard.registry import LocalRegistry
-from shipyard.serve.datatypes import SPEC_TO_V2
-from shipyard.serve.generation import Generator
-from shipyard.serve.repository import serve_settings
-from shipyard.serve.runtime import OrtRuntime
+from shipyard.serve.core.decoder import Decoder
+from shipyard.serve.core.repository import serve_settings
+from shipyard.serve.core.runtime import OrtRuntime
 from shipyard.spec.models import SignatureSpec
 
 EXAMPLES = {  # example → the specs its training script prepares, in build order
@@ -77,20 +77,20 @@ def request_feeds(signature: SignatureSpec) -> dict[str, np.ndarray]:
 
 
 def in_process(folder: Path, manifest: Any, count: int) -> tuple[float, float]:
-    """The same request through the server's runtime (and generator), without any transport."""
+    """The same request through the server's runtime (and decoder), without any transport."""
 
     async def measure() -> tuple[float, float]:
-        runtime = OrtRuntime(folder, manifest, serve_settings(manifest))
+        runtime = OrtRuntime(folder, manifest, serve_settings(manifest), None)
         await runtime.load()
         try:
             if manifest.generation is None:
                 feeds = request_feeds(manifest.served_signature)
                 return percentiles(lambda: runtime.run_sync(feeds), count)
-            generator = Generator(folder, manifest, runtime)
+            decoder = Decoder(folder, manifest, runtime)
             times = []
             for _ in range(count // 4 + 5):
                 start = time.perf_counter()
-                async for _piece in generator.start(PROMPT, {"max_tokens": 32}).run():
+                async for _piece in decoder.start(PROMPT, {"max_tokens": 32}).run():
                     pass
                 times.append((time.perf_counter() - start) * 1e3)
             return statistics.median(times[5:]), float(np.percentile(times[5:], 99))
@@ -123,7 +123,7 @@ def served(registry: LocalRegistry, name: str, manifest: Any, count: int) -> tup
         inputs = []
         for tensor in signature.inputs:
             data = feeds[tensor.name]
-            item = grpcclient.InferInput(tensor.name, list(data.shape), SPEC_TO_V2[tensor.dtype])
+            item = grpcclient.InferInput(tensor.name, list(data.shape), BY_NAME[tensor.dtype].v2)
             item.set_data_from_numpy(np.array([s.encode() for s in data], dtype=object) if data.dtype == object
                                      else data)  # fmt: skip
             inputs.append(item)

@@ -17,12 +17,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _timing import ort_session, time_runs  # noqa: E402
+from _timing import time_runs  # noqa: E402
+
+from shipyard.onnxrt import session  # noqa: E402
 
 SEQUENCE = 128
 
@@ -65,15 +66,15 @@ def export(work: Path) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
 
 def timing(path: Path, feeds: dict[str, np.ndarray], threads: int, seconds: float = 5.0) -> tuple[float, float]:
     """p50 latency (ms) at batch 1 and throughput (sentences/s) at batch 32, sequence 128."""
-    session = ort_session(path, threads)
-    one = time_runs(session, {k: v[:1] for k, v in feeds.items()}, seconds)
-    many = time_runs(session, {k: v[:32] for k, v in feeds.items()}, seconds)
+    sess = session(path, threads)
+    one = time_runs(sess, {k: v[:1] for k, v in feeds.items()}, seconds)
+    many = time_runs(sess, {k: v[:32] for k, v in feeds.items()}, seconds)
     return one["p50_ms"], many["per_s"]
 
 
 def cosine(path: Path, feeds: dict[str, np.ndarray], target: np.ndarray) -> float:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = np.concatenate([session.run(None, {k: v[i : i + 64] for k, v in feeds.items()})[0]
+    sess = session(path)
+    got = np.concatenate([sess.run(None, {k: v[i : i + 64] for k, v in feeds.items()})[0]
                           for i in range(0, len(target), 64)])  # fmt: skip
     return float(np.mean(np.sum(got * target, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(target, axis=1))))
 

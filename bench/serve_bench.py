@@ -25,8 +25,10 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _timing import ort_session, time_runs  # noqa: E402
+from _timing import time_runs  # noqa: E402
 from reference import write_reference_mlp  # noqa: E402
+
+from shipyard.onnxrt import session  # noqa: E402
 
 
 def free_port() -> int:
@@ -37,10 +39,10 @@ def free_port() -> int:
 
 def in_process_floor(model: Path, seconds: float) -> dict[str, float]:
     """session.run in a loop, one intra-op thread: batch-1 inferences/s and p50, batch-64 samples/s."""
-    session = ort_session(model)
+    sess = session(model)
     result = {}
     for batch in (1, 64):
-        timed = time_runs(session, {"input": np.random.default_rng(0).random((batch, 784), dtype=np.float32)}, seconds)
+        timed = time_runs(sess, {"input": np.random.default_rng(0).random((batch, 784), dtype=np.float32)}, seconds)
         result[f"b{batch}_per_s"] = timed["per_s"]
         result[f"b{batch}_p50_us"] = timed["p50_ms"] * 1e3
     return result

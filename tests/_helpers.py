@@ -109,9 +109,9 @@ def sample_data(datatype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndar
         return np.array(words, dtype=np.object_).reshape(shape)
     if datatype == "BOOL":
         return rng.random(shape) > 0.5
-    from shipyard.serve.datatypes import V2_TO_NUMPY
+    from shipyard.dtypes import BY_V2
 
-    dtype = V2_TO_NUMPY[datatype]
+    dtype = BY_V2[datatype].numpy
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)

@@ -1,8 +1,12 @@
-"""Encryption at rest: sealed at build, verifiable without the key, opened by the server with it."""
+"""Encryption at rest: sealed at build, verifiable without the key, opened by the server with it.
+
+The library takes the key as an argument; the CLI and the server read it from the environment (the settings
+layer), which the tests at the end drive through the real command line."""
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -10,12 +14,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from shipyard.artifact.encryption import KEY_ENV, KEY_FILE_ENV, generate_key, model_source
+from shipyard.artifact.encryption import generate_key, model_source
 from shipyard.errors import IntegrityError, InvalidInputError, UnavailableError
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from shipyard.registry import remote as remote_storage
+from shipyard.settings import KEY_ENV, KEY_FILE_ENV, Environment
 from tests._helpers import make_mlp_onnx
+from tests.conftest import CliResult
 from tests.serve.conftest import start_server, stop_server
 
 X = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
@@ -23,11 +29,18 @@ X = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
 
 @pytest.fixture
 def key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A key file, configured in the environment for the processes a test starts."""
     path = tmp_path / "keys" / "aes.key"
     generate_key(path)
     monkeypatch.setenv(KEY_FILE_ENV, str(path))
     monkeypatch.delenv(KEY_ENV, raising=False)
     return path
+
+
+def _key(path: Path) -> bytes:
+    key = Environment(key_file=path).encryption_key()
+    assert key is not None
+    return key
 
 
 def _plain(model: Path) -> np.ndarray:
@@ -38,47 +51,45 @@ def test_sealed_at_build_verifiable_without_the_key_and_opened_with_it(
     key_file: Path, registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = make_mlp_onnx(tmp_path / "mlp.onnx")
-    manifest = import_onnx(source, "mlp", registry)
+    manifest = import_onnx(source, "mlp", registry, encryption_key=_key(key_file))
     assert manifest.encryption is not None
     assert manifest.encryption["algorithm"] == "AES-256-GCM"
     stored = registry.path("mlp:1") / "model.onnx"
     assert source.read_bytes()[:64] not in stored.read_bytes()
     with pytest.raises(Exception, match=r"(?i)protobuf|load"):  # ONNX Runtime's own error: not a model
         ort.InferenceSession(str(stored), providers=["CPUExecutionProvider"])
-    opened = model_source(registry.path("mlp:1"), manifest)
+    opened = model_source(registry.path("mlp:1"), manifest, _key(key_file))
     assert isinstance(opened, bytes)
     session = ort.InferenceSession(opened, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": X})[0], _plain(source), rtol=1e-6)
-    monkeypatch.delenv(KEY_FILE_ENV)
     registry.manifest("mlp:1", verify=True)  # hashes cover the ciphertext: no key needed to verify
     with pytest.raises(UnavailableError, match="is encrypted"):
-        model_source(registry.path("mlp:1"), manifest)
+        model_source(registry.path("mlp:1"), manifest, None)
 
 
-def test_a_wrong_key_and_a_modified_file_are_refused(
-    key_file: Path, registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    manifest = import_onnx(make_mlp_onnx(tmp_path / "mlp.onnx"), "mlp", registry)
+def test_a_wrong_key_and_a_modified_file_are_refused(key_file: Path, registry: LocalRegistry, tmp_path: Path) -> None:
+    manifest = import_onnx(make_mlp_onnx(tmp_path / "mlp.onnx"), "mlp", registry, encryption_key=_key(key_file))
     folder = registry.path("mlp:1")
     other = tmp_path / "other.key"
     generate_key(other)
-    monkeypatch.setenv(KEY_FILE_ENV, str(other))
     with pytest.raises(IntegrityError, match="was encrypted with key"):
-        model_source(folder, manifest)
-    monkeypatch.setenv(KEY_FILE_ENV, str(key_file))
+        model_source(folder, manifest, _key(other))
     data = bytearray((folder / "model.onnx").read_bytes())
     data[-3] ^= 0x10
     (folder / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="wrong key or modified file"):
-        model_source(folder, manifest)
+        model_source(folder, manifest, _key(key_file))
 
 
 @pytest.mark.parametrize("value", ["not base64!", base64.b64encode(b"short").decode()])
 def test_malformed_keys_are_explained(value: str, monkeypatch: pytest.MonkeyPatch, registry: LocalRegistry,
-                                      tmp_path: Path) -> None:  # fmt: skip
-    monkeypatch.setenv(KEY_ENV, value)
+                                      tmp_path: Path, cli: Callable[..., CliResult]) -> None:  # fmt: skip
     with pytest.raises(InvalidInputError, match="encryption key must be"):
-        import_onnx(make_mlp_onnx(tmp_path / "mlp.onnx"), "mlp", registry)
+        Environment(key_text=value).encryption_key()
+    monkeypatch.setenv(KEY_ENV, value)
+    result = cli("import", str(make_mlp_onnx(tmp_path / "mlp.onnx")), "--name", "mlp", "--registry", str(registry.root))
+    assert result.code == 2
+    assert "SHIPYARD_ENCRYPTION_KEY: the encryption key must be" in result.err
     assert registry.all_versions() == []
 
 
@@ -86,7 +97,7 @@ def test_archives_stay_encrypted_and_the_server_opens_them_with_the_key(
     key_file: Path, registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = make_mlp_onnx(tmp_path / "mlp.onnx")
-    import_onnx(source, "mlp", registry)
+    import_onnx(source, "mlp", registry, encryption_key=_key(key_file))
     uri = remote_storage.push(registry, "mlp:1", f"file://{tmp_path / 'remote'}/")
     served = LocalRegistry(tmp_path / "served")
     pulled = remote_storage.pull(served, uri)

@@ -13,6 +13,7 @@ import pytest
 from shipyard.artifact import create_manifest
 from shipyard.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
 from shipyard.registry import LocalRegistry, open_registry
+from shipyard.settings import Environment
 from tests._helpers import SIGNATURE, publish
 
 
@@ -90,9 +91,11 @@ def test_orphan_folder_from_a_crash_is_invisible_and_replaced(registry: LocalReg
     registry.manifest("m:1", verify=True)
 
 
-def test_registry_location_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registry_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHIPYARD_REGISTRY", str(tmp_path / "env-reg"))
-    assert open_registry().root == (tmp_path / "env-reg").resolve()
+    assert Environment.from_environ().registry == str(tmp_path / "env-reg")  # read by the settings layer only
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert open_registry().root == (tmp_path / "home" / ".shipyard" / "registry").resolve()
     assert open_registry(tmp_path / "flag").root == (tmp_path / "flag").resolve()
     assert open_registry(f"file://{tmp_path}/uri").root == (tmp_path / "uri").resolve()
     with pytest.raises(InvalidInputError, match="local path"):

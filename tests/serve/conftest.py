@@ -18,9 +18,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from shipyard.dtypes import BY_V2
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
-from shipyard.serve.datatypes import V2_TO_NUMPY
 from tests._helpers import free_port, make_identity_onnx, make_mlp_onnx
 
 
@@ -143,7 +143,7 @@ def stop_server(server: RunningServer) -> int:
 def model_registry(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
     root = tmp_path_factory.mktemp("serve")
     registry = LocalRegistry(root / "registry")
-    for datatype in V2_TO_NUMPY:
+    for datatype in BY_V2:
         path = make_identity_onnx(root / f"{datatype}.onnx", datatype)
         import_onnx(path, f"id_{datatype.lower()}", registry)
     import_onnx(make_mlp_onnx(root / "mlp.onnx"), "mlp", registry)
@@ -153,7 +153,7 @@ def model_registry(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
 
 @pytest.fixture(scope="session")
 def server(model_registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    models = [f"id_{d.lower()}" for d in V2_TO_NUMPY] + ["mlp:1"]
+    models = [f"id_{d.lower()}" for d in BY_V2] + ["mlp:1"]
     running = start_server(model_registry, tmp_path_factory.mktemp("log") / "server.log", *models)
     yield running
     assert stop_server(running) == 0, running.log.read_text()

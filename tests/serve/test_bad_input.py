@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shipyard.registry import LocalRegistry
-from shipyard.serve.dataplane import DataPlane
-from shipyard.serve.metrics import ServerMetrics
-from shipyard.serve.repository import ModelRepository
-from shipyard.serve.rest import RestApp
+from shipyard.serve.app import compose
+from shipyard.serve.core.repository import ModelRepository
+from shipyard.serve.settings import ServeSettings
+from shipyard.serve.transports.rest import RestApp
 from tests.serve.conftest import RunningServer
 
 GOOD = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
@@ -131,12 +131,11 @@ def test_routes_and_methods(server: RunningServer) -> None:
 
 @pytest.fixture
 async def app(model_registry: LocalRegistry) -> AsyncIterator[tuple[RestApp, ModelRepository]]:
-    repository = ModelRepository(model_registry, ServerMetrics())
-    dataplane = DataPlane(repository)
-    await repository.load("mlp:1")
-    dataplane.loading_done = True
-    yield RestApp(dataplane, max_body_bytes=1 << 20), repository
-    await repository.unload_all()
+    server = compose(ServeSettings(models=["mlp:1"], max_body_bytes=1 << 20), model_registry)
+    await server.repository.load_all(server.settings.models)
+    server.services.dataplane.loading_done = True
+    yield server.rest, server.repository
+    await server.repository.unload_all()
 
 
 async def test_full_queue_answers_503(app: tuple[RestApp, ModelRepository]) -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from shipyard.errors import InvalidInputError, OverloadedError
-from shipyard.serve.batching import Batcher
-from shipyard.serve.metrics import ServerMetrics
-from shipyard.serve.stats import ModelStats
+from shipyard.serve.core.batching import Batcher
+from shipyard.serve.observe.metrics import ServerMetrics
+from shipyard.serve.observe.stats import ModelStats
 
 
 class GatedModel:

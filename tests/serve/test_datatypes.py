@@ -3,12 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shipyard.dtypes import BY_V2
 from shipyard.errors import InvalidInputError
-from shipyard.serve.datatypes import V2_TO_NUMPY, from_list, from_raw, serialize_bytes, to_list, to_raw
+from shipyard.serve.protocol.datatypes import from_list, from_raw, serialize_bytes, to_list, to_raw
 from tests._helpers import sample_data
 
 
-@pytest.mark.parametrize("datatype", sorted(V2_TO_NUMPY))
+@pytest.mark.parametrize("datatype", sorted(BY_V2))
 def test_raw_round_trip(datatype: str) -> None:
     data = sample_data(datatype, (2, 3))
     back = from_raw(datatype, [2, 3], to_raw(datatype, data))
@@ -16,7 +17,7 @@ def test_raw_round_trip(datatype: str) -> None:
     assert back.tolist() == data.tolist()
 
 
-@pytest.mark.parametrize("datatype", sorted(set(V2_TO_NUMPY) - {"BYTES"}))
+@pytest.mark.parametrize("datatype", sorted(set(BY_V2) - {"BYTES"}))
 def test_json_round_trip(datatype: str) -> None:
     data = sample_data(datatype, (2, 3))
     assert from_list(datatype, [2, 3], to_list(datatype, data)).tolist() == data.tolist()

@@ -14,11 +14,11 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
 from tritonclient.utils import InferenceServerException
 
-from shipyard.serve.datatypes import V2_TO_NUMPY
+from shipyard.dtypes import BY_V2
 from tests._helpers import sample_data
 from tests.serve.conftest import RunningServer
 
-DATATYPES = sorted(V2_TO_NUMPY)
+DATATYPES = sorted(BY_V2)
 
 
 def _inputs(module: Any, data: np.ndarray, datatype: str, binary: bool = True) -> list[Any]:

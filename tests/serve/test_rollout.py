@@ -12,7 +12,7 @@ import pytest
 
 from shipyard.errors import InvalidInputError
 from shipyard.registry import LocalRegistry
-from shipyard.serve.rollout import parse_rules
+from shipyard.serve.policy.rollout import parse_rules
 from tests.serve.conftest import start_server, stop_server
 
 X = np.random.default_rng(3).standard_normal((1, 16)).astype(np.float32)

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from shipyard.registry import LocalRegistry
-from shipyard.serve.guard import add_token
+from shipyard.serve.policy.auth import add_token
 from tests.serve.conftest import RunningServer, start_server, stop_server
 
 

@@ -9,6 +9,7 @@ do: the rest is headroom for the transport (HTTP/gRPC decoding costs CPU too) an
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import numpy as np
 
 from shipyard.artifact.encryption import model_source
 from shipyard.errors import ConflictError, InvalidInputError
-from shipyard.pipeline._onnx import is_batchable, random_feeds, session
+from shipyard.onnxrt import is_batchable, random_feeds, session
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec
 from shipyard.spec.models import ResourcesSpec, SignatureSpec
@@ -64,7 +65,7 @@ class CapacityPlan:
         return asdict(self)
 
 
-def _time(signature: SignatureSpec, model: Path | bytes, batch: int, concurrency: int, seconds: float) -> Point:
+def _time(signature: SignatureSpec, model: str | bytes, batch: int, concurrency: int, seconds: float) -> Point:
     sessions = [session(model) for _ in range(concurrency)]
     feeds = random_feeds(signature, batch)
     for sess in sessions:
@@ -86,27 +87,29 @@ def _time(signature: SignatureSpec, model: Path | bytes, batch: int, concurrency
     return Point(batch, concurrency, statistics.median(every) * 1e3, float(np.percentile(every, 99)) * 1e3, rate)
 
 
-def peak_rss_mib(folder: Path, signature: SignatureSpec, batch: int) -> float:
-    """Peak memory of a fresh process that imports the server, loads the version's model and runs the batch."""
+def peak_rss_mib(folder: Path, signature: SignatureSpec, batch: int, key: bytes | None = None) -> float:
+    """Peak memory of a fresh process that imports the server, loads the version's model and runs the batch
+    (an encrypted model is opened with `key`, handed to the process on its standard input)."""
     sample = random_feeds(signature, batch)
     feeds = {k: v.tolist() for k, v in sample.items()}
     dtypes = {k: str(v.dtype) for k, v in sample.items()}
     script = (
-        "import json, resource, sys, numpy as np\n"
-        "import shipyard.serve.server\n"
+        "import base64, json, resource, sys, numpy as np\n"
+        "import shipyard.serve.app\n"
         "from pathlib import Path\n"
         "from shipyard.artifact.encryption import model_source\n"
         "from shipyard.artifact.layout import read_manifest\n"
-        "from shipyard.pipeline._onnx import session\n"
+        "from shipyard.onnxrt import session\n"
         "args = json.loads(sys.stdin.read())\n"
         "folder = Path(args['folder'])\n"
-        "source = model_source(folder, read_manifest(folder))\n"
-        "s = session(source if isinstance(source, bytes) else Path(source))\n"
+        "key = base64.b64decode(args['key']) if args['key'] else None\n"
+        "s = session(model_source(folder, read_manifest(folder), key))\n"
         "s.run(None, {k: np.asarray(v, dtype=args['dtypes'][k]) for k, v in args['feeds'].items()})\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], input=json.dumps({"folder": str(folder), "feeds": feeds,
-                          "dtypes": dtypes}), capture_output=True, text=True, check=True)  # fmt: skip
+    key_text = base64.b64encode(key).decode() if key else None
+    args = json.dumps({"folder": str(folder), "feeds": feeds, "dtypes": dtypes, "key": key_text})
+    done = subprocess.run([sys.executable, "-c", script], input=args, capture_output=True, text=True, check=True)
     return int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
 
@@ -122,6 +125,7 @@ def plan_capacity(
     utilization: float = 0.5,
     max_batch: int = 64,
     seconds: float = 0.5,
+    encryption_key: bytes | None = None,
 ) -> CapacityPlan:
     """Measure the model's curves here and size a deployment for `qps` within `p99_ms`."""
     if qps <= 0 or p99_ms <= 0:
@@ -134,8 +138,7 @@ def plan_capacity(
         raise InvalidInputError(f"{record.ref} is a language model: capacity plans models that answer in one pass, "
                                 "and a generation runs one pass per token (not measured here yet)")  # fmt: skip
     folder = registry.path(record)
-    source = model_source(folder, manifest)
-    model = source if isinstance(source, bytes) else Path(source)
+    model = model_source(folder, manifest, encryption_key)
     signature = manifest.signature
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch] if is_batchable(signature) else [1]
     cores = os.cpu_count() or 1
@@ -147,7 +150,7 @@ def plan_capacity(
                             "cannot be met (a request may wait for one batch ahead of it)")  # fmt: skip
     best = max(usable, key=lambda p: p.samples_per_s)
     replicas = max(1, math.ceil(qps / (best.samples_per_s * utilization)))
-    peak = peak_rss_mib(folder, signature, best.batch)
+    peak = peak_rss_mib(folder, signature, best.batch, encryption_key)
     return CapacityPlan(
         model=record.ref, qps=qps, p99_target_ms=p99_ms, utilization=utilization, curve=curve,
         batch=best.batch, max_queue_delay_ms=round(best.p50_ms, 3), per_replica_qps=best.samples_per_s,

@@ -15,32 +15,31 @@ from ray.serve import Application
 
 from shipyard.registry import open_registry
 from shipyard.registry import remote as remote_storage
-from shipyard.serve.dataplane import DataPlane
-from shipyard.serve.metrics import ServerMetrics
-from shipyard.serve.repository import ModelRepository
-from shipyard.serve.rest import RestApp
-
-MAX_BODY_BYTES = 64 << 20
+from shipyard.serve.app import compose
+from shipyard.serve.settings import ServeSettings
+from shipyard.serve.transports.rest import RestApp
+from shipyard.settings import Environment
 
 
 class ShipyardReplica:
-    """One replica: loads and warms the models, then answers through shipyard's own ASGI app."""
+    """One replica: the same server `shipyard serve` composes (limits, timeout, access control), loaded and warmed,
+    answering through its REST app; Ray's proxy is the listener."""
 
     # Ray Serve awaits an async constructor; the models load and warm up before the replica takes traffic.
     async def __init__(self, models: list[str], registry: str | None, pull: list[str]) -> None:  # type: ignore[misc]
         if pull:  # archives from object storage into a registry of this replica's own (any node works)
             self._scratch = tempfile.TemporaryDirectory(prefix="shipyard-ray-")
             registry = self._scratch.name
-        local = open_registry(Path(registry) if registry else None)
+        env = Environment.from_environ()  # this replica's process is an entry point of its own
+        local = open_registry(Path(registry) if registry else env.registry)
         pulled = [remote_storage.pull(local, uri) for uri in pull]
         refs = [f"{m.name}:{m.version}" for m in pulled] if pulled else models
-        self.repository = ModelRepository(local, ServerMetrics())
-        self.dataplane = DataPlane(self.repository)
-        await self.repository.load_all(refs)
-        self.dataplane.loading_done = True
+        self.server = compose(ServeSettings(models=refs, encryption_key=env.encryption_key()), local)
+        await self.server.repository.load_all(refs)
+        self.server.services.dataplane.loading_done = True
 
     def __serve_build_asgi_app__(self) -> RestApp:
-        return RestApp(self.dataplane, MAX_BODY_BYTES)
+        return self.server.rest
 
 
 SHIPYARD_DEPLOYMENT = serve.deployment(name="shipyard")(serve.ingress()(ShipyardReplica))

@@ -19,14 +19,14 @@ import fsspec
 from shipyard.artifact.archive import ARCHIVE_SUFFIX
 from shipyard.artifact.encryption import model_source
 from shipyard.errors import EvaluationError, FailedCheckError, NotFoundError, UnavailableError
+from shipyard.onnxrt import ort_predict, run_in_chunks, session
 from shipyard.pipeline import metrics
-from shipyard.pipeline._onnx import ort_predict, run_in_chunks, session
 from shipyard.pipeline.datasets import load_dataset
 from shipyard.pipeline.evaluate import output_index
-from shipyard.pipeline.text import artifact_encoder
 from shipyard.registry import remote
 from shipyard.registry.local import LocalRegistry, VersionRecord
 from shipyard.spec.loader import parse_spec
+from shipyard.tokenizer import artifact_encoder
 
 ALIASES_FILE = "aliases.json"
 
@@ -67,7 +67,13 @@ class Validation:
         return self.drop <= self.budget
 
 
-def validate(registry: LocalRegistry, ref: str, base_dir: Path, max_drop: float | None = None) -> Validation:
+def validate(
+    registry: LocalRegistry,
+    ref: str,
+    base_dir: Path,
+    max_drop: float | None = None,
+    encryption_key: bytes | None = None,
+) -> Validation:
     """Re-evaluate a version on its build's evaluation set; FailedCheckError if the metric dropped too far."""
     record = registry.resolve(ref)
     manifest = registry.manifest(record, verify=True)
@@ -79,8 +85,7 @@ def validate(registry: LocalRegistry, ref: str, base_dir: Path, max_drop: float 
         raise EvaluationError(f"{record.ref} was built without an evaluation: nothing to re-validate")
     text = artifact_encoder(registry.path(record), manifest)
     data = load_dataset(evaluation.dataset, manifest.signature, base_dir, evaluation.max_samples, text)
-    source = model_source(registry.path(record), manifest)
-    sess = session(source if isinstance(source, bytes) else Path(source))
+    sess = session(model_source(registry.path(record), manifest, encryption_key))
     pred = run_in_chunks(ort_predict(sess), data.inputs, manifest.signature)[
         output_index(evaluation, manifest.signature)
     ]

@@ -19,9 +19,9 @@ import numpy as np
 
 from shipyard.artifact.encryption import model_source
 from shipyard.errors import FailedCheckError, InvalidInputError
-from shipyard.pipeline._onnx import session
-from shipyard.pipeline.text import artifact_encoder
+from shipyard.onnxrt import session
 from shipyard.registry.local import LocalRegistry
+from shipyard.tokenizer import artifact_encoder
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,11 @@ def _agree(logged: np.ndarray, new: np.ndarray) -> tuple[bool, float]:
     return bool(np.allclose(logged, new, rtol=1e-3, atol=1e-5)), diff
 
 
-def replay(logs: list[Path], registry: LocalRegistry, ref: str) -> ReplayReport:
+def replay(logs: list[Path], registry: LocalRegistry, ref: str, encryption_key: bytes | None = None) -> ReplayReport:
     """Run the logged requests of the candidate's model name through the candidate and compare."""
     record = registry.resolve(ref)
     manifest = registry.manifest(record, verify=True)
-    source = model_source(registry.path(record), manifest)
-    sess = session(source if isinstance(source, bytes) else Path(source))
+    sess = session(model_source(registry.path(record), manifest, encryption_key))
     text = artifact_encoder(registry.path(record), manifest)
     agreed = compared = skipped = 0
     worst, times, logged_ms, served = 0.0, [], [], set()

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from shipyard._extras import require
+from shipyard.dtypes import numpy_of
 from shipyard.errors import ConversionError, ModelLoadError, UnsafeModelError
 from shipyard.pipeline._imports import import_object, on_sys_path
-from shipyard.pipeline._onnx import numpy_dtype
 from shipyard.pipeline._picklescan import refuse_dangerous_pickle
 from shipyard.pipeline.context import ExportResult
 from shipyard.spec.models import ConvertSpec, ModelSourceSpec, SignatureSpec, resolve_path
@@ -168,7 +168,7 @@ class TorchSource:
         tensors = []
         for t in signature.inputs:
             shape = [d if isinstance(d, int) else _EXAMPLE_DYNAMIC_SIZE for d in t.shape]
-            tensors.append(torch.from_numpy(np.zeros(shape, dtype=numpy_dtype(t.dtype))))
+            tensors.append(torch.from_numpy(np.zeros(shape, dtype=numpy_of(t.dtype))))
         return tuple(tensors)
 
     def _output_names(self, signature: SignatureSpec, example: tuple[Any, ...]) -> list[str]:

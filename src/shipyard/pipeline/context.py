@@ -9,9 +9,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from shipyard.artifact.manifest import GenerationRecord, LineageStep
-from shipyard.pipeline.text import TextEncoder
 from shipyard.spec.loader import LoadedSpec
 from shipyard.spec.models import ConvertSpec, SignatureSpec
+from shipyard.tokenizer import TextEncoder
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from shipyard.errors import ConversionError
-from shipyard.pipeline._onnx import (
+from shipyard.onnxrt import (
     MODEL_FILE,
     check_onnx,
     is_batchable,

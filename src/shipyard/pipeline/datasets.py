@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 
 from shipyard._extras import require
+from shipyard.dtypes import numpy_of
 from shipyard.errors import EvaluationError
 from shipyard.pipeline._imports import import_object
-from shipyard.pipeline._onnx import numpy_dtype
 from shipyard.pipeline.context import EvalData
-from shipyard.pipeline.text import TextEncoder
 from shipyard.spec.models import (
     DatasetSpec,
     FunctionDatasetSpec,
@@ -23,6 +22,7 @@ from shipyard.spec.models import (
     TensorSpec,
     resolve_path,
 )
+from shipyard.tokenizer import TextEncoder
 
 _CLASSIFICATION_SETS = {"digits", "iris", "wine", "breast_cancer"}
 
@@ -87,7 +87,7 @@ def _conform(tensor: TensorSpec, array: Any, samples: int) -> np.ndarray:
             )
         data = data.reshape(len(data), *sample_shape)
     try:
-        return data.astype(numpy_dtype(tensor.dtype), copy=False)
+        return data.astype(numpy_of(tensor.dtype), copy=False)
     except (TypeError, ValueError) as exc:
         raise EvaluationError(f"input {tensor.name!r}: cannot cast {data.dtype} to {tensor.dtype}: {exc}") from None
 

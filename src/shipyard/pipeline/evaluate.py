@@ -10,8 +10,8 @@ import numpy as np
 from shipyard.artifact.layout import folder_size
 from shipyard.artifact.reference import build_reference, write_reference
 from shipyard.errors import EvaluationError
+from shipyard.onnxrt import is_batchable, ort_predict, random_feeds, run_in_chunks, session
 from shipyard.pipeline import metrics
-from shipyard.pipeline._onnx import is_batchable, ort_predict, random_feeds, run_in_chunks, session
 from shipyard.pipeline.context import BuildContext, EvalData
 from shipyard.pipeline.step import Progress
 from shipyard.spec.models import EvaluationSpec, LatencySpec, SignatureSpec

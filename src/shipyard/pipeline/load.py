@@ -9,7 +9,7 @@ import numpy as np
 
 from shipyard.artifact.hashing import sha256_file
 from shipyard.errors import ModelLoadError
-from shipyard.pipeline._onnx import check_onnx, session, signature_of
+from shipyard.onnxrt import check_onnx, session, signature_of
 from shipyard.pipeline.context import BuildContext, ExportResult, SourceModel
 from shipyard.pipeline.datasets import load_dataset
 from shipyard.pipeline.step import Progress

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
-from shipyard.artifact.encryption import ALGORITHM, key_id, load_key, seal
+from shipyard.artifact.encryption import ALGORITHM, key_id, seal
 from shipyard.artifact.hashing import sha256_file
 from shipyard.artifact.layout import create_manifest
 from shipyard.artifact.manifest import LineageStep, Manifest
@@ -49,8 +49,15 @@ def _current_hash(ctx: BuildContext) -> str | None:
     return sha256_file(ctx.model_path) if ctx.model_path is not None else ctx.source_sha256
 
 
-def build(loaded: LoadedSpec, registry: LocalRegistry, reporter: Reporter | None = None) -> Manifest:
-    """Load, convert, verify and evaluate the spec's model, then publish it as the next version.
+def build(
+    loaded: LoadedSpec,
+    registry: LocalRegistry,
+    reporter: Reporter | None = None,
+    *,
+    encryption_key: bytes | None = None,
+) -> Manifest:
+    """Load, convert, verify and evaluate the spec's model, then publish it as the next version (its model file
+    sealed with `encryption_key` when one is given).
 
     Returns the published manifest. Any failure raises before publishing, and the staging
     folder is removed, so nothing partial ever appears in the registry.
@@ -75,7 +82,7 @@ def build(loaded: LoadedSpec, registry: LocalRegistry, reporter: Reporter | None
                 )
             )
         model_path, signature = ctx.require_model()
-        key = load_key()
+        key = encryption_key
         if key is not None:  # sealed last: every step above worked on the plain model
             if (model_path.parent / f"{model_path.name}.data").exists():
                 raise InvalidInputError("encrypting models with external weights (> 2 GB) is not supported yet")
@@ -96,8 +103,16 @@ def build(loaded: LoadedSpec, registry: LocalRegistry, reporter: Reporter | None
         return registry.publish(staged)
 
 
-def import_onnx(path: Path, name: str, registry: LocalRegistry, reporter: Reporter | None = None) -> Manifest:
+def import_onnx(
+    path: Path,
+    name: str,
+    registry: LocalRegistry,
+    reporter: Reporter | None = None,
+    *,
+    encryption_key: bytes | None = None,
+) -> Manifest:
     """Register an ONNX file as it is: its signature read from the graph, timed, verified, published."""
     path = path.expanduser().resolve()
     spec = parse_spec({"name": name, "model": {"format": "onnx", "path": str(path)}}, source="shipyard import")
-    return build(LoadedSpec(spec=spec, path=path.parent / "shipyard.yaml"), registry, reporter)
+    return build(LoadedSpec(spec=spec, path=path.parent / "shipyard.yaml"), registry, reporter,
+                 encryption_key=encryption_key)  # fmt: skip

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from shipyard.errors import InvalidInputError
 from shipyard.registry.local import LocalRegistry, VersionRecord
 from shipyard.registry.refs import ModelRef, parse_ref
-
-ENV_VAR = "SHIPYARD_REGISTRY"
-DEFAULT_LOCATION = "~/.shipyard/registry"
+from shipyard.settings import DEFAULT_REGISTRY
 
 
 def open_registry(location: str | Path | None = None) -> LocalRegistry:
-    """The registry at `location`, else $SHIPYARD_REGISTRY, else ~/.shipyard/registry."""
-    where = str(location or os.environ.get(ENV_VAR) or DEFAULT_LOCATION)
+    """The registry at `location` (a path or file:// URI), else ~/.shipyard/registry."""
+    where = str(location or DEFAULT_REGISTRY)
     if where.startswith("file://"):
         where = where[len("file://") :]
     elif "://" in where:
@@ -26,4 +23,4 @@ def open_registry(location: str | Path | None = None) -> LocalRegistry:
     return LocalRegistry(Path(where))
 
 
-__all__ = ["ENV_VAR", "LocalRegistry", "ModelRef", "VersionRecord", "open_registry", "parse_ref"]
+__all__ = ["LocalRegistry", "ModelRef", "VersionRecord", "open_registry", "parse_ref"]

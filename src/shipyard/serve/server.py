@@ -1,4 +1,5 @@
-"""The composition root: settings in, a running REST + gRPC + metrics server out."""
+"""The listeners: REST (uvicorn), gRPC (grpc.aio) and Prometheus over the parts app.compose builds, with
+start-up (live at once, ready once every model is loaded and warm) and a draining shutdown."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,46 +17,11 @@ from prometheus_client import start_http_server
 
 from shipyard.errors import UnavailableError
 from shipyard.registry import LocalRegistry
-from shipyard.serve.dataplane import DataPlane
-from shipyard.serve.grpc import add_servicer
-from shipyard.serve.guard import Guard, RateLimiter, load_tokens
-from shipyard.serve.metrics import ServerMetrics
-from shipyard.serve.repository import ModelRepository
-from shipyard.serve.request_log import RequestLog
-from shipyard.serve.rest import RestApp
-from shipyard.serve.rollout import Rollout
+from shipyard.serve.app import compose
+from shipyard.serve.settings import ServeSettings
+from shipyard.serve.transports.grpc import add_servicer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """Process-level serving configuration (per-model settings come from each model's spec)."""
-
-    models: list[str]
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002  # 0 disables the metrics listener
-    max_body_bytes: int = 64 << 20
-    drain_seconds: float = 30.0
-    trusted_key: Path | None = None  # serve only versions signed with this public key's private half
-    tokens_file: Path | None = None  # bearer tokens (sha256 digests + scopes); None: no authentication
-    allow_management: bool = False  # the repository load/unload API
-    open_health: bool = True  # health endpoints answer without a token
-    rate_limit: float | None = None  # requests per second per caller (token name, or client address)
-    rate_burst: int = 50
-    tls_cert: Path | None = None  # PEM certificate chain and key: HTTPS and gRPC over TLS
-    tls_key: Path | None = None
-    request_timeout_s: float | None = 60.0  # per inference request, queueing included
-    max_elements: int | None = 1 << 26  # per input tensor
-    canary: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share of traffic}
-    shadow: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share mirrored}
-    drift_sample: float = 0.1  # share of requests binned for drift monitoring (0: off)
-    log_dir: Path | None = None  # sampled request/response JSON lines go here
-    log_sample: float = 0.01
-    log_max_bytes: int = 10 << 20
-    log_redact: bool = False
 
 
 def _listen(host: str, port: int, what: str) -> socket.socket:
@@ -83,22 +47,9 @@ class ShipyardServer:
 
     def __init__(self, settings: ServeSettings, registry: LocalRegistry) -> None:
         self.settings = settings
-        self.metrics = ServerMetrics()
-        self.repository = ModelRepository(registry, self.metrics, settings.trusted_key)
-        rollout = Rollout(canary=settings.canary, shadow=settings.shadow, counts=self.metrics.shadow)
-        self.dataplane = DataPlane(
-            self.repository, timeout_s=settings.request_timeout_s, max_elements=settings.max_elements, rollout=rollout,
-            drift_sample=settings.drift_sample,
-            request_log=RequestLog(settings.log_dir, settings.log_sample, settings.log_max_bytes,
-                                   redact=settings.log_redact) if settings.log_dir is not None else None,
-        )  # fmt: skip
-        self.guard = Guard(
-            tokens=load_tokens(settings.tokens_file) if settings.tokens_file is not None else None,
-            allow_management=settings.allow_management,
-            limiter=RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None,
-            open_health=settings.open_health,
-        )
-        self.app = RestApp(self.dataplane, settings.max_body_bytes, self.guard)
+        self.parts = compose(settings, registry)
+        self.repository = self.parts.repository
+        self.dataplane = self.parts.services.dataplane
         self._stop = asyncio.Event()
         self.http: _Uvicorn | None = None
         self.grpc: grpc.aio.Server | None = None
@@ -113,7 +64,9 @@ class ShipyardServer:
         http_socket = _listen(s.host, s.http_port, "REST")
         if s.metrics_port:
             try:
-                self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+                self._metrics_server, _ = start_http_server(
+                    s.metrics_port, addr=s.host, registry=self.parts.metrics.registry
+                )
             except OSError as exc:
                 http_socket.close()
                 raise UnavailableError(
@@ -126,7 +79,7 @@ class ShipyardServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        add_servicer(self.grpc, self.dataplane, self.guard)
+        add_servicer(self.grpc, self.parts.services, self.parts.access)
         try:
             if s.tls_cert is not None and s.tls_key is not None:
                 pair = [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())]
@@ -140,7 +93,7 @@ class ShipyardServer:
             ) from None
         await self.grpc.start()
         config = uvicorn.Config(
-            self.app, host=s.host, port=s.http_port, http="httptools", loop="none", lifespan="off",
+            self.parts.rest, host=s.host, port=s.http_port, http="httptools", loop="none", lifespan="off",
             access_log=False, log_level="warning", timeout_graceful_shutdown=int(s.drain_seconds), proxy_headers=False,
             ssl_certfile=s.tls_cert, ssl_keyfile=s.tls_key,
         )  # fmt: skip

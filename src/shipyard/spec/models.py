@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shipyard import settings as defaults
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 DType = Literal[
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -385,11 +387,11 @@ class ResourcesSpec(_Spec):
 class PortsSpec(_Spec):
     """Ports the server listens on inside a container or on the local machine."""
 
-    http: int = Field(default=8000, ge=1, le=65535)
+    http: int = Field(default=defaults.HTTP_PORT, ge=1, le=65535)
     """REST (Open Inference Protocol)."""
-    grpc: int = Field(default=8001, ge=1, le=65535)
+    grpc: int = Field(default=defaults.GRPC_PORT, ge=1, le=65535)
     """gRPC (GRPCInferenceService)."""
-    metrics: int = Field(default=8002, ge=1, le=65535)
+    metrics: int = Field(default=defaults.METRICS_PORT, ge=1, le=65535)
     """Prometheus metrics."""
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from shipyard.pipeline._onnx import session
+from shipyard.onnxrt import session
 from shipyard.pipeline.optimize.transforms import TRANSFORMS, Calibration
 
 _QUANTIZABLE = ("MatMul", "Gemm", "Conv")

@@ -21,7 +21,7 @@ import onnx
 
 from shipyard.artifact.layout import folder_size
 from shipyard.errors import ShipyardError
-from shipyard.pipeline._onnx import (
+from shipyard.onnxrt import (
     MODEL_FILE,
     check_onnx,
     is_batchable,

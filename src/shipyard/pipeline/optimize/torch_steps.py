@@ -19,8 +19,8 @@ import numpy as np
 
 from shipyard._extras import require
 from shipyard.errors import InvalidInputError
+from shipyard.onnxrt import MODEL_FILE, check_onnx, place_model
 from shipyard.pipeline._imports import import_object
-from shipyard.pipeline._onnx import MODEL_FILE, check_onnx, place_model
 from shipyard.pipeline._torch import TorchSource
 from shipyard.pipeline.context import EvalData
 from shipyard.pipeline.optimize.transforms import check_params

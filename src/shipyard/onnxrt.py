@@ -1,0 +1,146 @@
+"""ONNX graphs and ONNX Runtime sessions, written once for the pipeline, the server, capacity and the benchmarks.
+
+`session` is the only place a session is created, so what `build` and `capacity` time is what `serve` runs:
+the same options, threads and providers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto
+
+from shipyard.dtypes import BY_ONNX, numpy_of
+from shipyard.errors import ModelLoadError
+from shipyard.spec.models import SignatureSpec, TensorSpec
+
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+_SINGLE_FILE_LIMIT = 1_800_000_000  # below protobuf's 2 GiB message limit, with margin
+
+
+def check_onnx(path: Path) -> onnx.ModelProto:
+    """Load the graph (without external weights) after onnx.checker accepts it; ModelLoadError otherwise."""
+    try:
+        onnx.checker.check_model(str(path))
+        return onnx.load(str(path), load_external_data=False)
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.shape_inference.InferenceError) as exc:
+        raise ModelLoadError(f"{path}: not a valid ONNX model: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is not ONNX at all
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+
+
+def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or tensor.elem_type not in BY_ONNX:
+        raise ModelLoadError(f"tensor {value.name!r}: only plain tensors of standard element types are supported")
+    shape: list[int | str] = []
+    for i, dim in enumerate(tensor.shape.dim):
+        if dim.HasField("dim_value"):
+            shape.append(dim.dim_value)
+        else:
+            shape.append(dim.dim_param or ("batch" if i == 0 else f"{value.name}_dim{i}"))
+    return TensorSpec(name=value.name, dtype=BY_ONNX[tensor.elem_type].name, shape=shape)
+
+
+def signature_of(model: onnx.ModelProto) -> SignatureSpec:
+    """The graph's inputs (initializers excluded) and outputs as a SignatureSpec."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [_tensor_spec(v) for v in model.graph.input if v.name not in initializers]
+    outputs = [_tensor_spec(v) for v in model.graph.output]
+    return SignatureSpec(inputs=inputs, outputs=outputs)
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(init.data_location == TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
+def place_model(source: Path, graph: onnx.ModelProto, dest: Path) -> Path:
+    """Copy a checked ONNX model to `dest`, self-contained unless it exceeds protobuf's 2 GB.
+
+    Exporters may write weights to side files; they are gathered here (onnx.load refuses external-data
+    paths that leave the model's folder), so the artifact never depends on files outside it.
+    """
+    if not has_external_data(graph):
+        shutil.copyfile(source, dest)
+        return dest
+    full = onnx.load(str(source), load_external_data=True)
+    if full.ByteSize() < _SINGLE_FILE_LIMIT:
+        onnx.save_model(full, str(dest))
+    else:
+        onnx.save_model(full, str(dest), save_as_external_data=True, location=EXTERNAL_DATA_FILE)
+    return dest
+
+
+def providers(preferred: list[str] | None) -> list[str]:
+    """The preferred execution providers that this machine's onnxruntime has, in order; CPU when none is."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in preferred or () if p in available]
+    return chosen or ["CPUExecutionProvider"]
+
+
+def session(source: str | Path | bytes, threads: int = 1, preferred: list[str] | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session from a path or model bytes, with `threads` intra-op threads and one inter-op
+    thread (so timings are comparable), on the preferred providers this machine has (default: CPU)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            source if isinstance(source, bytes) else str(source), options, providers=providers(preferred)
+        )
+    except Exception as exc:  # onnxruntime raises its own unexported exception classes
+        where = "the model" if isinstance(source, bytes) else source
+        raise ModelLoadError(f"{where}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def is_batchable(signature: SignatureSpec) -> bool:
+    """True when every input's first dimension is dynamic (the batch)."""
+    return all(t.shape and isinstance(t.shape[0], str) for t in signature.inputs)
+
+
+def random_feeds(signature: SignatureSpec, batch: int, seed: int = 0, other_dims: int = 8) -> dict[str, np.ndarray]:
+    """Random inputs matching the signature: dim 0 (if dynamic) is `batch`, other dynamic dims `other_dims`."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for t in signature.inputs:
+        shape = [d if isinstance(d, int) else (batch if i == 0 else other_dims) for i, d in enumerate(t.shape)]
+        dtype = numpy_of(t.dtype)
+        if t.dtype == "string":
+            feeds[t.name] = np.array(["x"] * int(np.prod(shape)), dtype=object).reshape(shape)
+        elif t.dtype == "bool":
+            feeds[t.name] = rng.random(shape) > 0.5
+        elif np.issubdtype(dtype, np.integer):
+            feeds[t.name] = rng.integers(0, 10, size=shape).astype(dtype)
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+_BATCH_CHUNK = 256  # samples per run when evaluating a batchable model over a whole dataset
+
+Predict = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def ort_predict(sess: ort.InferenceSession) -> Predict:
+    """A session's outputs as a list, in graph order."""
+    return lambda feeds: list(sess.run(None, feeds))
+
+
+def run_in_chunks(predict: Predict, feeds: dict[str, np.ndarray], signature: SignatureSpec) -> list[np.ndarray]:
+    """Run `predict` over sample-major feeds and join the outputs: 256 samples a run, or one at a time
+    for models without a dynamic batch dimension."""
+    chunk = _BATCH_CHUNK if is_batchable(signature) else 1
+    total = len(next(iter(feeds.values())))
+    parts = [predict({k: v[i : i + chunk] for k, v in feeds.items()}) for i in range(0, total, chunk)]
+    return [np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(len(parts[0]))]

@@ -1,0 +1,63 @@
+"""The composition root: settings in, every serving component built and wired once.
+
+`shipyard serve` (serve/server.py) and a Ray Serve replica (deploy/ray_app.py) both build their server
+here, so the request timeout, size limits, access control and rollouts are the same wherever it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shipyard.registry import LocalRegistry
+from shipyard.serve.core.dataplane import DataPlane
+from shipyard.serve.core.generation import TextGeneration
+from shipyard.serve.core.management import Management
+from shipyard.serve.core.repository import ModelRepository
+from shipyard.serve.core.services import Services
+from shipyard.serve.observe.hooks import AfterAnswer
+from shipyard.serve.observe.metrics import ServerMetrics
+from shipyard.serve.observe.quality import QualityMonitor
+from shipyard.serve.observe.request_log import RequestLog
+from shipyard.serve.policy.auth import AccessControl, load_tokens
+from shipyard.serve.policy.rate_limit import RateLimiter
+from shipyard.serve.policy.rollout import Rollout
+from shipyard.serve.settings import ServeSettings
+from shipyard.serve.transports.rest import RestApp
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server's parts, ready to be given listeners (or a Ray ingress)."""
+
+    settings: ServeSettings
+    metrics: ServerMetrics
+    repository: ModelRepository
+    services: Services
+    access: AccessControl
+    rest: RestApp
+
+
+def compose(settings: ServeSettings, registry: LocalRegistry) -> Server:
+    """Build every component from the settings; nothing is loaded or listening yet."""
+    metrics = ServerMetrics()
+    repository = ModelRepository(registry, metrics, settings.trusted_key, settings.encryption_key)
+    rollout = Rollout(canary=settings.canary, shadow=settings.shadow, counts=metrics.shadow)
+    request_log = None
+    if settings.log_dir is not None:
+        request_log = RequestLog(settings.log_dir, settings.log_sample, settings.log_max_bytes,
+                                 redact=settings.log_redact)  # fmt: skip
+    generation = TextGeneration(repository, settings.request_timeout_s, settings.max_elements)
+    dataplane = DataPlane(
+        repository, generation, rollout=rollout,
+        after_answer=AfterAnswer(repository, rollout, settings.drift_sample, request_log),
+        timeout_s=settings.request_timeout_s, max_elements=settings.max_elements,
+    )  # fmt: skip
+    services = Services(dataplane, generation, Management(repository), QualityMonitor(repository))
+    access = AccessControl(
+        tokens=load_tokens(settings.tokens_file) if settings.tokens_file is not None else None,
+        allow_management=settings.allow_management,
+        limiter=RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None,
+        open_health=settings.open_health,
+    )
+    rest = RestApp(services, access, settings.max_body_bytes)
+    return Server(settings, metrics, repository, services, access, rest)

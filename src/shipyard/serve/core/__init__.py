@@ -1,0 +1,1 @@
+"""The serving core: loaded versions (repository, runtime, batcher), the data plane and generation."""

@@ -1,0 +1,159 @@
+"""The data plane: health, metadata, configuration, statistics and inference, shared by every transport.
+
+It takes and returns domain types (shipyard.serve.protocol.types); each transport decodes its wire form
+into them and renders its own wire form from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from shipyard import __version__
+from shipyard.errors import NotFoundError, TimedOutError
+from shipyard.serve.core.generation import TextGeneration
+from shipyard.serve.core.repository import ModelHandle, ModelRepository
+from shipyard.serve.core.validate import check_outputs, feeds_of
+from shipyard.serve.policy.rollout import Rollout
+from shipyard.serve.protocol.schema import TensorSchema
+from shipyard.serve.protocol.types import (
+    ConfigTensor,
+    InferRequest,
+    InferResponse,
+    ModelConfig,
+    ModelMetadata,
+    ModelStatistics,
+    ServerMetadata,
+    Tensor,
+)
+
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
+PLATFORM = "onnxruntime_onnx"
+# After each answered request: (handle, request, feeds, samples, outputs, start in perf_counter ns).
+AnswerHook = Callable[[ModelHandle, InferRequest, dict[str, np.ndarray], int, list[np.ndarray], int], None]
+
+
+def _config_tensors(specs: dict[str, TensorSchema], batched: bool) -> list[ConfigTensor]:
+    return [ConfigTensor(t.name, "TYPE_STRING" if t.text else f"TYPE_{t.datatype}", t.shape[1:] if batched else t.shape)
+            for t in specs.values()]  # fmt: skip
+
+
+class DataPlane:
+    """The transport-agnostic server API."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        generation: TextGeneration,
+        *,
+        rollout: Rollout,
+        after_answer: AnswerHook,
+        timeout_s: float | None,
+        max_elements: int | None,
+    ) -> None:
+        self.repository = repository
+        self.generation = generation
+        self.rollout = rollout
+        self.after_answer = after_answer
+        self.timeout_s = timeout_s  # a request not answered by then gets a timeout error (504 / DEADLINE_EXCEEDED)
+        self.max_elements = max_elements  # per input tensor: larger ones are refused before they are queued
+        self.loading_done = False  # set once the start-up loads (and warm-ups) have finished
+
+    # --- health and metadata -----------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.loading_done and not self.repository.failed
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata("shipyard", __version__, EXTENSIONS)
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        try:
+            self.repository.get(name, version)
+        except NotFoundError:
+            return False
+        return True
+
+    def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
+        schema = self.repository.get(name, version).schema
+        return ModelMetadata(
+            name=name,
+            versions=[str(v) for v in self.repository.versions(name)],
+            platform=PLATFORM,
+            inputs=[t.metadata() for t in schema.inputs.values()],
+            outputs=[t.metadata() for t in schema.outputs.values()],
+        )
+
+    def model_config(self, name: str, version: str | None) -> ModelConfig:
+        """Triton's model configuration: what perf_analyzer and tritonclient read."""
+        handle = self.repository.get(name, version)
+        batched = handle.batchable and handle.batcher.max_batch_size > 0
+        return ModelConfig(
+            name=name, platform=PLATFORM, backend="onnxruntime",
+            max_batch_size=handle.batcher.max_batch_size if batched else 0,
+            inputs=_config_tensors(handle.schema.inputs, batched),
+            outputs=_config_tensors(handle.schema.outputs, batched),
+            instances=handle.settings.instances, preferred_batch_sizes=handle.settings.preferred_batch_sizes,
+            max_queue_delay_us=int(handle.settings.max_queue_delay_ms * 1000), dynamic_batching=batched,
+        )  # fmt: skip
+
+    def model_statistics(self, name: str | None, version: str | None) -> list[ModelStatistics]:
+        if name is None:
+            handles = self.repository.handles()
+        elif version:
+            handles = [self.repository.get(name, version)]
+        else:
+            handles = [self.repository.get(name, str(v)) for v in self.repository.versions(name)]
+            if not handles:
+                raise NotFoundError(f"model {name!r} is not loaded")
+        return [h.stats.snapshot() for h in handles]
+
+    # --- inference -----------------------------------------------------------------------------
+
+    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        """Validate against the model's signature, batch, run, and select the requested outputs."""
+        start = time.perf_counter_ns()
+        if not version and name in self.rollout.canary:
+            routed = self.rollout.route(name, self.repository.versions(name))
+            version = str(routed) if routed is not None else None
+        handle = self.repository.get(name, version)
+        if handle.generates:  # a language model's whole answer
+            return await self.generation.complete(self.generation.start_on(handle, request), request)
+        samples = 1
+        try:
+            check_outputs(handle, request)
+            feeds, samples = feeds_of(handle, request, self.max_elements)
+            outputs = await self._run(handle, handle.runtime.prepare(feeds), samples)
+        except TimeoutError:
+            handle.stats.request_done(False, time.perf_counter_ns() - start, samples)
+            raise TimedOutError(f"no answer within the {self.timeout_s:g} s request timeout") from None
+        except BaseException:
+            handle.stats.request_done(False, time.perf_counter_ns() - start, samples)
+            raise
+        response = self._response(handle, request, outputs)
+        handle.stats.request_done(True, time.perf_counter_ns() - start, samples)
+        self.after_answer(handle, request, feeds, samples, outputs, start)
+        return response
+
+    async def _run(self, handle: ModelHandle, feeds: dict[str, np.ndarray], samples: int) -> list[np.ndarray]:
+        if self.timeout_s is None:
+            return await handle.batcher.submit(feeds, samples)
+        async with asyncio.timeout(self.timeout_s):  # a deadline on this task; wait_for would add a task per request
+            return await handle.batcher.submit(feeds, samples)
+
+    @staticmethod
+    def _response(handle: ModelHandle, request: InferRequest, outputs: list[np.ndarray]) -> InferResponse:
+        schema = handle.schema
+        by_name = dict(zip(schema.output_order, outputs, strict=True))
+        wanted = [(o.name, o.parameters) for o in request.outputs] if request.outputs else None
+        result = []
+        for out_name, params in wanted or ((n, {}) for n in schema.output_order):
+            array = by_name[out_name]
+            result.append(Tensor(out_name, schema.outputs[out_name].datatype, list(array.shape), array, params))
+        return InferResponse(handle.name, str(handle.version), result, request.id)

@@ -1,0 +1,65 @@
+"""Generation for language models: the data plane's entry points that answer token by token."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+
+import numpy as np
+
+from shipyard.errors import InvalidInputError, TimedOutError
+from shipyard.serve.core.decoder import Generation
+from shipyard.serve.core.repository import ModelHandle, ModelRepository
+from shipyard.serve.core.runtime import as_text
+from shipyard.serve.core.validate import check_outputs, feeds_of
+from shipyard.serve.protocol.types import InferRequest, InferResponse, Tensor
+
+
+class TextGeneration:
+    """Starts validated generations and runs them under the request timeout, counting each in its statistics."""
+
+    def __init__(self, repository: ModelRepository, timeout_s: float | None, max_elements: int | None) -> None:
+        self.repository = repository
+        self.timeout_s = timeout_s
+        self.max_elements = max_elements
+
+    def generates(self, name: str, version: str | None) -> bool:
+        return self.repository.get(name, version).generates
+
+    def start(self, name: str, version: str | None, request: InferRequest) -> Generation:
+        """A validated generation: nothing runs until `stream` iterates it."""
+        return self.start_on(self.repository.get(name, version), request)
+
+    def start_on(self, handle: ModelHandle, request: InferRequest) -> Generation:
+        if handle.decoder is None:
+            raise InvalidInputError(f"{handle.name}:{handle.version} is not a language model: use infer")
+        check_outputs(handle, request)
+        feeds, _ = feeds_of(handle, request, self.max_elements)
+        prompt = as_text("text_input", feeds["text_input"])
+        return handle.decoder.start(str(prompt.reshape(-1)[0]), request.parameters)
+
+    async def stream(self, generation: Generation) -> AsyncGenerator[str, None]:
+        """Run a generation under the request timeout, counting it in its model's statistics."""
+        # A deadline, not asyncio.timeout around the loop: that would also cover the consumer's awaits
+        # between pieces, which run while this generator is suspended.
+        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
+        stats = self.repository.get(generation.decoder.name, generation.decoder.version).stats
+        start, ok, first = time.perf_counter_ns(), False, None
+        try:
+            async for piece in generation.run(deadline):
+                first = first if first is not None else time.perf_counter_ns() - start
+                yield piece
+            ok = True
+        except TimeoutError:
+            raise TimedOutError(f"generation not finished within the {self.timeout_s:g} s request timeout") from None
+        finally:
+            stats.request_done(ok, time.perf_counter_ns() - start, 1)
+            stats.generation_done(first, generation.usage.completion_tokens)
+
+    async def complete(self, generation: Generation, request: InferRequest) -> InferResponse:
+        """A generation's whole answer as one `text_output` (plain infer, and /generate)."""
+        text = "".join([piece async for piece in self.stream(generation)])
+        output = Tensor("text_output", "BYTES", [1], np.array([text.encode()], dtype=object))
+        decoder = generation.decoder
+        return InferResponse(decoder.name, decoder.version, [output], request.id, generation.usage.parameters())

@@ -1,0 +1,228 @@
+"""Loaded models: many names and versions, hot load/unload, and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from shipyard.artifact.manifest import Manifest
+from shipyard.artifact.reference import read_reference
+from shipyard.artifact.signing import verify_signature
+from shipyard.errors import InvalidInputError, NotFoundError, ShipyardError
+from shipyard.onnxrt import is_batchable
+from shipyard.registry import LocalRegistry, VersionRecord
+from shipyard.registry.refs import ModelRef, parse_ref
+from shipyard.serve.core.batching import Batcher
+from shipyard.serve.core.decoder import Decoder
+from shipyard.serve.core.runtime import OrtRuntime
+from shipyard.serve.observe.drift import DriftMonitor
+from shipyard.serve.observe.feedback import SUPPORTED as FEEDBACK_METRICS
+from shipyard.serve.observe.feedback import FeedbackStore
+from shipyard.serve.observe.metrics import ServerMetrics
+from shipyard.serve.observe.stats import ModelStats
+from shipyard.serve.protocol.schema import ModelSchema
+from shipyard.serve.protocol.types import RepositoryEntry
+from shipyard.spec.models import EvaluationSpec, ServeSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelHandle:
+    """One loaded version: its runtime, batcher, settings and statistics."""
+
+    name: str
+    version: int
+    manifest: Manifest
+    settings: ServeSpec
+    runtime: OrtRuntime
+    batcher: Batcher
+    stats: ModelStats
+    batchable: bool
+    schema: ModelSchema
+    drift: DriftMonitor | None = None  # when the build recorded reference distributions
+    feedback: FeedbackStore | None = None  # when the build had an evaluation metric that can be scored online
+    feedback_output: int = 0  # the output the evaluation metric (and so the online metric) reads
+    decoder: Decoder | None = None  # language models: requests generate token by token
+
+    @property
+    def generates(self) -> bool:
+        """Whether this is a language model (it answers token by token)."""
+        return self.decoder is not None
+
+    def warm_up_sizes(self) -> list[int]:
+        if not self.batchable or self.batcher.max_batch_size <= 1:
+            return [1]
+        sizes = {1, self.batcher.max_batch_size, *self.settings.preferred_batch_sizes}
+        size = 2
+        while size < self.batcher.max_batch_size:
+            sizes.add(size)
+            size *= 2
+        return sorted(sizes)
+
+
+def _drift_monitor(folder: Path, manifest: Manifest) -> DriftMonitor | None:
+    if manifest.generation is not None:  # its reference describes logits; clients see text
+        return None
+    reference = read_reference(folder)
+    names = [t.name for t in manifest.signature.outputs]
+    if reference is None or reference.get("output") not in names:
+        return None
+    return DriftMonitor(reference, names.index(reference["output"]))
+
+
+def _feedback_store(manifest: Manifest) -> tuple[FeedbackStore | None, int]:
+    evaluation = (manifest.spec or {}).get("evaluation")
+    if not evaluation or manifest.generation is not None:
+        return None, 0
+    spec = EvaluationSpec.model_validate(evaluation)
+    if spec.metric.name not in FEEDBACK_METRICS:
+        return None, 0
+    names = [t.name for t in manifest.signature.outputs]
+    index = names.index(spec.output) if spec.output in names else 0
+    return FeedbackStore(spec.metric.name, manifest.metrics.get(spec.metric.name)), index
+
+
+def serve_settings(manifest: Manifest) -> ServeSpec:
+    """The serve section the model was built with (defaults for imported models)."""
+    section = (manifest.spec or {}).get("serve")
+    return ServeSpec.model_validate(section) if section else ServeSpec()
+
+
+class ModelRepository:
+    """Models by name and version; requests without a version get the newest loaded one."""
+
+    def __init__(
+        self, registry: LocalRegistry, metrics: ServerMetrics, trusted_key: Path | None = None,
+        encryption_key: bytes | None = None,
+    ) -> None:  # fmt: skip
+        self.registry = registry
+        self.metrics = metrics
+        self.trusted_key = trusted_key  # when set, only versions signed with its private half are served
+        self.encryption_key = encryption_key  # opens sealed model files
+        self._models: dict[str, dict[int, ModelHandle]] = {}
+        self._lock = asyncio.Lock()  # serializes load/unload; inference never takes it
+        self.failed: dict[str, str] = {}  # requested ref -> why it failed to load
+        self._failed_versions: dict[tuple[str, int], str] = {}  # resolved versions that failed, for the index
+
+    async def load(self, ref: str | ModelRef) -> ModelHandle:
+        """Load (or return the already loaded) version a registry reference names; ready when this returns."""
+        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        async with self._lock:
+            record = self.registry.resolve(parsed)
+            existing = self._models.get(record.name, {}).get(record.version)
+            if existing is not None:
+                return existing
+            try:
+                handle = await self._open(record)
+            except ShipyardError as exc:
+                self._failed_versions[(record.name, record.version)] = str(exc)
+                raise
+            if handle.drift is not None:
+                self.metrics.drift[(record.name, record.version)] = handle.drift
+            if handle.feedback is not None:
+                self.metrics.feedback[(record.name, record.version)] = handle.feedback.online
+            self._models.setdefault(record.name, {})[record.version] = handle
+            self.failed.pop(str(parsed), None)
+            self._failed_versions.pop((record.name, record.version), None)
+            return handle
+
+    async def _open(self, record: VersionRecord) -> ModelHandle:
+        """Verify, load and warm up one version; its batcher is running when this returns."""
+        folder = self.registry.path(record)
+        manifest = self.registry.manifest(record)
+        if self.trusted_key is not None:  # hashes every file: off the event loop
+            await asyncio.to_thread(verify_signature, folder, self.trusted_key)
+        settings = serve_settings(manifest)
+        runtime = OrtRuntime(folder, manifest, settings, self.encryption_key)
+        stats = ModelStats(record.name, record.version, self.metrics)
+        batchable = is_batchable(manifest.served_signature)
+        batcher = Batcher(
+            runtime.infer, stats, max_batch_size=settings.max_batch_size if batchable else 0,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000, preferred_sizes=settings.preferred_batch_sizes,
+            max_queue_size=settings.max_queue_size, instances=settings.instances,
+        )  # fmt: skip
+        feedback, feedback_output = _feedback_store(manifest)
+        handle = ModelHandle(
+            name=record.name, version=record.version, manifest=manifest, settings=settings, runtime=runtime,
+            batcher=batcher, stats=stats, batchable=batchable, schema=ModelSchema.of(manifest.served_signature),
+            drift=_drift_monitor(folder, manifest), feedback=feedback, feedback_output=feedback_output,
+            decoder=Decoder(folder, manifest, runtime) if manifest.generation is not None else None,
+        )  # fmt: skip
+        await runtime.load()
+        try:
+            slowest = await runtime.warm_up(handle.warm_up_sizes())
+        except Exception:
+            await runtime.unload()
+            raise
+        if settings.instances == 1 and slowest * 1000 < settings.inline_max_ms:
+            batcher.use_inline(runtime.run_sync)
+        batcher.start()
+        logger.info(
+            "loaded %s:%s (%s; slowest warm-up batch %.2f ms, %s)", record.name, record.version,
+            ", ".join(runtime.providers), slowest * 1000, "inline" if batcher.inline else "worker threads",
+        )  # fmt: skip
+        return handle
+
+    async def load_all(self, refs: list[str]) -> None:
+        """Load each reference; one that fails is reported and the others still load."""
+        for ref in refs:
+            try:
+                await self.load(ref)
+            except ShipyardError as exc:
+                self.failed[ref] = str(exc)
+                logger.error("could not load %s: %s", ref, exc)
+
+    async def unload(self, name: str, version: int | None = None) -> list[int]:
+        """Stop routing new requests to the version(s), let queued ones finish, then free them."""
+        async with self._lock:
+            versions = self._models.get(name)
+            if not versions or (version is not None and version not in versions):
+                raise NotFoundError(f"model {name!r}{f' version {version}' if version else ''} is not loaded")
+            targets = [version] if version is not None else sorted(versions)
+            handles = [versions.pop(v) for v in targets]
+            if not versions:
+                del self._models[name]
+        for handle in handles:
+            self.metrics.drift.pop((handle.name, handle.version), None)
+            self.metrics.feedback.pop((handle.name, handle.version), None)
+            await handle.batcher.stop()
+            await handle.runtime.unload()
+            handle.stats.forget()
+        return targets
+
+    async def unload_all(self) -> None:
+        for name in list(self._models):
+            await self.unload(name)
+
+    def get(self, name: str, version: str | None = None) -> ModelHandle:
+        """The handle for a request; NotFoundError naming what is loaded otherwise."""
+        versions = self._models.get(name)
+        if not versions:
+            raise NotFoundError(f"model {name!r} is not loaded")
+        if not version:
+            return versions[max(versions)]
+        if not version.isdigit():
+            raise InvalidInputError(f"model version must be a number, got {version!r}")
+        handle = versions.get(int(version))
+        if handle is None:
+            raise NotFoundError(f"model {name!r} has no loaded version {version} (loaded: {sorted(versions)})")
+        return handle
+
+    def handles(self) -> list[ModelHandle]:
+        return [h for versions in self._models.values() for h in versions.values()]
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
+
+    def index(self) -> list[RepositoryEntry]:
+        """Every registered version, whether it is served, and why not when it failed to load."""
+        entries = []
+        for record in self.registry.all_versions():
+            key = (record.name, record.version)
+            served = record.version in self._models.get(record.name, {})
+            entries.append(RepositoryEntry(record.name, str(record.version), "READY" if served else "UNAVAILABLE",
+                                           "" if served else self._failed_versions.get(key, "")))  # fmt: skip
+        return entries

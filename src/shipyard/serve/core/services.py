@@ -1,0 +1,18 @@
+"""What the transports call: the data plane and its extensions, as one object built by the composition root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shipyard.serve.core.dataplane import DataPlane
+from shipyard.serve.core.generation import TextGeneration
+from shipyard.serve.core.management import Management
+from shipyard.serve.observe.quality import QualityMonitor
+
+
+@dataclass(frozen=True)
+class Services:
+    dataplane: DataPlane  # health, metadata, configuration, statistics, inference
+    generation: TextGeneration  # language models: token by token
+    management: Management  # the repository extension
+    quality: QualityMonitor  # feedback and drift extensions

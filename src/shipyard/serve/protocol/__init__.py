@@ -1,0 +1,1 @@
+"""The protocol's domain: request, response and metadata types, the served signature, tensor encodings."""

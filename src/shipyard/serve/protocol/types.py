@@ -1,0 +1,137 @@
+"""The data plane's domain types: requests, responses, metadata, configuration, statistics, the repository
+index. No HTTP, no protobuf: each transport renders its own wire form from these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Parameters = dict[str, Any]
+
+
+@dataclass(slots=True)
+class Tensor:
+    """A named tensor with its V2 datatype: a request input or a response output."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferRequest:
+    inputs: list[Tensor]
+    outputs: list[RequestedOutput] | None = None  # None: every output
+    id: str | None = None
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    outputs: list[Tensor]
+    id: str | None = None
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMetadata:
+    """A served tensor as the protocol's metadata describes it: -1 for dynamic dimensions."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigTensor:
+    """A tensor in Triton's model configuration: `dims` leave out the batch dimension of batched models."""
+
+    name: str
+    data_type: str  # TYPE_FP32, TYPE_STRING, …
+    dims: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """What perf_analyzer and tritonclient read from a model's configuration."""
+
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int  # 0: the model takes no batch dimension, or batching is off
+    inputs: list[ConfigTensor]
+    outputs: list[ConfigTensor]
+    instances: int
+    preferred_batch_sizes: list[int]
+    max_queue_delay_us: int
+    dynamic_batching: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    count: int
+    ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatistics:
+    batch_size: int
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    """One loaded version's counters, as Triton's statistics extension reports them."""
+
+    name: str
+    version: str
+    last_inference_ms: int
+    inference_count: int
+    execution_count: int
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+    batches: list[BatchStatistics]
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryEntry:
+    """A registered version and whether this server serves it (`reason` says why not, when known)."""
+
+    name: str
+    version: str
+    state: str  # READY or UNAVAILABLE
+    reason: str
