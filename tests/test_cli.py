@@ -9,9 +9,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
+import shipyard
 from tests._helpers import write_spec
 from tests.conftest import CliResult
 
@@ -37,9 +39,24 @@ def test_init_writes_a_starter_spec_and_refuses_to_overwrite(cli: Cli, tmp_path:
     _fails(cli("init", str(tmp_path / "x"), "--example", "nope"), 3, "no bundled example 'nope'")
 
 
-def test_schema_is_json(cli: Cli) -> None:
+def test_schema_accepts_every_bundled_spec_and_refuses_what_the_loader_refuses(cli: Cli) -> None:
     schema = json.loads(_ok(cli("schema")).out)
     assert schema["title"] == "shipyard.yaml"
+    validator = jsonschema.Draft202012Validator(schema)
+    package = Path(shipyard.__file__).parent
+    specs = [package / "spec" / "starter.yaml", *sorted((package / "examples").glob("*/*.yaml"))]
+    assert len(specs) > 8
+    for path in specs:
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(path.read_text()))]
+        assert errors == [], (path, errors)
+    good = {"name": "m", "model": {"format": "onnx", "path": "m.onnx"}}
+    for bad in (
+        {**good, "serve": {"batch": 4}},  # an unknown field
+        {**good, "model": {"format": "tensorflow", "path": "m.pb"}},  # a format that does not exist
+        {**good, "serve": {"max_batch_size": -1}},  # out of range
+        {"model": good["model"]},  # no name
+    ):
+        assert not validator.is_valid(bad), bad
 
 
 def test_digits_demo_end_to_end(cli: Cli, tmp_path: Path) -> None:
@@ -110,6 +127,25 @@ def test_user_errors_are_one_clear_line_and_an_exit_code(cli: Cli, tmp_path: Pat
     _fails(cli("models", "show", "nothing", "-r", reg), 3, "no model named 'nothing'")
     _fails(cli("models", "show", "../etc", "-r", reg), 2, "invalid model name '../etc'")
     assert _ok(cli("models", "list", "--json", "-r", reg)).out.strip() == "[]"
+
+
+def test_error_kinds_map_to_the_documented_exit_codes(cli: Cli, mlp_onnx: Path, tmp_path: Path) -> None:
+    """Conditions that used to exit with the wrong code: each now exits as the README's table says."""
+    reg = str(tmp_path / "registry")
+    _ok(cli("import", str(mlp_onnx), "--name", "mlp", "-r", reg))
+    project = write_spec(tmp_path / "project", {"name": "mlp", "model": {"format": "onnx", "path": str(mlp_onnx)}})
+    # A spec without deploy.image for a cluster target is an invalid spec (2), not a conflict (4).
+    _fails(cli("plan", str(project), "--target", "kserve", "-r", reg), 2, "deploy.image: target kserve needs")
+    _fails(cli("plan", str(project), "--target", "swarm", "-r", reg), 2, "unknown deploy target 'swarm'")
+    # Nothing to roll back to is a state conflict (4), as for aliases, not a corrupt artifact (7).
+    _ok(cli("apply", str(project), "--target", "docker", "-r", reg))
+    _fails(cli("rollback", "--spec", str(project), "--target", "docker", "-r", reg), 4, "nothing to roll back to")
+    _fails(cli("rollback", "mlp@production", "-r", reg), 3, "no alias 'production'")
+    # A storage URI fsspec cannot use is invalid input (2), not an internal error (1).
+    _fails(cli("pull", "nosuchscheme://bucket/a.shipyard.tar.gz", "-r", reg), 2, "cannot use storage URI")
+    # A registry that cannot be created is unavailable storage (9).
+    (tmp_path / "file").write_text("not a folder")
+    _fails(cli("models", "list", "-r", str(tmp_path / "file" / "registry")), 9, "cannot open registry")
 
 
 def test_missing_extra_names_the_package_to_install(tmp_path: Path) -> None:

@@ -126,7 +126,7 @@ def test_dockerfile_is_non_root_exec_form_with_a_healthcheck(
         ({"resources": {"cpu": "10m"}}, None, "below 100m"),
         ({"resources": {"memory": "1Gi", "memory_limit": "512Mi"}}, None, "below the request"),
         ({"target": "kubernetes"}, None, "needs `image`"),
-        ({}, "kserve", "needs deploy.image"),
+        ({}, "kserve", "deploy.image: target kserve needs the container image"),
         ({"models": ["nothere"]}, "docker", "no model named 'nothere'"),
     ],
 )

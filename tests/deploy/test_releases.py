@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as triton_http
 
 from shipyard.deploy.apply import apply, local_service, plan, rollback, status
-from shipyard.errors import IntegrityError, UnavailableError
+from shipyard.errors import ConflictError, UnavailableError
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from tests._helpers import free_port, make_mlp_onnx
@@ -87,7 +87,7 @@ def first_dockerfile(tmp_path: Path, number: int) -> str:
 def test_rollback_without_an_earlier_release_is_refused(project: Project, registry: LocalRegistry) -> None:
     loaded = project()
     apply(loaded, registry, "docker")
-    with pytest.raises(IntegrityError, match="nothing to roll back to"):
+    with pytest.raises(ConflictError, match="nothing to roll back to"):  # a state conflict (exit 4), as for aliases
         rollback(loaded, registry, None, "docker")
 
 

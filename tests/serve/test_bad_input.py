@@ -208,3 +208,17 @@ def test_bytes_for_a_string_tensor_must_be_utf8(server: RunningServer) -> None:
     response = _infer(server, header + raw, "id_bytes", {"Inference-Header-Content-Length": str(len(header))})
     assert response.status_code == 400
     assert "must be UTF-8 text" in response.json()["error"]
+
+
+async def test_a_version_not_loaded_is_unavailable_not_bad_input(model_registry: LocalRegistry) -> None:
+    """A runtime asked to infer before it is loaded (or after unload) answers 503, not 400."""
+    from shipyard.errors import UnavailableError
+    from shipyard.serve.core.repository import serve_settings
+    from shipyard.serve.core.runtime import OrtRuntime
+    from shipyard.serve.transports.edge import HTTP_STATUS
+
+    manifest = model_registry.manifest("mlp:1")
+    runtime = OrtRuntime(model_registry.path("mlp:1"), manifest, serve_settings(manifest), None)
+    with pytest.raises(UnavailableError, match="is not loaded") as caught:
+        await runtime.infer({"x": np.zeros((1, 16), np.float32)})
+    assert HTTP_STATUS[caught.value.kind] == 503

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,10 +16,14 @@ from tests.serve.conftest import RunningServer, start_server, stop_server
 
 
 @pytest.fixture
-def monitored(registry: LocalRegistry, tmp_path: Path) -> RunningServer:
+def monitored(registry: LocalRegistry, tmp_path: Path) -> Iterator[RunningServer]:
+    """A server sampling every request for drift; stopped at teardown whatever the test did."""
     build_evaluated_mlp(tmp_path, registry, samples=1000)
     assert (registry.path("mlp:1") / REFERENCE_FILE).is_file()
-    return start_server(registry, tmp_path / "server.log", "mlp", extra_args=("--drift-sample", "1"))
+    server = start_server(registry, tmp_path / "server.log", "mlp", extra_args=("--drift-sample", "1"))
+    yield server
+    if server.process.poll() is None:
+        stop_server(server)
 
 
 def _send(server: RunningServer, batch: np.ndarray) -> None:
@@ -60,7 +65,9 @@ def test_drift_stays_flat_in_distribution_and_moves_on_shifted_inputs(monitored:
         stop_server(server)
 
 
-def _promtool() -> str:
+@pytest.fixture
+def promtool() -> str:
+    """The promtool binary; the tests that need it skip before any server is started when it is missing."""
     import shutil
 
     found = shutil.which("promtool")
@@ -69,7 +76,9 @@ def _promtool() -> str:
     return found
 
 
-def test_drift_alert_fires_on_the_psi_the_server_measured(monitored: RunningServer, tmp_path: Path) -> None:
+def test_drift_alert_fires_on_the_psi_the_server_measured(
+    promtool: str, monitored: RunningServer, tmp_path: Path
+) -> None:
     """Live PSI values (calm, then shifted traffic) replayed through the exported rules with promtool."""
     import subprocess
 
@@ -77,7 +86,6 @@ def test_drift_alert_fires_on_the_psi_the_server_measured(monitored: RunningServ
 
     from shipyard.operate.monitoring import export
 
-    promtool = _promtool()
     server = monitored
     rng = np.random.default_rng(2)
     try:
@@ -113,7 +121,7 @@ def test_drift_alert_fires_on_the_psi_the_server_measured(monitored: RunningServ
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_exported_rules_and_every_dashboard_query_pass_promtool(tmp_path: Path) -> None:
+def test_exported_rules_and_every_dashboard_query_pass_promtool(promtool: str, tmp_path: Path) -> None:
     import json
     import subprocess
 
@@ -121,7 +129,6 @@ def test_exported_rules_and_every_dashboard_query_pass_promtool(tmp_path: Path) 
 
     from shipyard.operate.monitoring import export
 
-    promtool = _promtool()
     board, rules = export(tmp_path)
     checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -151,9 +151,18 @@ def test_taken_ports_are_a_clear_error(private_server: RunningServer) -> None:
         assert "Traceback" not in run.stderr
 
 
+def _queue_depth(client: httpx.Client, server: RunningServer, model: str) -> int:
+    """Requests waiting in the model's batcher, from the server's Prometheus endpoint."""
+    text = client.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
+    line = next(line for line in text.splitlines() if line.startswith(f'shipyard_queue_depth{{model="{model}"'))
+    return int(float(line.rsplit(" ", 1)[1]))
+
+
 def test_sigterm_drains_requests_in_flight(tmp_path: Path) -> None:
     registry = LocalRegistry(tmp_path / "registry")
-    import_onnx(make_slow_onnx(tmp_path / "slow.onnx"), "slow", registry)
+    # ~0.1 s a request on one thread (25 ms per 48 layers measured here): six take ~0.6 s one after another,
+    # so the polls below see them arrive while most are still queued or running.
+    import_onnx(make_slow_onnx(tmp_path / "slow.onnx", layers=192), "slow", registry)
     running = start_server(registry, tmp_path / "server.log", "slow", max_body_mb=64)
     x = np.ones((64, 1024), np.float32)
     finished: list[tuple[float, int]] = []
@@ -172,11 +181,18 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path) -> None:
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # wait until the server has all six (queued or running)
-        stats = httpx.get(f"{running.base()}/v2/models/slow/stats").json()["model_stats"][0]
-        if stats["execution_count"] >= 1 or stats["queue"]["count"] >= 1:
+    arrived = done = 0
+    poll = httpx.Client(timeout=10)
+    while time.monotonic() < deadline:  # until the server holds all six: taken into a batch, or waiting
+        stats = poll.get(f"{running.base()}/v2/models/slow/stats").json()["model_stats"][0]["inference_stats"]
+        taken, done = stats["queue"]["count"], stats["success"]["count"]
+        arrived = taken + _queue_depth(poll, running, "slow")
+        if arrived >= 6:
             break
         time.sleep(0.005)
+    assert arrived == 6, f"only {arrived} of 6 requests reached the server in 30 s"
+    poll.close()
+    assert done < 6, "every request finished before SIGTERM: nothing was in flight"
     sent_term = time.monotonic()
     assert stop_server(running) == 0
     for t in threads:

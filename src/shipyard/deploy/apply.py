@@ -10,7 +10,7 @@ from shipyard.deploy import docker
 from shipyard.deploy.bundle import Bundle
 from shipyard.deploy.local import SERVICE_FILE, LocalService, ServiceState
 from shipyard.deploy.releases import Plan, Release, ReleaseStore, materialize, render
-from shipyard.errors import IntegrityError
+from shipyard.errors import ConflictError, IntegrityError
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec
 
@@ -50,7 +50,7 @@ def rollback(loaded: LoadedSpec, registry: LocalRegistry, number: int | None, ta
     numbers = store.numbers()
     if number is None:
         if len(numbers) < 2:
-            raise IntegrityError(f"nothing to roll back to: {len(numbers)} release(s) for target {store.target}")
+            raise ConflictError(f"nothing to roll back to: {len(numbers)} release(s) for target {store.target}")
         number = numbers[-2]
     chosen = store.get(number)
     return _converge(loaded, registry, store, store.bundle_of(chosen), rollback_of=number)

@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 from shipyard import __version__
 from shipyard.artifact.archive import pack
 from shipyard.deploy.bundle import ARCHIVES_IN_CONTAINER, REGISTRY_IN_CONTAINER, Bundle, serve_args, server_env
-from shipyard.errors import ShipyardError, UnavailableError
+from shipyard.errors import MissingExtraError, UnavailableError
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec
 
@@ -43,7 +43,9 @@ def pinned_requirements(distribution: str = "shipyard") -> list[str]:
         try:
             pins[name] = importlib.metadata.version(requirement.name)
         except importlib.metadata.PackageNotFoundError:
-            raise ShipyardError(f"{requirement.name} is required for serving but not installed here") from None
+            raise MissingExtraError(
+                f"{requirement.name} is required for serving but not installed here: install it, then render again"
+            ) from None
         for text in importlib.metadata.requires(requirement.name) or []:
             pending.append((Requirement(text), frozenset(requirement.extras)))
     return [f"{name}=={version}" for name, version in sorted(pins.items())]

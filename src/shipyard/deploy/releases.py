@@ -18,7 +18,7 @@ from typing import Any
 from shipyard.deploy import docker, kserve, kubernetes, local, ray
 from shipyard.deploy.bundle import Bundle, PinnedModel, pin_models
 from shipyard.deploy.capacity import sized
-from shipyard.errors import ConflictError, NotFoundError
+from shipyard.errors import InvalidInputError, NotFoundError, SpecError
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec
 
@@ -28,7 +28,7 @@ def render(loaded: LoadedSpec, registry: LocalRegistry, target: str | None = Non
     chosen = target or loaded.spec.deploy.target
     loaded = sized(loaded)
     if chosen in ("kubernetes", "kserve") and loaded.spec.deploy.image is None:
-        raise ConflictError(f"target {chosen} needs deploy.image: the container image the cluster pulls")
+        raise SpecError(f"{loaded.path}: deploy.image: target {chosen} needs the container image the cluster pulls")
     bundle = Bundle(target=chosen, models=pin_models(loaded, registry))
     if chosen == "local":
         local.render(loaded, bundle, registry)
@@ -41,7 +41,7 @@ def render(loaded: LoadedSpec, registry: LocalRegistry, target: str | None = Non
     elif chosen == "ray":
         ray.render(loaded, bundle, registry)
     else:
-        raise ConflictError(f"unknown deploy target {chosen!r}: local, docker, kubernetes, kserve or ray")
+        raise InvalidInputError(f"unknown deploy target {chosen!r}: local, docker, kubernetes, kserve or ray")
     return bundle
 
 

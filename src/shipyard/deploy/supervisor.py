@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from shipyard.settings import child_environment
+
 MAX_BACKOFF_S = 30.0
 
 
@@ -32,7 +34,7 @@ def server_ready(port: int) -> bool:
 
 def supervise(service_file: Path, ready_file: Path) -> int:
     service = json.loads(service_file.read_text())
-    env = {**os.environ, **service["env"]}
+    env = child_environment(service["env"])
     stopping = False
     child: subprocess.Popen[bytes] | None = None
 

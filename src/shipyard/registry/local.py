@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shipyard.artifact.layout import read_manifest, verify_artifact, write_manifest
 from shipyard.artifact.manifest import Manifest, utc_now
-from shipyard.errors import ConflictError, NotFoundError, ShipyardError
+from shipyard.errors import ConflictError, NotFoundError, UnavailableError
 from shipyard.registry.refs import ModelRef, check_name, parse_ref
 
 _SCHEMA = """
@@ -80,7 +80,7 @@ class LocalRegistry:
             with self._connect() as db:
                 db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            raise ShipyardError(f"cannot open registry at {self.root}: {exc}") from None
+            raise UnavailableError(f"cannot open registry at {self.root}: {exc}") from None
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"

@@ -16,7 +16,7 @@ from shipyard.artifact.archive import ARCHIVE_SUFFIX, pack, unpack
 from shipyard.artifact.hashing import sha256_file
 from shipyard.artifact.layout import verify_artifact
 from shipyard.artifact.manifest import Manifest
-from shipyard.errors import IntegrityError, NotFoundError, ShipyardError, UnavailableError
+from shipyard.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
 from shipyard.registry.local import LocalRegistry
 
 
@@ -45,7 +45,7 @@ def push(registry: LocalRegistry, ref: str, uri: str) -> str:
     try:
         fs, path = fsspec.core.url_to_fs(target)
     except (ValueError, ImportError) as exc:
-        raise ShipyardError(f"cannot use storage URI {uri!r}: {exc}") from None
+        raise InvalidInputError(f"cannot use storage URI {uri!r}: {exc}") from None
     with tempfile.TemporaryDirectory() as tmp:
         archive = pack(registry.path(ref), Path(tmp) / f"a{ARCHIVE_SUFFIX}")
         digest = sha256_file(archive)
@@ -71,7 +71,7 @@ def pull(registry: LocalRegistry, uri: str) -> Manifest:
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except (ValueError, ImportError) as exc:
-        raise ShipyardError(f"cannot use storage URI {uri!r}: {exc}") from None
+        raise InvalidInputError(f"cannot use storage URI {uri!r}: {exc}") from None
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / f"a{ARCHIVE_SUFFIX}"
         try:

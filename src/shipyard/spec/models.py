@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from shipyard import settings as defaults
 
@@ -216,6 +218,11 @@ class MetricSpec(_Spec):
     def _shorthand(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        # The schema says what the loader accepts: the shorthand too, or editors flag valid specs.
+        return {"anyOf": [handler(schema), {"type": "string", "enum": list(METRIC_DIRECTIONS)}]}
+
     @model_validator(mode="after")
     def _direction_matches(self) -> MetricSpec:
         expected = METRIC_DIRECTIONS[self.name]
@@ -245,7 +252,7 @@ class EvaluationSpec(_Spec):
     dataset: DatasetSpec
     """Evaluation data."""
     metric: MetricSpec
-    """Quality metric."""
+    """Quality metric: its name, or {name, k, direction}."""
     output: str | None = None
     """Output tensor the metric reads; the first output by default."""
     max_samples: int | None = Field(default=None, ge=1)

@@ -6,12 +6,9 @@ token ids the tokenizer makes; shipyard puts tokenizer.json in front, so clients
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def minilm_folder() -> Path:
@@ -27,7 +24,9 @@ class SentenceEncoder(torch.nn.Module):
         from transformers import AutoModel
 
         super().__init__()
-        self.encoder = AutoModel.from_pretrained(minilm_folder(), attn_implementation="eager").eval()
+        self.encoder = AutoModel.from_pretrained(
+            minilm_folder(), attn_implementation="eager", local_files_only=True
+        ).eval()
         self.head = head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -43,7 +42,7 @@ class SentenceEncoder(torch.nn.Module):
 def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)
     batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 

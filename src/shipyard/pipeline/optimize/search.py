@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from shipyard.artifact.layout import folder_size
-from shipyard.errors import ShipyardError
+from shipyard.errors import InvalidInputError, ShipyardError
 from shipyard.onnxrt import (
     MODEL_FILE,
     check_onnx,
@@ -39,7 +39,7 @@ from shipyard.pipeline.optimize.guard import check_metric, paired_p50_ms
 from shipyard.pipeline.optimize.torch_steps import TorchSteps, Training
 from shipyard.pipeline.optimize.transforms import QUANTIZERS, TRANSFORMS
 from shipyard.pipeline.step import NullProgress, Progress
-from shipyard.spec.models import TORCH_STEPS, LatencySpec, MetricSpec, OptimizeSpec
+from shipyard.spec.models import TORCH_STEPS, LatencySpec, MetricSpec, OptimizeSpec, OptimizeStepSpec
 
 
 @dataclass
@@ -116,144 +116,111 @@ def _torch_steps(ctx: BuildContext, train: EvalData | None) -> TorchSteps:
     return TorchSteps(ctx.source, signature, spec.convert, training, data.head(2), ctx.base_dir)
 
 
-class OptimizeStep:
-    name = "optimize"
-    description = "Optimize (guarded search)"
+class _Search:
+    """One guarded search: every candidate tried so far, the best model, and the budgets that bound it."""
 
-    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
-        spec, evaluation, data = ctx.loaded.spec.optimize, ctx.loaded.spec.evaluation, ctx.eval_data
-        model_path, signature = ctx.require_model()
-        if spec is None or evaluation is None or data is None:
-            raise RuntimeError("pipeline order: optimize runs only with an evaluation set")
-        if (model_path.parent / f"{MODEL_FILE}.data").exists():
-            raise ShipyardError("optimizing models with external weights (> 2 GB) is not supported yet")
-        index = output_index(evaluation, signature)
-        work = ctx.scratch_dir / "optimize"
-        work.mkdir()
-        base = best = _named_copy(model_path, work / "base.onnx")
-
-        def predict(path: Path) -> np.ndarray:
-            return run_in_chunks(ort_predict(session(path)), data.inputs, signature)[index]
-
-        base_pred = predict(best)
+    def __init__(self, ctx: BuildContext, spec: OptimizeSpec, metric: MetricSpec, data: EvalData,
+                 work: Path) -> None:  # fmt: skip
+        evaluation = ctx.loaded.spec.evaluation
+        assert evaluation is not None  # checked by OptimizeStep.run
+        model_path, self.signature = ctx.require_model()
+        self.spec, self.metric, self.data, self.work = spec, metric, data, work
+        self.index = output_index(evaluation, self.signature)
+        self.base = self.best = _named_copy(model_path, work / "base.onnx")
+        self.base_pred = self.predict(self.base)
         # Timed on real evaluation samples: random inputs can take shapes (e.g. sequence lengths) nobody sends.
-        single = data.head(spec.speed_batch if is_batchable(signature) else 1)
+        self.single = data.head(spec.speed_batch if is_batchable(self.signature) else 1)
         # Static quantization calibrates on the training data when the spec names it: the evaluation set
         # that judges the candidate then plays no part in making it.
-        train = (
-            None if spec.train_data is None else load_dataset(spec.train_data, signature, ctx.base_dir, text=ctx.text)
-        )
-        calibration = data.inputs if train is None else train.inputs
-        candidates: list[Candidate] = []
-        torch_runner = _torch_steps(ctx, train) if any(s.step in TORCH_STEPS for s in spec.steps) else None
-        started = time.monotonic()
+        train = None if spec.train_data is None else load_dataset(spec.train_data, self.signature, ctx.base_dir,
+                                                                   text=ctx.text)  # fmt: skip
+        self.calibration = data.inputs if train is None else train.inputs
+        self.torch = _torch_steps(ctx, train) if any(s.step in TORCH_STEPS for s in spec.steps) else None
+        self.candidates: list[Candidate] = []
+        self.winner: Candidate | None = None  # the accepted candidate `best` is, None for the unoptimized model
+        self.held: Candidate | None = None  # good enough, but not faster on its own: later steps may build on it
+        self.started = time.monotonic()
 
-        def attempt(step: str, params: dict[str, Any], source: Candidate | None) -> Candidate:
-            """Apply `step` to `source` (None: the unoptimized model); always judged against `best`."""
-            trial = len(candidates)
-            dest = work / f"trial{trial}-{step}.onnx"
-            parent = source.path if source is not None and source.path is not None else base
-            try:
-                if torch_runner is not None and step in TORCH_STEPS:
-                    applied = torch_runner.apply(step, params, None if source is None else source.trial, trial, dest)
-                else:
-                    with _quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
-                        applied = TRANSFORMS[step](parent, dest, params, calibration)
-                check_onnx(dest)
-                verdict = Candidate(trial, step, applied, False, "", size_bytes=dest.stat().st_size)
-                judged = predict(dest)
-                self._judge(verdict, spec, evaluation.metric, data.target, base_pred, judged, (best, dest), single)
-            except ShipyardError as exc:
-                verdict = Candidate(trial, step, params, False, f"failed: {exc}", failed_guard="error")
-            except Exception as exc:  # the quantizer's and converter's own errors
-                reason = f"failed: {type(exc).__name__}: {exc}"
-                verdict = Candidate(trial, step, params, False, reason, failed_guard="error")
-            verdict.path = dest
-            verdict.built_on = None if source is None else source.trial
-            return verdict
+    def predict(self, path: Path) -> np.ndarray:
+        return run_in_chunks(ort_predict(session(path)), self.data.inputs, self.signature)[self.index]
 
-        winner: Candidate | None = None  # the accepted candidate `best` is, None for the unoptimized model
-        held: Candidate | None = None  # good enough, but not faster on its own: later steps may build on it
+    def spent(self) -> bool:
+        return len(self.candidates) >= self.spec.max_trials or time.monotonic() - self.started > self.spec.timeout_s
+
+    def step(self, step: OptimizeStepSpec) -> None:
+        """Try one configured step on the best model, with node fallback for quantizers that lose accuracy,
+        then on top of a held candidate."""
+        fallback: list[str] = []
+        ranking: list[str] | None = None
+        for retries in range(self.spec.fallback_trials + 1):
+            if self.spent():
+                skipped = "not tried: trial or time budget spent"
+                self.candidates.append(Candidate(len(self.candidates), step.step, step.params, False, skipped))
+                break
+            params = dict(step.params)
+            if fallback:
+                params["nodes_to_exclude"] = sorted({*params.get("nodes_to_exclude", []), *fallback})
+            verdict = self._keep(self._attempt(step.step, params, self.winner))
+            verdict.fallback = fallback
+            if verdict.accepted or step.step not in QUANTIZERS or verdict.failed_guard != "metric":
+                break
+            if retries == self.spec.fallback_trials:
+                break
+            if ranking is None:
+                with _quiet_root_logger():
+                    ranking = rank_nodes(step.step, dict(step.params), self.best, self.calibration, self.work)
+            wider = ranking[: max(1, 2 * len(fallback))]
+            if len(wider) <= len(fallback) or len(wider) >= len(ranking):
+                break  # falling back further would leave nothing quantized
+            fallback = wider
+        alone = self.candidates[-1]
+        # A step that kept the metric but was not faster alone (e.g. fusion) may pay off once a later step
+        # builds on it: try this step on top of it too. Judged against the best so far, so acceptance means it
+        # beats whatever this step achieved alone.
+        if self.held is not None and len(self.candidates) < self.spec.max_trials:
+            self._keep(self._attempt(step.step, dict(step.params), self.held))
+        self.held = alone if alone.failed_guard == "speed" else None
+
+    def _keep(self, verdict: Candidate) -> Candidate:
+        self.candidates.append(verdict)
+        if verdict.accepted and verdict.path is not None:
+            self.best, self.winner = verdict.path, verdict
+        return verdict
+
+    def _attempt(self, step: str, params: dict[str, Any], source: Candidate | None) -> Candidate:
+        """Apply `step` to `source` (None: the unoptimized model); always judged against `best`."""
+        trial = len(self.candidates)
+        dest = self.work / f"trial{trial}-{step}.onnx"
+        parent = source.path if source is not None and source.path is not None else self.base
         try:
-            for number, step in enumerate(spec.steps):
-                progress.update(number, len(spec.steps))
-                if torch_runner is not None:
-                    torch_runner.on_epoch = functools.partial(_advance, progress, number, len(spec.steps))
-                fallback: list[str] = []
-                ranking: list[str] | None = None
-                retries = 0
-                while True:
-                    if len(candidates) >= spec.max_trials or time.monotonic() - started > spec.timeout_s:
-                        skipped = "not tried: trial or time budget spent"
-                        candidates.append(Candidate(len(candidates), step.step, step.params, False, skipped))
-                        break
-                    params = dict(step.params)
-                    if fallback:
-                        params["nodes_to_exclude"] = sorted({*params.get("nodes_to_exclude", []), *fallback})
-                    verdict = attempt(step.step, params, winner)
-                    verdict.fallback = fallback
-                    candidates.append(verdict)
-                    if verdict.accepted and verdict.path is not None:
-                        best, winner = verdict.path, verdict
-                        break
-                    recoverable = step.step in QUANTIZERS and verdict.failed_guard == "metric"
-                    if not recoverable or retries >= spec.fallback_trials:
-                        break
-                    retries += 1
-                    if ranking is None:
-                        with _quiet_root_logger():
-                            ranking = rank_nodes(step.step, dict(step.params), best, calibration, work)
-                    wider = ranking[: max(1, 2 * len(fallback))]
-                    if len(wider) <= len(fallback) or len(wider) >= len(ranking):
-                        break  # falling back further would leave nothing quantized
-                    fallback = wider
-                alone = candidates[-1]
-                # A step that kept the metric but was not faster alone (e.g. fusion) may pay off once a
-                # later step builds on it: try this step on top of it too. Judged against the best so far,
-                # so acceptance means it beats whatever this step achieved alone.
-                if held is not None and len(candidates) < spec.max_trials:
-                    combined = attempt(step.step, dict(step.params), held)
-                    candidates.append(combined)
-                    if combined.accepted and combined.path is not None:
-                        best, winner = combined.path, combined
-                held = alone if alone.failed_guard == "speed" else None
-        except KeyboardInterrupt:
-            candidates.append(Candidate(len(candidates), "-", {}, False, "interrupted: search stopped"))
-        progress.update(len(spec.steps), len(spec.steps))
-        chain = applied_chain(candidates, winner)
-        if winner is not None:
-            self._adopt(ctx, best, evaluation.metric.name, winner.metric)
-        return {
-            "applied": [{"step": c.step, "params": c.params} for c in chain],
-            "candidates": [c.record() for c in candidates],
-            "budget": {
-                "max_drop": spec.max_drop,
-                "relative": spec.relative,
-                "confidence": spec.confidence,
-                "speed_batch": spec.speed_batch,
-            },
-        }
+            if self.torch is not None and step in TORCH_STEPS:
+                applied = self.torch.apply(step, params, None if source is None else source.trial, trial, dest)
+            else:
+                with _quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
+                    applied = TRANSFORMS[step](parent, dest, params, self.calibration)
+            check_onnx(dest)
+            verdict = Candidate(trial, step, applied, False, "", size_bytes=dest.stat().st_size)
+            self._judge(verdict, self.predict(dest), dest)
+        except ShipyardError as exc:
+            verdict = Candidate(trial, step, params, False, f"failed: {exc}", failed_guard="error")
+        except Exception as exc:  # the quantizer's and converter's own errors
+            reason = f"failed: {type(exc).__name__}: {exc}"
+            verdict = Candidate(trial, step, params, False, reason, failed_guard="error")
+        verdict.path = dest
+        verdict.built_on = None if source is None else source.trial
+        return verdict
 
-    @staticmethod
-    def _judge(
-        candidate: Candidate,
-        spec: OptimizeSpec,
-        metric: MetricSpec,
-        target: np.ndarray,
-        base_pred: np.ndarray,
-        pred: np.ndarray,
-        models: tuple[Path, Path],
-        single: dict[str, np.ndarray],
-    ) -> None:
-        """Fill in the verdict: the metric guard first (cheap to explain), then the speed guard."""
-        check = check_metric(metric, spec, base_pred, pred, target)
+    def _judge(self, candidate: Candidate, pred: np.ndarray, model: Path) -> None:
+        """Fill in the verdict: the metric guard first (cheap to explain), then the speed guard against `best`."""
+        spec, metric = self.spec, self.metric
+        check = check_metric(metric, spec, self.base_pred, pred, self.data.target)
         candidate.metric, candidate.drop_bound = check.value, check.drop_bound
         if not check.passed:
             candidate.failed_guard = "metric"
             candidate.reason = (f"{metric.name} loss up to {check.drop_bound:.4g} "
                                 f"({spec.confidence:.0%} bound) exceeds the budget {check.budget:.4g}")  # fmt: skip
             return
-        parent_ms, ms = paired_p50_ms(session(models[0]), session(models[1]), single)
+        parent_ms, ms = paired_p50_ms(session(self.best), session(model), self.single)
         candidate.p50_ms, candidate.parent_p50_ms = ms, parent_ms
         if ms > parent_ms * (1 - spec.min_speedup):
             candidate.failed_guard = "speed"
@@ -262,6 +229,44 @@ class OptimizeStep:
             return
         candidate.accepted = True
         candidate.reason = f"{parent_ms / ms:.2f}x faster, {metric.name} loss ≤ {check.drop_bound:.4g}"
+
+
+class OptimizeStep:
+    name = "optimize"
+    description = "Optimize (guarded search)"
+
+    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
+        spec, evaluation, data = ctx.loaded.spec.optimize, ctx.loaded.spec.evaluation, ctx.eval_data
+        model_path, _ = ctx.require_model()
+        if spec is None or evaluation is None or data is None:
+            raise RuntimeError("pipeline order: optimize runs only with an evaluation set")
+        if (model_path.parent / f"{MODEL_FILE}.data").exists():
+            raise InvalidInputError("optimizing models with external weights (> 2 GB) is not supported yet")
+        work = ctx.scratch_dir / "optimize"
+        work.mkdir()
+        search = _Search(ctx, spec, evaluation.metric, data, work)
+        try:
+            for number, step in enumerate(spec.steps):
+                progress.update(number, len(spec.steps))
+                if search.torch is not None:
+                    search.torch.on_epoch = functools.partial(_advance, progress, number, len(spec.steps))
+                search.step(step)
+        except KeyboardInterrupt:
+            search.candidates.append(Candidate(len(search.candidates), "-", {}, False, "interrupted: search stopped"))
+        progress.update(len(spec.steps), len(spec.steps))
+        chain = applied_chain(search.candidates, search.winner)
+        if search.winner is not None:
+            self._adopt(ctx, search.best, evaluation.metric.name, search.winner.metric)
+        return {
+            "applied": [{"step": c.step, "params": c.params} for c in chain],
+            "candidates": [c.record() for c in search.candidates],
+            "budget": {
+                "max_drop": spec.max_drop,
+                "relative": spec.relative,
+                "confidence": spec.confidence,
+                "speed_batch": spec.speed_batch,
+            },
+        }
 
     @staticmethod
     def _adopt(ctx: BuildContext, best: Path, metric: str, value: float | None) -> None:
