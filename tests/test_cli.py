@@ -64,7 +64,7 @@ def test_digits_demo_end_to_end(cli: Cli, tmp_path: Path) -> None:
     pytest.importorskip("torch", reason="the torch extra is not installed")
     demo, reg = tmp_path / "digits", str(tmp_path / "registry")
     _ok(cli("init", "--example", "digits", str(demo)))
-    assert sorted(p.name for p in demo.iterdir()) == ["client.py", "model.py", "shipyard.yaml", "train.py"]
+    assert sorted(p.name for p in demo.iterdir()) == ["README.md", "client.py", "model.py", "shipyard.yaml", "train.py"]
     trained = subprocess.run([sys.executable, str(demo / "train.py")], capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr
     assert "held-out accuracy" in trained.stdout
@@ -129,7 +129,25 @@ def test_user_errors_are_one_clear_line_and_an_exit_code(cli: Cli, tmp_path: Pat
     assert _ok(cli("models", "list", "--json", "-r", reg)).out.strip() == "[]"
 
 
-def test_error_kinds_map_to_the_documented_exit_codes(cli: Cli, mlp_onnx: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("example", ["digits", "wine", "generation"])
+def test_init_example_writes_its_readme_with_a_real_run(cli: Cli, tmp_path: Path, example: str) -> None:
+    """The README promises every bundled example a README with the output of a real run."""
+    _ok(cli("init", "--example", example, str(tmp_path / example)))
+    readme = (tmp_path / example / "README.md").read_text()
+    assert f"shipyard init --example {example}" in readme
+    assert "Output of one run" in readme
+
+
+def test_every_bundled_example_has_a_readme() -> None:
+    folder = Path(shipyard.__file__).parent / "examples"
+    examples = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(("_", "."))]
+    assert len(examples) >= 7
+    assert [d.name for d in examples if not (d / "README.md").is_file()] == []
+
+
+def test_error_kinds_map_to_the_documented_exit_codes(
+    cli: Cli, mlp_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Conditions that used to exit with the wrong code: each now exits as the README's table says."""
     reg = str(tmp_path / "registry")
     _ok(cli("import", str(mlp_onnx), "--name", "mlp", "-r", reg))
@@ -142,6 +160,8 @@ def test_error_kinds_map_to_the_documented_exit_codes(cli: Cli, mlp_onnx: Path, 
     _fails(cli("rollback", "--spec", str(project), "--target", "docker", "-r", reg), 4, "nothing to roll back to")
     _fails(cli("rollback", "mlp@production", "-r", reg), 3, "no alias 'production'")
     # A storage URI fsspec cannot use is invalid input (2), not an internal error (1).
+    _fails(cli("pull", "nosuchscheme://bucket/a.shipyard.tar.gz", "-r", reg), 2, "is not an enabled storage scheme")
+    monkeypatch.setenv("SHIPYARD_STORAGE_SCHEMES", "nosuchscheme")
     _fails(cli("pull", "nosuchscheme://bucket/a.shipyard.tar.gz", "-r", reg), 2, "cannot use storage URI")
     # A registry that cannot be created is unavailable storage (9).
     (tmp_path / "file").write_text("not a folder")

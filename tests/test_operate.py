@@ -76,14 +76,17 @@ def test_validate_passes_then_fails_when_the_evaluation_data_drifts(
 def test_backup_and_restore_keep_versions_and_aliases(registry: LocalRegistry, tmp_path: Path, cli: Cli) -> None:
     publish(registry, "a", b"a1")
     publish(registry, "a", b"a2")
+    publish(registry, "a", b"a3")
     publish(registry, "b", b"b1")
-    registry.set_alias("a:1", "production")
+    registry.remove("a:1")  # numbers are kept: the restored registry has a:2 and a:3, not a:1 and a:2
+    registry.set_alias("a:2", "production")
     uri = f"file://{tmp_path / 'backup'}/"
     assert cli("backup", uri, *_reg(registry)).code == 0
     restored = LocalRegistry(tmp_path / "restored")
     result = cli("restore", uri, "--registry", str(restored.root))
     assert result.code == 0, result.err
-    original = {(r.name, r.content_hash, r.aliases) for r in registry.all_versions()}
-    assert {(r.name, r.content_hash, r.aliases) for r in restored.all_versions()} == original
+    original = {(r.name, r.version, r.content_hash, r.aliases) for r in registry.all_versions()}
+    assert {(r.name, r.version, r.content_hash, r.aliases) for r in restored.all_versions()} == original
+    assert {r.ref for r in restored.all_versions()} == {"a:2", "a:3", "b:1"}
     missing = cli("restore", f"file://{tmp_path / 'nothing'}/", "--registry", str(restored.root))
     assert missing.code == 3

@@ -24,6 +24,7 @@ class ErrorKind(enum.Enum):
     FORBIDDEN = "forbidden"  # known credentials without the right, or a disabled API
     RATE_LIMITED = "rate_limited"  # the caller's request rate is over its limit: slow down
     TIMEOUT = "timeout"  # no answer within the configured time
+    INCOMPLETE = "incomplete"  # the client did not send its whole request within the configured time
     INTERNAL = "internal"
 
 
@@ -108,6 +109,10 @@ class RateLimitedError(ShipyardError):
 
 class TimedOutError(ShipyardError):
     kind = ErrorKind.TIMEOUT
+
+
+class IncompleteRequestError(ShipyardError):
+    kind = ErrorKind.INCOMPLETE
 
 
 class FailedCheckError(ShipyardError):

@@ -20,13 +20,18 @@ REGISTRY_ENV = "SHIPYARD_REGISTRY"
 KEY_ENV = "SHIPYARD_ENCRYPTION_KEY"
 KEY_FILE_ENV = "SHIPYARD_ENCRYPTION_KEY_FILE"
 DEBUG_ENV = "SHIPYARD_DEBUG"
+SCHEMES_ENV = "SHIPYARD_STORAGE_SCHEMES"
 DEFAULT_REGISTRY = "~/.shipyard/registry"
+# Storage URIs reach only these fsspec protocols unless the user enables more ($SHIPYARD_STORAGE_SCHEMES):
+# fsspec also speaks http, ftp, sftp, github, memory, … and a spec or container argument must not reach them.
+DEFAULT_STORAGE_SCHEMES = frozenset({"file", "s3"})
 
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
 MAX_BODY_BYTES = 64 << 20
 REQUEST_TIMEOUT_S = 60.0
+BODY_TIMEOUT_S = 30.0  # a request body still arriving after this long is refused (408)
 MAX_ELEMENTS = 1 << 26  # per input tensor
 
 
@@ -53,6 +58,9 @@ class Environment:
     """$SHIPYARD_ENCRYPTION_KEY_FILE: a file holding that base64 text."""
     debug: bool = False
     """$SHIPYARD_DEBUG: show tracebacks of internal errors."""
+    storage_schemes: frozenset[str] = DEFAULT_STORAGE_SCHEMES
+    """URI schemes push, pull, serve --pull, backup and restore may use: file and s3, plus $SHIPYARD_STORAGE_SCHEMES
+    (comma-separated, e.g. `gcs,az`)."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Environment:
@@ -63,6 +71,8 @@ class Environment:
             key_text=env.get(KEY_ENV) or None,
             key_file=Path(key_file) if key_file else None,
             debug=bool(env.get(DEBUG_ENV)),
+            storage_schemes=DEFAULT_STORAGE_SCHEMES
+            | {s.strip().lower() for s in env.get(SCHEMES_ENV, "").split(",") if s.strip()},
         )
 
     def encryption_key(self) -> bytes | None:

@@ -43,8 +43,11 @@ def test_npz_with_object_arrays_is_refused(tmp_path: Path) -> None:
 
 def test_npz_missing_keys_and_file(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", features=np.zeros((2, 4)), y=np.zeros(2))
-    with pytest.raises(EvaluationError, match=r"no array named x \(has features, y\)"):
+    with pytest.raises(EvaluationError, match=r"no array named x \(has features, y\); name the arrays") as caught:
         _load(_eval({"kind": "npz", "path": "d.npz"}), SIG, tmp_path)
+    assert "`inputs: {INPUT: KEY}`" in str(caught.value)  # the error names the fields that fix it
+    renamed = _load(_eval({"kind": "npz", "path": "d.npz", "inputs": {"img": "features"}}), SIG, tmp_path)
+    assert renamed.inputs["img"].shape == (2, 1, 2, 2)
     with pytest.raises(EvaluationError, match="dataset file not found"):
         _load(_eval({"kind": "npz", "path": "none.npz"}), SIG, tmp_path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shipyard.errors import ConversionError, ModelLoadError, UnsafeModelError
+from shipyard.errors import ConversionError, ModelLoadError, SpecError, UnsafeModelError
 from shipyard.pipeline import build
 from shipyard.pipeline._imports import import_object
 from shipyard.registry import LocalRegistry
@@ -239,3 +240,29 @@ def _load_net(project: Path) -> Any:
     net = import_object("model:Net", project)().eval()
     net.load_state_dict(torch.load(str(project / "weights.pt"), weights_only=True))
     return net
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        (
+            [{"name": "scores", "dtype": "float32", "shape": ["batch", 100]}],
+            "output 'scores': dimension 1 is declared 100",
+        ),
+        (
+            [*SIGNATURE["outputs"], {"name": "extra", "dtype": "float32", "shape": ["batch"]}],
+            "output 'extra' is not an output of the converted graph",
+        ),
+        ([{"name": "scores", "dtype": "float16", "shape": ["batch", 3]}], "is declared float16, the converted graph"),
+        ([{"name": "scores", "dtype": "float32", "shape": ["batch", 3, 1]}], "is declared ['batch', 3, 1]"),
+    ],
+)
+def test_a_declared_signature_that_disagrees_with_the_graph_is_refused(
+    project: Path, registry: LocalRegistry, outputs: list[dict[str, Any]], message: str
+) -> None:
+    """The server would advertise what the spec declares: a wrong output must fail the build, not mislead clients."""
+    spec = _spec(project, {"module": "model:Net", "weights": "weights.safetensors",
+                           "signature": {"inputs": SIGNATURE["inputs"], "outputs": outputs}})  # fmt: skip
+    with pytest.raises(SpecError, match=re.escape(message)):
+        _build(spec, registry)
+    assert registry.all_versions() == []

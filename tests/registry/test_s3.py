@@ -125,3 +125,51 @@ def test_missing_objects_and_wrong_credentials_are_clear_errors(
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(UnavailableError, match="cannot write"):
         remote_storage.push(registry, "m:1", "s3://shipyard-models/denied/")
+
+
+def test_apply_with_an_s3_registry_uri_pushes_the_archives_and_ships_s3fs(
+    s3_env: dict[str, Any], registry: LocalRegistry, tmp_path: Path, mlp_onnx: Path
+) -> None:
+    """A container told to pull from s3:// must find its archives there and have the client to fetch them."""
+    from shipyard.deploy.apply import apply
+    from shipyard.pipeline import import_onnx
+    from shipyard.spec import load_spec
+    from tests._helpers import write_spec
+
+    import_onnx(mlp_onnx, "mlp", registry)
+    spec = {"name": "mlp", "model": {"format": "onnx", "path": str(mlp_onnx)},
+            "deploy": {"target": "docker", "registry_uri": "s3://shipyard-models/releases"}}  # fmt: skip
+    loaded = load_spec(write_spec(tmp_path / "project", spec))
+    outcome = apply(loaded, registry)
+    assert outcome.release is not None
+    requirements = (tmp_path / "project" / "deploy" / "docker" / "requirements.txt").read_text().splitlines()
+    assert any(line.startswith("s3fs==") for line in requirements)
+    assert not any(line.startswith("torch") for line in requirements)
+    dockerfile = (tmp_path / "project" / "deploy" / "docker" / "Dockerfile").read_text()
+    assert '"--pull", "s3://shipyard-models/releases/mlp-1.shipyard.tar.gz"' in dockerfile
+    # What the container will run at start, run here against the same bucket: it finds and verifies the archive.
+    container_registry = LocalRegistry(tmp_path / "container")
+    pulled = remote_storage.pull(container_registry, "s3://shipyard-models/releases/mlp-1.shipyard.tar.gz")
+    assert (pulled.name, pulled.version, pulled.content_hash) == ("mlp", 1, registry.manifest("mlp:1").content_hash)
+
+
+def test_a_failed_upload_records_no_release(
+    s3_env: dict[str, Any], registry: LocalRegistry, tmp_path: Path, mlp_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import s3fs
+
+    from shipyard.deploy.apply import apply, store_for
+    from shipyard.pipeline import import_onnx
+    from shipyard.spec import load_spec
+    from tests._helpers import write_spec
+
+    import_onnx(mlp_onnx, "mlp", registry)
+    spec = {"name": "mlp", "model": {"format": "onnx", "path": str(mlp_onnx)},
+            "deploy": {"target": "docker", "registry_uri": "s3://shipyard-models/denied"}}  # fmt: skip
+    loaded = load_spec(write_spec(tmp_path / "project", spec))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(UnavailableError, match="cannot write"):
+        apply(loaded, registry)
+    assert store_for(loaded, "docker").numbers() == []
+    assert not (tmp_path / "project" / "deploy").exists()

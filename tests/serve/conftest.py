@@ -97,6 +97,13 @@ class Load:
             time.sleep(0.01)
 
 
+def serve_until_exit(registry: LocalRegistry, *models: str) -> subprocess.CompletedProcess[str]:
+    """Run `shipyard serve` that is expected to refuse to start; its exit code and output."""
+    cmd = [sys.executable, "-m", "shipyard", "serve", *models, "--registry", str(registry.root),
+           "--http-port", str(free_port()), "--grpc-port", "0", "--metrics-port", "0"]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
 def start_server(
     registry: LocalRegistry,
     log: Path,

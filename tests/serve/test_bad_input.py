@@ -55,7 +55,7 @@ def _good(**changes: object) -> dict[str, object]:
         (_good(shape=[65, 16], data=[0.5] * 1040), "mlp", 400, "exceeds the model's max_batch_size 64"),
         (GOOD, "unknown", 404, "model 'unknown' is not loaded"),
         (GOOD, "mlp/versions/7", 404, "no loaded version 7"),
-        (GOOD, "mlp/versions/x", 400, "must be a number"),
+        (GOOD, "mlp/versions/x", 400, "model version must be a whole number"),
     ],
 )
 def test_bad_requests(server: RunningServer, body: bytes | dict[str, object], model: str, status: int,
@@ -73,7 +73,7 @@ def test_binary_extension_errors(server: RunningServer) -> None:
     lies = [
         ({"Inference-Header-Content-Length": str(len(body) + 5)}, "does not fit a body"),
         ({"Inference-Header-Content-Length": str(length - 3)}, "malformed JSON"),
-        ({"Inference-Header-Content-Length": "abc"}, "must be a number"),
+        ({"Inference-Header-Content-Length": "abc"}, "must be a whole number"),
     ]
     for headers, message in lies:
         response = _infer(server, body, headers=headers)
@@ -222,3 +222,70 @@ async def test_a_version_not_loaded_is_unavailable_not_bad_input(model_registry:
     with pytest.raises(UnavailableError, match="is not loaded") as caught:
         await runtime.infer({"x": np.zeros((1, 16), np.float32)})
     assert HTTP_STATUS[caught.value.kind] == 503
+
+
+@pytest.mark.parametrize(
+    ("url", "headers", "message"),
+    [
+        ("/v2/models/mlp/infer", {"Inference-Header-Content-Length": "9" * 4301}, "at most 18 ASCII digits"),
+        ("/v2/models/mlp/infer", {"Inference-Header-Content-Length": "\u0661\u0662".encode()}, "ASCII digits"),
+        ("/v2/models/mlp/versions/" + "1" * 4301 + "/infer", {}, "model version must be a whole number"),
+        ("/v2/models/mlp/versions/%C2%B2/infer", {}, "model version must be a whole number"),
+        ("/v2/models/mlp/versions/%D9%A1/infer", {}, "model version must be a whole number"),  # Arabic-Indic 1
+    ],
+)
+def test_numbers_from_clients_are_ascii_and_bounded(
+    server: RunningServer, url: str, headers: dict[str, str | bytes], message: str
+) -> None:
+    """These hit Python's int-parsing limit (500 and a traceback per request), or read an Arabic-Indic one as 1."""
+    response = httpx.post(f"{server.base()}{url}", json=GOOD, headers=headers, timeout=10)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+def test_numbers_from_grpc_clients_are_ascii_and_bounded(server: RunningServer) -> None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    x = grpcclient.InferInput("x", [1, 16], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 16), np.float32))
+    for version in ("1" * 4301, "\u0661"):
+        with pytest.raises(InferenceServerException, match="model version must be a whole number") as caught:
+            client.infer("mlp", [x], model_version=version)
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "Traceback" not in server.log.read_text()
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_request_bodies_as_tritonclient_sends_them(server: RunningServer, algorithm: str) -> None:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+    inputs = []
+    for binary in (False, True):
+        item = httpclient.InferInput("x", list(x.shape), "FP32")
+        item.set_data_from_numpy(x, binary_data=binary)
+        inputs.append(item)
+    plain = client.infer("mlp", [inputs[0]]).as_numpy("logits")
+    for item in inputs:
+        got = client.infer("mlp", [item], request_compression_algorithm=algorithm).as_numpy("logits")
+        np.testing.assert_allclose(got, plain, rtol=1e-6)
+
+
+def test_a_compression_bomb_gets_413_and_a_broken_stream_400(server: RunningServer) -> None:
+    import gzip
+    import zlib
+
+    bomb = gzip.compress(b"{" + b" " * (8 << 20) + b"}")  # 8 MiB of JSON in ~8 KiB; the limit is 1 MiB
+    assert len(bomb) < 64 << 10
+    response = _infer(server, bomb, headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 413, response.text
+    assert "decompressed request body exceeds the limit" in response.json()["error"]
+    truncated = zlib.compress(json.dumps(GOOD).encode())[:-8]
+    broken = _infer(server, truncated, headers={"Content-Encoding": "deflate"})
+    assert broken.status_code == 400
+    unknown = _infer(server, json.dumps(GOOD).encode(), headers={"Content-Encoding": "br"})
+    assert unknown.status_code == 400
+    assert "not supported: use gzip or deflate" in unknown.json()["error"]

@@ -160,8 +160,8 @@ def test_feedback_labels_give_an_online_metric(monitored: RunningServer) -> None
             spoiled = client.post("/v2/models/mlp/feedback", json={"items": [*items, {"id": "nope", "label": 1}]})
             assert spoiled.status_code == 404  # one unknown id: nothing of the batch is counted
             scored = client.post("/v2/models/mlp/feedback", json={"items": items}).json()
-            assert scored["metric"] == "accuracy"
-            assert (scored["count"], scored["online"], scored["build"]) == (40, 0.75, 1.0)
+            assert (scored["metric"], scored["scored"]) == ("accuracy", 40)
+            assert scored["versions"] == [{"version": "1", "scored": 40, "online": 0.75, "count": 40, "build": 1.0}]
             again = client.post("/v2/models/mlp/feedback", json={"id": "req-0", "label": 1})
             assert again.status_code == 404  # each prediction is scored once
             bad = client.post("/v2/models/mlp/feedback", json={"items": [{"label": 1}]})
@@ -191,3 +191,32 @@ def test_exported_files_are_well_formed_without_promtool(tmp_path: Path) -> None
         assert rule["annotations"]["summary"]
     for panel in json.loads(board.read_text())["panels"]:
         assert "shipyard_" in panel["targets"][0]["expr"], panel["title"]
+
+
+def test_feedback_under_a_canary_is_scored_by_the_version_that_answered(
+    registry: LocalRegistry, tmp_path: Path
+) -> None:
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        folder.mkdir()
+        build_evaluated_mlp(folder, registry, samples=200)
+    server = start_server(registry, tmp_path / "server.log", "mlp:1", "mlp:2", extra_args=("--canary", "mlp:2=50"))
+    x = np.random.default_rng(5).standard_normal((40, 16)).astype(np.float32)
+    try:
+        with httpx.Client(base_url=server.base(), timeout=10) as client:
+            answered: dict[str, int] = {}
+            items = []
+            for i, row in enumerate(x):
+                body = {"id": f"r{i}", "inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
+                                                   "data": row.tolist()}]}  # fmt: skip
+                reply = client.post("/v2/models/mlp/infer", json=body).json()
+                answered[reply["model_version"]] = answered.get(reply["model_version"], 0) + 1
+                items.append({"id": f"r{i}", "label": int(np.argmax(reply["outputs"][0]["data"]))})
+            scored = client.post("/v2/models/mlp/feedback", json={"items": items})
+    finally:
+        stop_server(server)
+    assert set(answered) == {"1", "2"}, answered  # Binomial(40, 0.5) gives both, but for 2 in 10^12
+    assert scored.status_code == 200, scored.text
+    body = scored.json()
+    assert body["scored"] == 40
+    assert {v["version"]: v["scored"] for v in body["versions"]} == answered
+    assert all(v["online"] == 1.0 for v in body["versions"])  # the labels are each version's own predictions

@@ -54,7 +54,7 @@ GOOD = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [
         ("POST", "/v2/models/../../etc/passwd/infer", 404, "no route"),
         ("POST", "/v2/models/mlp/versions/..%2F1/infer", 404, "no route"),
         # These reach the name and version handling with a valid body and the right method.
-        ("POST", "/v2/models/mlp/versions/1%00/infer", 400, "model version must be a number"),
+        ("POST", "/v2/models/mlp/versions/1%00/infer", 400, "model version must be a whole number"),
         ("GET", "/v2/models/%2e%2e/ready", 400, '"ready":false'),
         ("POST", "/v2/models/%2e%2e/infer", 404, "model '..' is not loaded"),
         ("GET", "/v2/models/" + "a" * 5000, 404, "is not loaded"),
@@ -147,5 +147,25 @@ def test_request_timeout_and_element_limit(registry: LocalRegistry, tmp_path: Pa
         assert big.status_code == 413
         assert "limit is 4096" in big.json()["error"]
         assert httpx.get(f"{server.base()}/v2/health/ready").status_code == 200
+    finally:
+        stop_server(server)
+
+
+def test_a_body_shorter_than_its_content_length_gets_408(model_registry: LocalRegistry, tmp_path: Path) -> None:
+    """It used to hold the connection (and a slot) for as long as the client liked."""
+    import socket
+
+    server = start_server(model_registry, tmp_path / "server.log", "mlp:1", extra_args=("--body-timeout", "1"))
+    try:
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as conn:
+            conn.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"inputs\": [")  # fmt: skip
+            start = time.monotonic()
+            answer = conn.recv(4096).decode()
+            waited = time.monotonic() - start
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert "did not arrive within 1 s" in answer
+        assert 0.5 < waited < 5, waited
+        assert httpx.get(f"{server.base()}/v2/health/ready", timeout=10).status_code == 200
     finally:
         stop_server(server)

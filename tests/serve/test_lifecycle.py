@@ -18,8 +18,8 @@ import tritonclient.http as httpclient
 
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
-from tests._helpers import make_slow_onnx
-from tests.serve.conftest import Load, RunningServer, start_server, stop_server
+from tests._helpers import make_mlp_onnx, make_slow_onnx
+from tests.serve.conftest import Load, RunningServer, serve_until_exit, start_server, stop_server
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -102,19 +102,40 @@ def test_prometheus_metrics(private_server: RunningServer) -> None:
     assert 'shipyard_request_duration_seconds_count{model="mlp",version="1"} 5.0' in text
 
 
-def test_a_model_that_fails_to_load_is_isolated(model_registry: LocalRegistry, tmp_path: Path) -> None:
-    running = start_server(model_registry, tmp_path / "s.log", "mlp:1", "ghost", wait_ready=False)
+def test_a_name_that_does_not_exist_stops_the_server_at_start(model_registry: LocalRegistry) -> None:
+    run = serve_until_exit(model_registry, "mlp:1", "tinyresnet")
+    assert run.returncode == 3, run.stderr
+    assert "no model named 'tinyresnet'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_version_that_cannot_load_is_reported_and_the_rest_serve(tmp_path: Path) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    import_onnx(make_mlp_onnx(tmp_path / "a.onnx"), "mlp", registry)
+    import_onnx(make_mlp_onnx(tmp_path / "b.onnx", seed=1), "other", registry)
+    (registry.path("other:1") / "model.onnx").write_bytes(b"tampered")
+    running = start_server(registry, tmp_path / "s.log", "mlp", "other")  # ready: it serves what it reports
     try:
         base = running.base()
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{base}/v2/models/mlp/ready").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert httpx.get(f"{base}/v2/health/ready").status_code == 400  # not every model loaded
         ok = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}]}
-        assert httpx.post(f"{base}/v2/models/mlp/infer", json=ok).status_code == 200  # the others serve
+        assert httpx.post(f"{base}/v2/models/mlp/infer", json=ok).status_code == 200
+        assert httpx.get(f"{base}/v2/models/other/ready").status_code == 400
+        index = {m["name"]: m for m in httpx.post(f"{base}/v2/repository/index").json()}
     finally:
         stop_server(running)
-    assert "could not load ghost" in running.log.read_text()
+    assert index["mlp"]["state"] == "READY"
+    assert index["other"]["state"] == "UNAVAILABLE"
+    assert "does not match its recorded sha256" in index["other"]["reason"]
+
+
+def test_a_server_that_can_load_nothing_exits(tmp_path: Path) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    import_onnx(make_mlp_onnx(tmp_path / "a.onnx"), "mlp", registry)
+    (registry.path("mlp:1") / "model.onnx").write_bytes(b"tampered")
+    run = serve_until_exit(registry, "mlp")
+    assert run.returncode == 9, run.stderr
+    assert "no model version could be loaded: mlp: " in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_perf_analyzer_smoke(private_server: RunningServer) -> None:
@@ -182,19 +203,21 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path) -> None:
         t.start()
     deadline = time.monotonic() + 30
     arrived = done = 0
-    poll = httpx.Client(timeout=10)
-    while time.monotonic() < deadline:  # until the server holds all six: taken into a batch, or waiting
-        stats = poll.get(f"{running.base()}/v2/models/slow/stats").json()["model_stats"][0]["inference_stats"]
-        taken, done = stats["queue"]["count"], stats["success"]["count"]
-        arrived = taken + _queue_depth(poll, running, "slow")
-        if arrived >= 6:
-            break
-        time.sleep(0.005)
+    try:
+        with httpx.Client(timeout=10) as poll:
+            while time.monotonic() < deadline:  # until the server holds all six: taken into a batch, or waiting
+                stats = poll.get(f"{running.base()}/v2/models/slow/stats").json()["model_stats"][0]
+                taken, done = stats["inference_stats"]["queue"]["count"], stats["inference_stats"]["success"]["count"]
+                arrived = taken + _queue_depth(poll, running, "slow")
+                if arrived >= 6:
+                    break
+                time.sleep(0.005)
+    finally:  # the server is stopped (SIGTERM) whatever the polls saw
+        sent_term = time.monotonic()
+        code = stop_server(running)
     assert arrived == 6, f"only {arrived} of 6 requests reached the server in 30 s"
-    poll.close()
     assert done < 6, "every request finished before SIGTERM: nothing was in flight"
-    sent_term = time.monotonic()
-    assert stop_server(running) == 0
+    assert code == 0
     for t in threads:
         t.join(timeout=60)
     assert [code for _, code in finished] == [200] * 6

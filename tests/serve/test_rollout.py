@@ -51,9 +51,12 @@ def test_a_shadow_sees_traffic_but_never_changes_an_answer(model_registry: Local
                           extra_args=("--shadow", "mlp:2=100"))  # fmt: skip
     try:
         with httpx.Client(base_url=server.base(), timeout=10) as client:
-            for _ in range(50):
-                reply = client.post("/v2/models/mlp/versions/1/infer", json=BODY).json()
-                assert reply["model_version"] == "1"
+            # Versionless requests go to the primary (the newest version that is not a shadow), never to the
+            # shadow, although it is the newest loaded version.
+            for i in range(50):
+                path = "/v2/models/mlp/infer" if i % 2 else "/v2/models/mlp/versions/1/infer"
+                reply = client.post(path, json=BODY).json()
+                assert reply["model_version"] == "1", reply
                 got = np.asarray(reply["outputs"][0]["data"], dtype=np.float32).reshape(v1.shape)
                 np.testing.assert_allclose(got, v1, rtol=1e-5, atol=1e-6)
             deadline, counts = time.monotonic() + 10, {}
@@ -62,10 +65,12 @@ def test_a_shadow_sees_traffic_but_never_changes_an_answer(model_registry: Local
                 if sum(counts.values()) >= 50:
                     break
                 time.sleep(0.1)
+        direct = httpx.post(f"{server.base()}/v2/models/mlp/versions/2/infer", json=BODY, timeout=10).json()
     finally:
         stop_server(server)
     assert counts["disagree"] + counts["skipped"] == 50  # v2 differs from v1 on every mirrored request
     assert counts["agree"] == counts["error"] == 0
+    assert direct["model_version"] == "2"  # naming the shadow's version queries it directly
 
 
 def _shadow_counts(text: str) -> dict[str, float]:

@@ -152,3 +152,24 @@ def test_json_schema_forbids_extras_and_documents_fields() -> None:
     source = schema["$defs"]["ModelSourceSpec"]
     assert source["additionalProperties"] is False
     assert "trust_pickle" in source["properties"]
+
+
+def test_yaml_aliases_cannot_blow_a_spec_up(tmp_path: Path) -> None:
+    """578 bytes of nested aliases once expanded to a 34.6 MB manifest; now the spec is refused unexpanded."""
+    levels = ["    a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
+    bomb = "name: m\nmodel:\n  format: torch\n  module: model:Net\n  init_args:\n" + "\n".join(levels) + "\n"
+    (tmp_path / "shipyard.yaml").write_text(bomb)
+    assert len(bomb) < 600
+    with pytest.raises(SpecError, match="YAML aliases expand this spec past 100,000 values"):
+        load_spec(tmp_path)
+    (tmp_path / "shipyard.yaml").write_text("name: m\nmodel: &m {format: onnx, path: [*m]}\n")
+    with pytest.raises(SpecError, match="refers to a node that contains it"):
+        load_spec(tmp_path)
+    # Aliases that repeat a small part are fine.
+    (tmp_path / "shipyard.yaml").write_text(
+        "name: m\nmodel: {format: onnx, path: m.onnx}\n"
+        "evaluation: {dataset: &d {kind: sklearn, name: digits, split: test}, metric: accuracy}\n"
+        "optimize: {train_data: {<<: *d, split: train}, steps: [{step: fp16}]}\n"
+    )
+    assert load_spec(tmp_path).spec.optimize is not None

@@ -41,6 +41,7 @@ EXIT_CODES = {
     ErrorKind.FORBIDDEN: 5,
     ErrorKind.RATE_LIMITED: 9,
     ErrorKind.TIMEOUT: 9,
+    ErrorKind.INCOMPLETE: 9,
 }
 
 

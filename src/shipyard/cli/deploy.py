@@ -58,7 +58,8 @@ def apply_(spec: Path = SpecArgument, target: str | None = TargetOption, registr
     from shipyard.spec import load_spec
 
     loaded = load_spec(spec)
-    outcome = apply(loaded, registry_at(registry), target)
+    env = environment()
+    outcome = apply(loaded, registry_at(registry, env), target, env.storage_schemes)
     _show_plan(outcome.plan)
     _report(loaded.base_dir / loaded.spec.deploy.output, outcome)
 
@@ -102,7 +103,9 @@ def rollback(
     if what is not None and not what.isdigit():
         raise InvalidInputError(f"rollback {what!r}: give NAME@ALIAS or a release number")
     loaded = load_spec(spec)
-    outcome = run_rollback(loaded, registry_at(registry), int(what) if what else None, target)
+    env = environment()
+    number = int(what) if what else None
+    outcome = run_rollback(loaded, registry_at(registry, env), number, target, env.storage_schemes)
     _show_plan(outcome.plan)
     _report(loaded.base_dir / loaded.spec.deploy.output, outcome)
 

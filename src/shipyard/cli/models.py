@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from shipyard.artifact.diff import diff_manifests
-from shipyard.cli._common import JsonOption, RegistryOption, err, out, print_json, registry_at
+from shipyard.cli._common import JsonOption, RegistryOption, environment, err, out, print_json, registry_at
 from shipyard.cli._render import diff_table, show_manifest, versions_table
 from shipyard.registry import remote as remote_storage
 
@@ -99,7 +99,8 @@ def push(
     registry: str | None = RegistryOption,
 ) -> None:
     """Upload a version as a single-file archive (with a .sha256 sidecar) to a storage URI."""
-    target = remote_storage.push(registry_at(registry), ref, uri)
+    env = environment()
+    target = remote_storage.push(registry_at(registry, env), ref, uri, env.storage_schemes)
     err.print(f"[green]pushed[/] {ref} to {target}")
     print(target)
 
@@ -110,6 +111,7 @@ def pull(
     registry: str | None = RegistryOption,
 ) -> None:
     """Download an archive, verify it, and register it as a new local version."""
-    manifest = remote_storage.pull(registry_at(registry), uri)
+    env = environment()
+    manifest = remote_storage.pull(registry_at(registry, env), uri, env.storage_schemes)
     err.print(f"[green]pulled[/] {uri} as {manifest.name}:{manifest.version}")
     print(f"{manifest.name}:{manifest.version}")

@@ -88,7 +88,8 @@ def backup(
     """Copy every version (verified archives) and the aliases to a storage folder."""
     from shipyard.operate.maintenance import backup as run_backup
 
-    written = run_backup(registry_at(registry), uri)
+    env = environment()
+    written = run_backup(registry_at(registry, env), uri, env.storage_schemes)
     err.print(f"[green]backed up[/] {len(written)} version(s) to {uri}")
 
 
@@ -100,5 +101,6 @@ def restore(
     """Pull every archive of a backup (checked) into the registry and re-create its aliases."""
     from shipyard.operate.maintenance import restore as run_restore
 
-    records = run_restore(registry_at(registry), uri)
+    env = environment()
+    records = run_restore(registry_at(registry, env), uri, env.storage_schemes)
     err.print(f"[green]restored[/] {uri}: the registry now holds {len(records)} version(s)")

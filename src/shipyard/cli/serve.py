@@ -47,6 +47,9 @@ def serve(
     request_timeout: float = typer.Option(
         defaults.REQUEST_TIMEOUT_S, "--request-timeout", help="Seconds per request (504 after; 0: none)."
     ),
+    body_timeout: float = typer.Option(
+        defaults.BODY_TIMEOUT_S, "--body-timeout", min=0.1, help="Seconds to receive a request body (408 after)."
+    ),
     max_elements: int = typer.Option(
         defaults.MAX_ELEMENTS, "--max-elements", help="Largest input tensor, in elements (413 above)."
     ),
@@ -74,7 +77,7 @@ def serve(
     env = environment()
     reg = registry_at(registry, env)
     for uri in pull_uris:
-        pulled = remote_storage.pull(reg, uri)
+        pulled = remote_storage.pull(reg, uri, env.storage_schemes)
         err.print(f"pulled {uri} as {pulled.name}:{pulled.version}")
     refs = list(models or []) or reg.models()
     if not refs:
@@ -85,6 +88,7 @@ def serve(
         encryption_key=env.encryption_key(),
         tokens_file=tokens, allow_management=allow_management, open_health=not auth_health, rate_limit=rate_limit,
         rate_burst=rate_burst, tls_cert=tls_cert, tls_key=tls_key, request_timeout_s=request_timeout or None,
+        body_timeout_s=body_timeout,
         max_elements=max_elements, canary=parse_rules(canary, "canary"), shadow=parse_rules(shadow, "shadow"),
         drift_sample=drift_sample, log_dir=log_requests, log_sample=log_sample,
         log_max_bytes=int(log_max_mb * (1 << 20)), log_redact=log_redact,

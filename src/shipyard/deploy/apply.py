@@ -11,7 +11,9 @@ from shipyard.deploy.bundle import Bundle
 from shipyard.deploy.local import SERVICE_FILE, LocalService, ServiceState
 from shipyard.deploy.releases import Plan, Release, ReleaseStore, materialize, render
 from shipyard.errors import ConflictError, IntegrityError
+from shipyard.registry import remote
 from shipyard.registry.local import LocalRegistry
+from shipyard.settings import DEFAULT_STORAGE_SCHEMES
 from shipyard.spec.loader import LoadedSpec
 
 
@@ -39,12 +41,20 @@ def plan(loaded: LoadedSpec, registry: LocalRegistry, target: str | None = None)
     return store_for(loaded, bundle.target).plan(bundle)
 
 
-def apply(loaded: LoadedSpec, registry: LocalRegistry, target: str | None = None) -> Outcome:
+def apply(
+    loaded: LoadedSpec, registry: LocalRegistry, target: str | None = None,
+    schemes: frozenset[str] = DEFAULT_STORAGE_SCHEMES,
+) -> Outcome:  # fmt: skip
+    """Converge the target to the spec; with `deploy.registry_uri`, the archives the servers will pull are
+    pushed there (through the enabled storage `schemes`) before the release is recorded."""
     bundle = render(loaded, registry, target)
-    return _converge(loaded, registry, store_for(loaded, bundle.target), bundle, rollback_of=None)
+    return _converge(loaded, registry, store_for(loaded, bundle.target), bundle, None, schemes)
 
 
-def rollback(loaded: LoadedSpec, registry: LocalRegistry, number: int | None, target: str | None = None) -> Outcome:
+def rollback(
+    loaded: LoadedSpec, registry: LocalRegistry, number: int | None, target: str | None = None,
+    schemes: frozenset[str] = DEFAULT_STORAGE_SCHEMES,
+) -> Outcome:  # fmt: skip
     """Apply release `number` (default: the one before the current) again, as a new release."""
     store = store_for(loaded, target or loaded.spec.deploy.target)
     numbers = store.numbers()
@@ -53,7 +63,7 @@ def rollback(loaded: LoadedSpec, registry: LocalRegistry, number: int | None, ta
             raise ConflictError(f"nothing to roll back to: {len(numbers)} release(s) for target {store.target}")
         number = numbers[-2]
     chosen = store.get(number)
-    return _converge(loaded, registry, store, store.bundle_of(chosen), rollback_of=number)
+    return _converge(loaded, registry, store, store.bundle_of(chosen), number, schemes)
 
 
 def _check_models(bundle: Bundle, registry: LocalRegistry) -> None:
@@ -63,8 +73,17 @@ def _check_models(bundle: Bundle, registry: LocalRegistry) -> None:
             raise IntegrityError(f"{model.name}:{model.version} in the registry is not the version the release pinned")
 
 
+def _push_archives(loaded: LoadedSpec, registry: LocalRegistry, bundle: Bundle, schemes: frozenset[str]) -> None:
+    """Upload every pinned version to `deploy.registry_uri`, where the rendered servers pull them at start."""
+    uri = loaded.spec.deploy.registry_uri
+    if uri is None or bundle.target == "local":
+        return
+    for model in bundle.models:
+        remote.push(registry, f"{model.name}:{model.version}", remote.folder_uri(uri), schemes)
+
+
 def _converge(loaded: LoadedSpec, registry: LocalRegistry, store: ReleaseStore, bundle: Bundle,
-              rollback_of: int | None) -> Outcome:  # fmt: skip
+              rollback_of: int | None, schemes: frozenset[str]) -> Outcome:  # fmt: skip
     _check_models(bundle, registry)
     planned = store.plan(bundle)
     out = loaded.base_dir / loaded.spec.deploy.output
@@ -74,6 +93,7 @@ def _converge(loaded: LoadedSpec, registry: LocalRegistry, store: ReleaseStore, 
     up_to_date = service is None or (running is not None and current is not None and running.release == current.number)
     if planned.empty and current is not None and up_to_date:
         return Outcome(planned, None, running)
+    _push_archives(loaded, registry, bundle, schemes)  # before anything is written: a failed upload changes nothing
     previous = store.files(current) if current is not None else {}
     materialize(bundle, out, previous)
     if bundle.target in ("docker", "kubernetes", "kserve"):

@@ -52,7 +52,7 @@ def serve_args(loaded: LoadedSpec, models: list[PinnedModel]) -> list[str]:
     """Arguments after `shipyard serve` in a container: names, and the archives to pull at start if any.
 
     The container's registry holds only the pinned versions, so names are enough there (a pulled
-    version is renumbered in the new registry; its content hash is what the release pins).
+    version keeps its number, and the release pins its content hash too).
     """
     args = [m.name for m in models]
     for uri in pull_uris(loaded, models):

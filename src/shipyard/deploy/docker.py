@@ -28,14 +28,23 @@ USER_ID = 10001
 CONTEXT = "docker"
 
 
-def pinned_requirements(distribution: str = "shipyard") -> list[str]:
-    """`name==version` for every package the serving install needs (no extras: torch is never pulled in)."""
+def serving_extras(loaded: LoadedSpec) -> tuple[str, ...]:
+    """The extras a served container needs beyond the core: `s3` when it pulls its archives from s3://."""
+    uri = loaded.spec.deploy.registry_uri
+    return ("s3",) if uri is not None and uri.startswith("s3://") else ()
+
+
+def pinned_requirements(distribution: str = "shipyard", extras: tuple[str, ...] = ()) -> list[str]:
+    """`name==version` for every package the serving install needs, with the named extras (the serving
+    extras never include torch)."""
     pins: dict[str, str] = {}
-    pending = [(Requirement(r), frozenset[str]()) for r in importlib.metadata.requires(distribution) or []]
+    # Each requirement with the extra it is considered under ("" for the plain install).
+    pending = [
+        (Requirement(r), extra) for r in importlib.metadata.requires(distribution) or [] for extra in ("", *extras)
+    ]
     while pending:
-        requirement, extras = pending.pop()
-        environment = {"extra": next(iter(extras), "")}
-        if requirement.marker is not None and not requirement.marker.evaluate(environment):
+        requirement, extra = pending.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": extra}):
             continue
         name = canonicalize_name(requirement.name)
         if name in pins:
@@ -47,7 +56,7 @@ def pinned_requirements(distribution: str = "shipyard") -> list[str]:
                 f"{requirement.name} is required for serving but not installed here: install it, then render again"
             ) from None
         for text in importlib.metadata.requires(requirement.name) or []:
-            pending.append((Requirement(text), frozenset(requirement.extras)))
+            pending += [(Requirement(text), wanted) for wanted in ("", *requirement.extras)]
     return [f"{name}=={version}" for name, version in sorted(pins.items())]
 
 
@@ -99,7 +108,7 @@ def image_name(loaded: LoadedSpec) -> str:
 def render(loaded: LoadedSpec, bundle: Bundle) -> None:
     """Add the build context's text files to `bundle` under docker/."""
     bundle.files[f"{CONTEXT}/Dockerfile"] = dockerfile(loaded, bundle)
-    bundle.files[f"{CONTEXT}/requirements.txt"] = "\n".join(pinned_requirements()) + "\n"
+    bundle.files[f"{CONTEXT}/requirements.txt"] = "\n".join(pinned_requirements(extras=serving_extras(loaded))) + "\n"
     bundle.files[f"{CONTEXT}/.dockerignore"] = "**/__pycache__\n*.pyc\n"
 
 

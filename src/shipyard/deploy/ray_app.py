@@ -32,7 +32,7 @@ class ShipyardReplica:
             registry = self._scratch.name
         env = Environment.from_environ()  # this replica's process is an entry point of its own
         local = open_registry(Path(registry) if registry else env.registry)
-        pulled = [remote_storage.pull(local, uri) for uri in pull]
+        pulled = [remote_storage.pull(local, uri, env.storage_schemes) for uri in pull]
         refs = [f"{m.name}:{m.version}" for m in pulled] if pulled else models
         self.server = compose(ServeSettings(models=refs, encryption_key=env.encryption_key()), local)
         await self.server.repository.load_all(refs)

@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
-
 from shipyard.artifact.archive import ARCHIVE_SUFFIX
 from shipyard.artifact.encryption import model_source
 from shipyard.errors import EvaluationError, FailedCheckError, NotFoundError, UnavailableError
@@ -25,6 +23,7 @@ from shipyard.pipeline.datasets import load_dataset
 from shipyard.pipeline.evaluate import output_index
 from shipyard.registry import remote
 from shipyard.registry.local import LocalRegistry, VersionRecord
+from shipyard.settings import DEFAULT_STORAGE_SCHEMES
 from shipyard.spec.loader import parse_spec
 from shipyard.tokenizer import artifact_encoder
 
@@ -102,13 +101,13 @@ def validate(
     return result
 
 
-def backup(registry: LocalRegistry, uri: str) -> list[str]:
+def backup(registry: LocalRegistry, uri: str, schemes: frozenset[str] = DEFAULT_STORAGE_SCHEMES) -> list[str]:
     """Push every version to the folder URI and write the aliases (by content hash) beside them."""
     base = remote.folder_uri(uri)
-    written = [remote.push(registry, record.ref, base) for record in registry.all_versions()]
+    fs, path = remote.open_uri(f"{base}{ALIASES_FILE}", schemes)
+    written = [remote.push(registry, record.ref, base, schemes) for record in registry.all_versions()]
     aliases = [{"name": r.name, "alias": a, "content_hash": r.content_hash}
                for r in registry.all_versions() for a in r.aliases]  # fmt: skip
-    fs, path = fsspec.core.url_to_fs(f"{base}{ALIASES_FILE}")
     try:
         fs.pipe_file(path, json.dumps(aliases, indent=2).encode())
     except OSError as exc:
@@ -116,10 +115,12 @@ def backup(registry: LocalRegistry, uri: str) -> list[str]:
     return written
 
 
-def restore(registry: LocalRegistry, uri: str) -> list[VersionRecord]:
+def restore(
+    registry: LocalRegistry, uri: str, schemes: frozenset[str] = DEFAULT_STORAGE_SCHEMES
+) -> list[VersionRecord]:
     """Pull every archive of a backup (verified, in name and version order) and re-create its aliases."""
     base = remote.folder_uri(uri)
-    fs, path = fsspec.core.url_to_fs(base)
+    fs, path = remote.open_uri(base, schemes)
     try:
         names = sorted(fs.ls(path, detail=False))
     except FileNotFoundError:
@@ -132,7 +133,7 @@ def restore(registry: LocalRegistry, uri: str) -> list[VersionRecord]:
         return model, int(number) if number.isdigit() else 0
 
     for archive in sorted(archives, key=order):
-        remote.pull(registry, fs.unstrip_protocol(archive))
+        remote.pull(registry, fs.unstrip_protocol(archive), schemes)
     aliases_path = f"{path.rstrip('/')}/{ALIASES_FILE}"
     aliases = json.loads(fs.cat_file(aliases_path)) if fs.exists(aliases_path) else []
     by_hash = {(r.name, r.content_hash): r for r in registry.all_versions()}

@@ -59,7 +59,11 @@ def _npz(spec: NpzDatasetSpec, signature: SignatureSpec, base_dir: Path) -> tupl
     mapping = spec.inputs or ({names[0]: "x"} if len(names) == 1 else {n: n for n in names})
     missing = [key for key in [*mapping.values(), spec.target] if key not in arrays]
     if missing:
-        raise EvaluationError(f"{path}: no array named {', '.join(missing)} (has {', '.join(sorted(arrays))})")
+        raise EvaluationError(
+            f"{path}: no array named {', '.join(missing)} (has {', '.join(sorted(arrays))}); name the arrays in the "
+            "dataset spec: `inputs: {INPUT: KEY}` for the model's inputs, `target: KEY` for the labels "
+            "(defaults: x for a single-input model, else the input names; y)"
+        )
     return {name: arrays[key] for name, key in mapping.items()}, arrays[spec.target]
 
 

@@ -119,11 +119,13 @@ class LocalRegistry:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def publish(self, staged: Path) -> Manifest:
-        """Verify a staged artifact and make it the model's next version, atomically.
+    def publish(self, staged: Path, *, keep_version: bool = False) -> Manifest:
+        """Verify a staged artifact and make it the model's next version, atomically; with `keep_version`, the
+        version number its manifest carries (a pulled or restored version keeps the number it had).
 
         Returns the manifest with its version; raises IntegrityError if the staged files do not
-        match their manifest. The staged folder is consumed.
+        match their manifest, ConflictError if a kept number already holds other content; when it holds this
+        very content, that version is returned. The staged folder is consumed.
         """
         manifest = verify_artifact(staged)
         check_name(manifest.name)
@@ -131,7 +133,20 @@ class LocalRegistry:
         model_dir.mkdir(exist_ok=True)
         with self._write() as db:
             row = db.execute("SELECT last_version FROM counters WHERE name = ?", (manifest.name,)).fetchone()
-            version = (row[0] if row else 0) + 1
+            last = row[0] if row else 0
+            if keep_version and manifest.version is not None:
+                version = manifest.version
+                held = db.execute("SELECT content_hash FROM versions WHERE name = ? AND version = ?",
+                                  (manifest.name, version)).fetchone()  # fmt: skip
+                if held is not None and held[0] == manifest.content_hash:  # pulled again (a restarted container)
+                    return read_manifest(model_dir / str(version))
+                if held is not None:
+                    raise ConflictError(
+                        f"{manifest.name}:{version} already holds other content ({held[0][:19]}…, not "
+                        f"{manifest.content_hash[:19]}…): remove it first, or use another registry"
+                    )
+            else:
+                version = last + 1
             manifest = manifest.model_copy(update={"version": version})
             write_manifest(staged, manifest)
             _fsync_tree(staged)
@@ -144,7 +159,7 @@ class LocalRegistry:
                     "INSERT INTO versions VALUES (?, ?, ?, ?, ?)",
                     (manifest.name, version, manifest.content_hash, manifest.created_at, manifest.size_bytes),
                 )
-                db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (manifest.name, version))
+                db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?)", (manifest.name, max(last, version)))
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
                 raise

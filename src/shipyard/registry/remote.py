@@ -14,10 +14,30 @@ import fsspec
 
 from shipyard.artifact.archive import ARCHIVE_SUFFIX, pack, unpack
 from shipyard.artifact.hashing import sha256_file
-from shipyard.artifact.layout import verify_artifact
 from shipyard.artifact.manifest import Manifest
 from shipyard.errors import IntegrityError, InvalidInputError, NotFoundError, UnavailableError
 from shipyard.registry.local import LocalRegistry
+from shipyard.settings import DEFAULT_STORAGE_SCHEMES, SCHEMES_ENV
+
+
+def open_uri(uri: str, schemes: frozenset[str] = DEFAULT_STORAGE_SCHEMES) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a storage URI, after checking that every protocol in it (chained URLs too)
+    is one the user allows; nothing is contacted before that."""
+    parts = uri.split("::")
+    for number, part in enumerate(parts):
+        if "://" in part:
+            scheme = part.split("://", 1)[0].lower()
+        else:  # a protocol of its own in a chain ("simplecache::s3://…"), else a plain path
+            scheme = part.lower() if number < len(parts) - 1 else "file"
+        if scheme not in schemes:
+            raise InvalidInputError(
+                f"storage URI {uri!r}: {scheme}:// is not an enabled storage scheme (enabled: "
+                f"{', '.join(sorted(schemes))}; enable more with ${SCHEMES_ENV}, comma-separated)"
+            )
+    try:
+        return fsspec.core.url_to_fs(uri)  # type: ignore[no-any-return]
+    except (ValueError, ImportError) as exc:
+        raise InvalidInputError(f"cannot use storage URI {uri!r}: {exc}") from None
 
 
 def folder_uri(uri: str) -> str:
@@ -34,7 +54,7 @@ def _archive_uri(uri: str, manifest: Manifest) -> str:
     return f"{uri}{archive_name(manifest.name, manifest.version)}" if uri.endswith("/") else uri
 
 
-def push(registry: LocalRegistry, ref: str, uri: str) -> str:
+def push(registry: LocalRegistry, ref: str, uri: str, schemes: frozenset[str] = DEFAULT_STORAGE_SCHEMES) -> str:
     """Verify a version and upload it as an archive to `uri` (a file URI, or a folder ending in `/`).
 
     The object is written under a temporary name and moved into place, so readers never see a
@@ -42,10 +62,7 @@ def push(registry: LocalRegistry, ref: str, uri: str) -> str:
     """
     manifest = registry.manifest(ref, verify=True)
     target = _archive_uri(uri, manifest)
-    try:
-        fs, path = fsspec.core.url_to_fs(target)
-    except (ValueError, ImportError) as exc:
-        raise InvalidInputError(f"cannot use storage URI {uri!r}: {exc}") from None
+    fs, path = open_uri(target, schemes)
     with tempfile.TemporaryDirectory() as tmp:
         archive = pack(registry.path(ref), Path(tmp) / f"a{ARCHIVE_SUFFIX}")
         digest = sha256_file(archive)
@@ -62,16 +79,15 @@ def push(registry: LocalRegistry, ref: str, uri: str) -> str:
     return target
 
 
-def pull(registry: LocalRegistry, uri: str) -> Manifest:
+def pull(registry: LocalRegistry, uri: str, schemes: frozenset[str] = DEFAULT_STORAGE_SCHEMES) -> Manifest:
     """Download an archive, check its sidecar checksum and every file hash, and publish it locally.
 
-    Returns the manifest of the new local version (or of the existing one with the same content);
-    raises IntegrityError for tampered or corrupt archives (nothing is registered then).
+    The version keeps the number it has in the archive, so releases, metrics, canary rules and feedback
+    agree with the source registry. Returns its manifest (the existing one when that number already holds
+    this content); raises IntegrityError for tampered or corrupt archives and ConflictError when the number
+    holds other content (nothing is registered then).
     """
-    try:
-        fs, path = fsspec.core.url_to_fs(uri)
-    except (ValueError, ImportError) as exc:
-        raise InvalidInputError(f"cannot use storage URI {uri!r}: {exc}") from None
+    fs, path = open_uri(uri, schemes)
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / f"a{ARCHIVE_SUFFIX}"
         try:
@@ -88,13 +104,4 @@ def pull(registry: LocalRegistry, uri: str) -> Manifest:
                 raise IntegrityError(f"{uri}: archive sha256 {actual[:12]}… does not match its .sha256 sidecar")
         with registry.stage() as staged:
             unpack(archive, staged)
-            manifest = verify_artifact(staged)
-            # Pulling the same archive again (a restarted container) reuses the version it made.
-            same = [
-                r
-                for r in registry.all_versions()
-                if r.name == manifest.name and r.content_hash == manifest.content_hash
-            ]
-            if same:
-                return registry.manifest(same[-1])
-            return registry.publish(staged)
+            return registry.publish(staged, keep_version=True)  # verifies every file first

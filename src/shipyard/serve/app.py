@@ -59,5 +59,5 @@ def compose(settings: ServeSettings, registry: LocalRegistry) -> Server:
         limiter=RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None,
         open_health=settings.open_health,
     )
-    rest = RestApp(services, access, settings.max_body_bytes)
+    rest = RestApp(services, access, settings.max_body_bytes, settings.body_timeout_s)
     return Server(settings, metrics, repository, services, access, rest)

@@ -61,6 +61,7 @@ class ShipyardServer:
     async def start(self) -> None:
         """Open the listeners (live at once), then load and warm every model (ready after)."""
         s = self.settings
+        self.repository.resolve_all(s.models)  # a name that does not exist stops the server before it listens
         http_socket = _listen(s.host, s.http_port, "REST")
         if s.metrics_port:
             try:
@@ -130,7 +131,11 @@ async def run(settings: ServeSettings, registry: LocalRegistry) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.request_stop)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.shutdown()  # close the listeners already open before the error reaches the user
+        raise
     logger.info(
         "serving %d model version(s): HTTP %s:%d, gRPC %s:%d, metrics :%d",
         len(server.repository.handles()), settings.host, settings.http_port, settings.host, settings.grpc_port,

@@ -29,6 +29,7 @@ class ServeSettings:
     tls_cert: Path | None = None  # PEM certificate chain and key: HTTPS and gRPC over TLS
     tls_key: Path | None = None
     request_timeout_s: float | None = defaults.REQUEST_TIMEOUT_S  # per inference request, queueing included
+    body_timeout_s: float = defaults.BODY_TIMEOUT_S  # to receive a request body, from its first byte awaited
     max_elements: int | None = defaults.MAX_ELEMENTS  # per input tensor
     canary: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share of traffic}
     shadow: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share mirrored}

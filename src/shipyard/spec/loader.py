@@ -52,6 +52,53 @@ def parse_spec(data: Any, source: str) -> ShipyardSpec:
         raise SpecError(format_validation_error(source, exc)) from None
 
 
+MAX_SPEC_NODES = 100_000  # a real spec has a few hundred; YAML aliases must not expand one past this
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _expanded_size(root: yaml.Node, source: Path) -> int:
+    """Nodes in the document with every alias expanded, counted without expanding anything (memoised per node)."""
+    sizes: dict[int, int] = {}
+    path: set[int] = set()  # the nodes being counted: meeting one again is an alias that contains itself
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            path.discard(key)
+            sizes[key] = min(MAX_SPEC_NODES + 1, 1 + sum(sizes[id(c)] for c in _children(node)))
+        elif key not in sizes:
+            if key in path:
+                raise SpecError(f"{source}: a YAML alias refers to a node that contains it")
+            path.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def _bounded_yaml(text: str, source: Path) -> Any:
+    """safe_load, refusing documents whose aliases expand past MAX_SPEC_NODES before building them."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, source)
+        if size > MAX_SPEC_NODES:
+            raise SpecError(f"{source}: YAML aliases expand this spec past {MAX_SPEC_NODES:,} values; "
+                            "write the repeated parts out, or use fewer aliases")  # fmt: skip
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_spec(path: str | Path) -> LoadedSpec:
     """Read and validate a spec file; raises NotFoundError or SpecError."""
     spec_path = Path(path).expanduser().resolve()
@@ -64,7 +111,7 @@ def load_spec(path: str | Path) -> LoadedSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{spec_path}: cannot read spec: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _bounded_yaml(text, spec_path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""

@@ -18,7 +18,7 @@ from shipyard.serve.core.generation import TextGeneration
 from shipyard.serve.core.repository import ModelHandle, ModelRepository
 from shipyard.serve.core.validate import check_outputs, feeds_of
 from shipyard.serve.policy.rollout import Rollout
-from shipyard.serve.protocol.schema import TensorSchema
+from shipyard.serve.protocol.signature import TensorSchema
 from shipyard.serve.protocol.types import (
     ConfigTensor,
     InferRequest,
@@ -68,20 +68,35 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.loading_done and not self.repository.failed
+        """Ready once start-up loading has finished: what failed is refused for good and reported in the index."""
+        return self.loading_done
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata("shipyard", __version__, EXTENSIONS)
 
+    def _answering(self, name: str, version: str | None, *, draw: bool = False) -> ModelHandle:
+        """The loaded version that answers for (name, version): a named one, or the one the rollout rules pick
+        (the primary; with `draw`, a canary by its weight). Shadows never answer a versionless request."""
+        if version or not self.rollout.governs(name):
+            return self.repository.get(name, version)
+        loaded = self.repository.versions(name)
+        chosen = self.rollout.route(name, loaded) if draw else self.rollout.primary(name, loaded)
+        if chosen is None:
+            if not loaded:
+                return self.repository.get(name)  # the repository's own "not loaded" error
+            raise NotFoundError(f"model {name!r}: only shadow versions are loaded, so none may answer; "
+                                "name a version to query a shadow directly")  # fmt: skip
+        return self.repository.get(name, str(chosen))
+
     def model_ready(self, name: str, version: str | None) -> bool:
         try:
-            self.repository.get(name, version)
+            self._answering(name, version)
         except NotFoundError:
             return False
         return True
 
     def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
-        schema = self.repository.get(name, version).schema
+        schema = self._answering(name, version).schema
         return ModelMetadata(
             name=name,
             versions=[str(v) for v in self.repository.versions(name)],
@@ -92,7 +107,7 @@ class DataPlane:
 
     def model_config(self, name: str, version: str | None) -> ModelConfig:
         """Triton's model configuration: what perf_analyzer and tritonclient read."""
-        handle = self.repository.get(name, version)
+        handle = self._answering(name, version)
         batched = handle.batchable and handle.batcher.max_batch_size > 0
         return ModelConfig(
             name=name, platform=PLATFORM, backend="onnxruntime",
@@ -119,10 +134,7 @@ class DataPlane:
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """Validate against the model's signature, batch, run, and select the requested outputs."""
         start = time.perf_counter_ns()
-        if not version and name in self.rollout.canary:
-            routed = self.rollout.route(name, self.repository.versions(name))
-            version = str(routed) if routed is not None else None
-        handle = self.repository.get(name, version)
+        handle = self._answering(name, version, draw=True)
         if handle.generates:  # a language model's whole answer
             return await self.generation.complete(self.generation.start_on(handle, request), request)
         samples = 1

@@ -6,6 +6,7 @@ from typing import Any
 
 from shipyard.errors import InvalidInputError
 from shipyard.serve.core.repository import ModelRepository
+from shipyard.serve.protocol.numbers import parse_count
 from shipyard.serve.protocol.types import RepositoryEntry
 
 
@@ -13,9 +14,9 @@ def _version_parameter(parameters: dict[str, Any]) -> int | None:
     version = parameters.get("version")
     if version is None:
         return None
-    if isinstance(version, int) or (isinstance(version, str) and version.isdigit()):
-        return int(version)
-    raise InvalidInputError(f"parameter 'version' must be a number, got {version!r}")
+    if isinstance(version, bool) or not isinstance(version, int | str):
+        raise InvalidInputError(f"parameter 'version' must be a number, got {version!r}")
+    return parse_count(str(version), "parameter 'version'")
 
 
 class Management:

@@ -10,7 +10,7 @@ from pathlib import Path
 from shipyard.artifact.manifest import Manifest
 from shipyard.artifact.reference import read_reference
 from shipyard.artifact.signing import verify_signature
-from shipyard.errors import InvalidInputError, NotFoundError, ShipyardError
+from shipyard.errors import NotFoundError, ShipyardError, UnavailableError
 from shipyard.onnxrt import is_batchable
 from shipyard.registry import LocalRegistry, VersionRecord
 from shipyard.registry.refs import ModelRef, parse_ref
@@ -22,7 +22,8 @@ from shipyard.serve.observe.feedback import SUPPORTED as FEEDBACK_METRICS
 from shipyard.serve.observe.feedback import FeedbackStore
 from shipyard.serve.observe.metrics import ServerMetrics
 from shipyard.serve.observe.stats import ModelStats
-from shipyard.serve.protocol.schema import ModelSchema
+from shipyard.serve.protocol.numbers import parse_count
+from shipyard.serve.protocol.signature import ModelSchema
 from shipyard.serve.protocol.types import RepositoryEntry
 from shipyard.spec.models import EvaluationSpec, ServeSpec
 
@@ -104,8 +105,7 @@ class ModelRepository:
         self.encryption_key = encryption_key  # opens sealed model files
         self._models: dict[str, dict[int, ModelHandle]] = {}
         self._lock = asyncio.Lock()  # serializes load/unload; inference never takes it
-        self.failed: dict[str, str] = {}  # requested ref -> why it failed to load
-        self._failed_versions: dict[tuple[str, int], str] = {}  # resolved versions that failed, for the index
+        self._failed: dict[tuple[str, int], str] = {}  # versions that failed to load -> why (for the index)
 
     async def load(self, ref: str | ModelRef) -> ModelHandle:
         """Load (or return the already loaded) version a registry reference names; ready when this returns."""
@@ -118,15 +118,14 @@ class ModelRepository:
             try:
                 handle = await self._open(record)
             except ShipyardError as exc:
-                self._failed_versions[(record.name, record.version)] = str(exc)
+                self._failed[(record.name, record.version)] = str(exc)
                 raise
             if handle.drift is not None:
                 self.metrics.drift[(record.name, record.version)] = handle.drift
             if handle.feedback is not None:
                 self.metrics.feedback[(record.name, record.version)] = handle.feedback.online
             self._models.setdefault(record.name, {})[record.version] = handle
-            self.failed.pop(str(parsed), None)
-            self._failed_versions.pop((record.name, record.version), None)
+            self._failed.pop((record.name, record.version), None)
             return handle
 
     async def _open(self, record: VersionRecord) -> ModelHandle:
@@ -166,14 +165,24 @@ class ModelRepository:
         )  # fmt: skip
         return handle
 
+    def resolve_all(self, refs: list[str]) -> list[VersionRecord]:
+        """The registered version each reference names; NotFoundError for one that names nothing (a typo must
+        stop a server at start, not leave it serving less than was asked)."""
+        return [self.registry.resolve(parse_ref(ref)) for ref in refs]
+
     async def load_all(self, refs: list[str]) -> None:
-        """Load each reference; one that fails is reported and the others still load."""
-        for ref in refs:
+        """Load each reference. A version that exists but cannot be served (unsigned, tampered, unreadable) is
+        logged and reported in the index with its reason while the others serve; UnavailableError when none
+        of them can be."""
+        failures = []
+        for ref, record in zip(refs, self.resolve_all(refs), strict=True):
             try:
-                await self.load(ref)
+                await self.load(record.ref)
             except ShipyardError as exc:
-                self.failed[ref] = str(exc)
+                failures.append(f"{ref}: {exc}")
                 logger.error("could not load %s: %s", ref, exc)
+        if refs and not self.handles():
+            raise UnavailableError("no model version could be loaded: " + "; ".join(failures))
 
     async def unload(self, name: str, version: int | None = None) -> list[int]:
         """Stop routing new requests to the version(s), let queued ones finish, then free them."""
@@ -204,9 +213,7 @@ class ModelRepository:
             raise NotFoundError(f"model {name!r} is not loaded")
         if not version:
             return versions[max(versions)]
-        if not version.isdigit():
-            raise InvalidInputError(f"model version must be a number, got {version!r}")
-        handle = versions.get(int(version))
+        handle = versions.get(parse_count(version, "model version"))
         if handle is None:
             raise NotFoundError(f"model {name!r} has no loaded version {version} (loaded: {sorted(versions)})")
         return handle
@@ -224,5 +231,5 @@ class ModelRepository:
             key = (record.name, record.version)
             served = record.version in self._models.get(record.name, {})
             entries.append(RepositoryEntry(record.name, str(record.version), "READY" if served else "UNAVAILABLE",
-                                           "" if served else self._failed_versions.get(key, "")))  # fmt: skip
+                                           "" if served else self._failed.get(key, "")))  # fmt: skip
         return entries

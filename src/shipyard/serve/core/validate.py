@@ -6,7 +6,7 @@ import numpy as np
 
 from shipyard.errors import InvalidInputError, TooLargeError
 from shipyard.serve.core.repository import ModelHandle
-from shipyard.serve.protocol.schema import TensorSchema
+from shipyard.serve.protocol.signature import TensorSchema
 from shipyard.serve.protocol.types import InferRequest
 
 

@@ -44,6 +44,10 @@ class FeedbackStore:
         while len(self._predictions) > self.capacity:
             self._predictions.popitem(last=False)
 
+    def knows(self, request_id: str) -> bool:
+        """Whether this version answered `request_id` and its prediction is still remembered."""
+        return request_id in self._predictions
+
     def evaluate(self, request_id: str, label: object) -> float:
         """Score the remembered prediction of `request_id` against `label`, changing nothing."""
         output = self._predictions.get(request_id)

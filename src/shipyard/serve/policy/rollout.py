@@ -1,10 +1,12 @@
 """Rollouts inside the server: canary weights per model name, and shadow versions that see traffic silently.
 
-A request that names no version is routed by weight: `--canary mlp:2=10` sends 10 % of them to version 2
-and the rest to the newest other loaded version. A shadow (`--shadow mlp:3=20`) receives a copy of 20 %
-of the requests answered for `mlp`; its outputs are compared with the answer the client got and counted,
-never returned. Shadow work is bounded: when too many copies are in flight, new ones are skipped (and
-counted), so a slow shadow cannot slow the primary path.
+A request that names no version is answered by the primary version: the newest loaded version that is not
+a shadow. `--canary mlp:2=10` sends 10 % of them to version 2 instead. A shadow (`--shadow mlp:3=20`) never
+answers a versionless request: it receives a copy of 20 % of the requests answered for `mlp`, its outputs are
+compared with the answer the client got and counted, never returned. A request that names a version is
+answered by that version, shadow or not (that is how a shadow is tried directly). Shadow work is bounded:
+when too many copies are in flight, new ones are skipped (and counted), so a slow shadow cannot slow the
+primary path.
 """
 
 from __future__ import annotations
@@ -65,18 +67,26 @@ class Rollout:
     rng: random.Random = field(default_factory=random.Random)
     _in_flight: int = 0
 
+    def governs(self, name: str) -> bool:
+        """Whether versionless requests for `name` are routed by a rule (else: the newest loaded version)."""
+        return name in self.canary or name in self.shadow
+
+    def primary(self, name: str, loaded: list[int]) -> int | None:
+        """The newest loaded version that is not a shadow (None: every loaded version is one)."""
+        shadows = self.shadow.get(name, {})
+        answering = [v for v in loaded if v not in shadows]
+        return max(answering) if answering else None
+
     def route(self, name: str, loaded: list[int]) -> int | None:
-        """The version a versionless request for `name` goes to (None: the newest, no rule applies)."""
-        weights = {v: w for v, w in self.canary.get(name, {}).items() if v in loaded}
-        if not weights:
-            return None
+        """The version a versionless request for `name` goes to: a canary by its weight, else the primary."""
+        shadows = self.shadow.get(name, {})
+        weights = {v: w for v, w in self.canary.get(name, {}).items() if v in loaded and v not in shadows}
         draw = self.rng.random()
         for version, weight in weights.items():
             if draw < weight:
                 return version
             draw -= weight
-        stable = [v for v in loaded if v not in weights]
-        return max(stable) if stable else None
+        return self.primary(name, [v for v in loaded if v not in weights])
 
     def shadows_for(self, name: str, served: int, loaded: list[int]) -> list[int]:
         """Versions that should also see this request (not the one that answered it)."""

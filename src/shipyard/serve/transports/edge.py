@@ -29,6 +29,7 @@ HTTP_STATUS = {
     ErrorKind.FORBIDDEN: 403,
     ErrorKind.RATE_LIMITED: 429,
     ErrorKind.TIMEOUT: 504,
+    ErrorKind.INCOMPLETE: 408,
     ErrorKind.INTERNAL: 500,
 }
 GRPC_STATUS = {
@@ -46,6 +47,7 @@ GRPC_STATUS = {
     ErrorKind.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
     ErrorKind.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.INCOMPLETE: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 # Kinds whose message is about the server's own state or code, not the request: never sent to a client.

@@ -19,7 +19,7 @@ from shipyard.errors import InvalidInputError
 from shipyard.serve.core.decoder import Generation
 from shipyard.serve.core.services import Services
 from shipyard.serve.policy.auth import AccessControl, Action
-from shipyard.serve.protocol.datatypes import from_list, from_raw, to_raw
+from shipyard.serve.protocol.tensors import from_list, from_raw, to_raw
 from shipyard.serve.protocol.types import (
     ConfigTensor,
     Duration,

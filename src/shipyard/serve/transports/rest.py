@@ -9,13 +9,15 @@ per-request routing cost. Error kinds become HTTP statuses here, through edge.py
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shipyard.errors import InvalidInputError, TooLargeError
+from shipyard.errors import IncompleteRequestError, InvalidInputError, TooLargeError
 from shipyard.serve.core.services import Services
 from shipyard.serve.policy.auth import AccessControl, Action
+from shipyard.serve.protocol.numbers import parse_count
 from shipyard.serve.transports import rest_codec as codec
 from shipyard.serve.transports.edge import HTTP_STATUS, public_error
 
@@ -52,6 +54,27 @@ def _error(status: int, message: str, headers: list[tuple[bytes, bytes]] | None 
     return _Response(status, codec.encode_json({"error": message}), [*_JSON, *(headers or [])])
 
 
+_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}  # HTTP's deflate is the zlib format
+
+
+def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
+    """A Content-Encoding'd body, never inflated past `limit` bytes (a small bomb gets 413, not memory)."""
+    wbits = _WBITS.get(encoding)
+    if wbits is None:
+        name = encoding.decode("latin-1")
+        raise InvalidInputError(f"Content-Encoding {name!r} is not supported: use gzip or deflate")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInputError(f"the body is not valid {encoding.decode()} data: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise TooLargeError(f"the decompressed request body exceeds the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidInputError(f"the {encoding.decode()} body ends before its compressed stream does")
+    return data
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """One matched request: its ASGI scope and receive channel, and the path's parameters."""
@@ -86,11 +109,12 @@ def _model_routes(method: str, tail: str, action: Action, handler: Handler) -> l
 class RestApp:
     """ASGI application serving the Open Inference Protocol REST API and its extensions."""
 
-    def __init__(self, services: Services, access: AccessControl, max_body_bytes: int) -> None:
+    def __init__(self, services: Services, access: AccessControl, max_body_bytes: int, body_timeout_s: float) -> None:
         self.services = services
         self.dataplane = services.dataplane
         self.access = access
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s  # a body that promises more bytes than it sends must not hold a slot
         self._by_length: dict[int, list[tuple[Route, tuple[str, ...]]]] = {}
         for route in ROUTES:
             self._by_length.setdefault(len(route.segments), []).append((route, route.segments))
@@ -187,10 +211,24 @@ class RestApp:
                 return
 
     async def body(self, call: Call) -> bytes:
-        """The whole request body, refused with 413 as soon as it passes the limit."""
+        """The whole request body, decompressed (gzip, deflate); 413 as soon as it, sent or decompressed,
+        passes the limit; 408 when it has not all arrived within the body timeout."""
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                return await self._read_body(call)
+        except TimeoutError:
+            raise IncompleteRequestError(
+                f"the request body did not arrive within {self.body_timeout_s:g} s (Content-Length larger than "
+                "what was sent?)"
+            ) from None
+
+    async def _read_body(self, call: Call) -> bytes:
+        encoding = b""
         for key, value in call.scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+            if key == b"content-length" and parse_count(value, "Content-Length") > self.max_body_bytes:
                 raise TooLargeError(f"request body of {int(value)} bytes exceeds the limit of {self.max_body_bytes}")
+            if key == b"content-encoding":
+                encoding = value.strip().lower()
         chunks, size = [], 0
         while True:
             message = await call.receive()
@@ -202,7 +240,8 @@ class RestApp:
                 raise TooLargeError(f"request body exceeds the limit of {self.max_body_bytes} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return body if encoding in (b"", b"identity") else _decompress(body, encoding, self.max_body_bytes)
 
     # --- handlers: one per route ---------------------------------------------------------------
 
@@ -247,9 +286,7 @@ class RestApp:
         header_length = None
         for key, value in call.scope["headers"]:
             if key == codec.HEADER_LENGTH.encode():
-                if not value.isdigit():
-                    raise InvalidInputError("Inference-Header-Content-Length must be a number")
-                header_length = int(value)
+                header_length = parse_count(value, "Inference-Header-Content-Length")
         request = codec.decode_request(body, header_length)
         response = await self.dataplane.infer(str(call.name), call.version, request)
         payload, json_length = codec.encode_response(response, request)

@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 
 from shipyard.errors import InvalidInputError
-from shipyard.serve.protocol.datatypes import from_list, from_raw, to_list, to_raw
+from shipyard.serve.protocol.tensors import from_list, from_raw, to_list, to_raw
 from shipyard.serve.protocol.types import (
     ConfigTensor,
     Duration,

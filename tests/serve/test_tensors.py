@@ -5,7 +5,7 @@ import pytest
 
 from shipyard.dtypes import BY_V2
 from shipyard.errors import InvalidInputError
-from shipyard.serve.protocol.datatypes import from_list, from_raw, serialize_bytes, to_list, to_raw
+from shipyard.serve.protocol.tensors import from_list, from_raw, serialize_bytes, to_list, to_raw
 from tests._helpers import sample_data
 
 
