@@ -89,3 +89,20 @@ def test_a_language_model_is_refused_with_a_reason(tmp_path: Path, registry: Loc
     build(load_spec(write_spec(tmp_path, make_decoder(tmp_path))), registry)
     with pytest.raises(InvalidInputError, match="language model"):
         plan_capacity(registry, "lm", qps=10, p99_ms=100)
+
+
+def test_a_text_model_is_timed_at_its_tokenizer_length_and_says_so(
+    tmp_path: Path, registry: LocalRegistry, cli: Callable[..., Any]
+) -> None:
+    """It used to time 8-token inputs whatever the model served (about 20x too optimistic for MiniLM)."""
+    from tests.serve.test_text import SPEC, make_text_model
+
+    make_text_model(tmp_path)
+    build(load_spec(write_spec(tmp_path, SPEC)), registry)
+    plan = plan_capacity(registry, "bag", qps=10, p99_ms=1000, max_batch=4, seconds=0.05)
+    assert plan.inputs == {"input_ids": ["batch", 16], "attention_mask": ["batch", 16]}  # max_length: 16
+    short = plan_capacity(registry, "bag", qps=10, p99_ms=1000, max_batch=4, seconds=0.05, sequence=4)
+    assert short.inputs["input_ids"] == ["batch", 4]
+    shown = cli("capacity", "bag", "--qps", "10", "--p99", "1s", "--max-batch", "2", "-r", str(registry.root))
+    assert shown.code == 0, shown.err
+    assert "inputs input_ids [batch, 16], attention_mask [batch, 16]" in " ".join(shown.out.split())

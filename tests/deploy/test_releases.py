@@ -132,6 +132,55 @@ def test_a_release_that_cannot_start_is_not_recorded(project: Project, registry:
     assert status(loaded) == {"local": None, "releases": {}}
 
 
+def test_a_port_answered_by_another_server_is_an_error_not_ready(project: Project, registry: LocalRegistry) -> None:
+    """Another HTTP server on the port answers every probe with 200; readiness is our own server's report."""
+    import http.server
+    import threading
+
+    class Yes(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Yes)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        loaded = project(ports={"http": other.server_port, "grpc": free_port(), "metrics": free_port()})
+        with pytest.raises(UnavailableError, match=r"did not become ready(.|\n)*cannot listen on 127\.0\.0\.1"):
+            apply(loaded, registry)
+        assert status(loaded) == {"local": None, "releases": {}}
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_an_orphan_left_by_a_killed_supervisor_is_reported_and_stopped(
+    project: Project, registry: LocalRegistry
+) -> None:
+    loaded = project()
+    outcome = apply(loaded, registry)
+    assert outcome.service is not None
+    port = outcome.service.http_port
+    try:
+        os.kill(outcome.service.supervisor_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and local_service(loaded).supervised(outcome.service):
+            time.sleep(0.05)
+        state = status(loaded)["local"]
+        assert isinstance(state, dict)
+        assert (state["supervised"], state["ready"]) == (False, True)  # the orphan is ours and still answers
+        assert _infer(port).shape == (1, 4)
+    finally:
+        stopped = local_service(loaded).stop()
+    assert stopped is not None  # not "the local service was not running"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1)
+    assert status(loaded)["local"] is None
+
+
 def test_docker_entrypoint_serves_when_run_as_written(
     project: Project, registry: LocalRegistry, tmp_path: Path
 ) -> None:

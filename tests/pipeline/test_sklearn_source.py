@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from shipyard.registry import LocalRegistry
 from shipyard.spec import load_spec
 from shipyard.spec.models import SklearnDatasetSpec
 from tests._helpers import write_spec
+from tests.conftest import CliResult
 
 sklearn = pytest.importorskip("sklearn", reason="the sklearn extra is not installed")
 sio = pytest.importorskip("skops.io", reason="the sklearn extra is not installed")
@@ -77,6 +79,34 @@ def test_a_trusted_joblib_with_a_dangerous_import_is_refused(tmp_path: Path, reg
         build(load_spec(_spec(tmp_path, "clf.joblib", "iris", "accuracy", trust_pickle=True)), registry)
     assert not marker.exists()
     assert registry.all_versions() == []
+
+
+@pytest.mark.parametrize("suffix", [".joblib", ".pkl"])
+def test_a_callable_no_deny_list_named_is_refused_too(
+    tmp_path: Path, cli: Callable[..., CliResult], suffix: str
+) -> None:
+    """multiprocessing.util.spawnv_passfds ran its command during `shipyard build` with `trust_pickle: true`
+    under the old deny-list scan; the allow-list refuses it, through the real command line."""
+    import multiprocessing.util
+
+    import joblib
+
+    marker = tmp_path / "pwned"
+    payload = _Reduce(multiprocessing.util.spawnv_passfds, ("/bin/sh", ["sh", "-c", f"touch {marker}"], ()))
+    joblib.dump({"estimator": payload}, tmp_path / f"clf{suffix}")
+    spec = _spec(tmp_path, f"clf{suffix}", "iris", "accuracy", trust_pickle=True)
+    result = cli("build", str(spec), "--registry", str(tmp_path / "registry"))
+    assert result.code == 5, result.err
+    assert "would import multiprocessing.util.spawnv_passfds" in " ".join(result.err.split())
+    assert not marker.exists()
+
+
+class _Reduce:
+    def __init__(self, function: Any, args: tuple[Any, ...]) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.function, self.args)
 
 
 class _ShellPayload:

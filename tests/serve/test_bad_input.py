@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -192,6 +193,44 @@ async def test_random_bodies_never_cause_a_5xx(
         if response.status_code != 200:
             assert isinstance(response.json()["error"], str)
         assert (await client.get("/v2/health/live")).status_code == 200
+
+
+@pytest.fixture
+async def managed_app(model_registry: LocalRegistry) -> AsyncIterator[RestApp]:
+    """The in-process app with the repository API on, so load parameters reach version parsing."""
+    server = compose(ServeSettings(models=["mlp:1"], allow_management=True), model_registry)
+    await server.repository.load_all(server.settings.models)
+    server.services.dataplane.loading_done = True
+    yield server.rest
+    await server.repository.unload_all()
+
+
+# Numbers as clients write them: digits of every script, very long ASCII digit runs, and anything else.
+number_texts = st.one_of(
+    st.text(st.characters(categories=["Nd"]), min_size=1, max_size=12),
+    st.text(st.sampled_from("0123456789"), min_size=1, max_size=6000),
+    st.text(max_size=20),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(number=number_texts)
+async def test_random_numbers_in_headers_paths_and_parameters_never_cause_a_5xx(
+    managed_app: RestApp, number: str
+) -> None:
+    transport = httpx.ASGITransport(app=managed_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        answers = [
+            await client.post(f"/v2/models/mlp/versions/{quote(number, safe='')}/infer", json=GOOD),
+            await client.post("/v2/repository/models/mlp/load", json={"parameters": {"version": number}}),
+            await client.post("/v2/repository/models/mlp/unload", json={"parameters": {"version": number + "x"}}),
+        ]
+        if number.isascii() and number.isprintable():  # what an HTTP header can carry
+            header = {"Inference-Header-Content-Length": number}
+            answers.append(await client.post("/v2/models/mlp/infer", content=json.dumps(GOOD).encode(), headers=header))
+        for response in answers:
+            assert response.status_code < 500, (number[:40], response.text)
+        assert (await client.get("/v2/models/mlp/ready")).status_code == 200  # nothing was unloaded by mistake
 
 
 def test_server_is_alive_after_all_of_it(server: RunningServer) -> None:

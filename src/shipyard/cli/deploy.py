@@ -123,6 +123,8 @@ def status(spec: Path = SpecArgument, as_json: bool = JsonOption) -> None:
     local = state["local"]
     if isinstance(local, dict):
         health = "[green]ready[/]" if local["ready"] else "[yellow]not ready[/]"
+        if not local["supervised"]:
+            health += " [red](its supervisor died: a crash would not be restarted; `shipyard stop` stops it)[/]"
         out.print(f"local service: {health}, release {local['release']}, pid {local['supervisor_pid']}, "
                   f"http port {local['http_port']}, models {', '.join(local['models'])}")  # fmt: skip
     else:
@@ -163,6 +165,9 @@ def capacity(
     p99: str = typer.Option(..., "--p99", help="Latency target at the 99th percentile, e.g. 50ms."),
     utilization: float = typer.Option(0.5, "--utilization", help="Share of measured capacity to plan for."),
     max_batch: int = typer.Option(64, "--max-batch", help="Largest batch size to consider."),
+    sequence: int | None = typer.Option(
+        None, "--sequence", help="Length of dynamic non-batch dimensions (default: a text model's max_length, else 8)."
+    ),
     spec: Path | None = typer.Option(None, "--spec", help="Save the plan for this spec: `apply` sizes from it."),
     registry: str | None = RegistryOption,
     as_json: bool = JsonOption,
@@ -177,13 +182,14 @@ def capacity(
     with err.status("measuring latency and throughput curves…"):
         env = environment()
         result = plan_capacity(registry_at(registry, env), ref, qps, _milliseconds(p99), utilization, max_batch,
-                               encryption_key=env.encryption_key())  # fmt: skip
+                               encryption_key=env.encryption_key(), sequence=sequence)  # fmt: skip
     if loaded is not None:
         err.print(f"saved the plan to {save_plan(result, loaded)}: apply sizes resources and replicas from it")
     if as_json:
         print_json(result.to_dict())
         return
-    table = Table(title=f"{result.model} on this machine (ONNX Runtime, 1 thread per session)")
+    shapes = ", ".join(f"{name} [{', '.join(map(str, shape))}]" for name, shape in result.inputs.items())
+    table = Table(title=escape(f"{result.model} on this machine (ONNX Runtime, 1 thread per session; inputs {shapes})"))
     for column in ("batch", "sessions", "p50 ms", "p99 ms", "samples/s"):
         table.add_column(column, justify="right")
     for point in result.curve:

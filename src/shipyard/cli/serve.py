@@ -60,6 +60,9 @@ def serve(
     log_sample: float = typer.Option(0.01, "--log-sample", help="Share of requests logged."),
     log_max_mb: float = typer.Option(10, "--log-max-mb", help="Rotate the log file at this size."),
     log_redact: bool = typer.Option(False, "--log-redact", help="Log shapes and hashes only, no tensor values."),
+    report_file: Path | None = typer.Option(
+        None, "--report-file", hidden=True, help="For supervisors: written when ready."
+    ),
 ) -> None:
     """Serve registry versions over the Open Inference Protocol (REST + gRPC) with dynamic batching."""
     import logging
@@ -91,7 +94,7 @@ def serve(
         body_timeout_s=body_timeout,
         max_elements=max_elements, canary=parse_rules(canary, "canary"), shadow=parse_rules(shadow, "shadow"),
         drift_sample=drift_sample, log_dir=log_requests, log_sample=log_sample,
-        log_max_bytes=int(log_max_mb * (1 << 20)), log_redact=log_redact,
+        log_max_bytes=int(log_max_mb * (1 << 20)), log_redact=log_redact, report_file=report_file,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvloop.run(run(settings, reg))

@@ -126,6 +126,6 @@ def status(loaded: LoadedSpec) -> dict[str, object]:
                 releases[target] = current.number
     return {
         "local": None if state is None else {**json.loads(service.state_file.read_text()),
-                                             "ready": service.ready(state)},
+                                             "ready": service.ready(state), "supervised": service.supervised(state)},
         "releases": releases,
     }  # fmt: skip

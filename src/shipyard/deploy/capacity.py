@@ -60,14 +60,17 @@ class CapacityPlan:
     peak_rss_mib: float
     expected_p99_ms: float
     headroom: float  # spare capacity at the recommended replicas: 0.5 = 50 % more QPS than asked
+    inputs: dict[str, list[int | str]]  # the input shapes timed: "batch" for the batch dimension
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-def _time(signature: SignatureSpec, model: str | bytes, batch: int, concurrency: int, seconds: float) -> Point:
+def _time(
+    signature: SignatureSpec, model: str | bytes, batch: int, concurrency: int, seconds: float, sequence: int
+) -> Point:
     sessions = [session(model) for _ in range(concurrency)]
-    feeds = random_feeds(signature, batch)
+    feeds = random_feeds(signature, batch, other_dims=sequence)
     for sess in sessions:
         sess.run(None, feeds)
 
@@ -87,10 +90,12 @@ def _time(signature: SignatureSpec, model: str | bytes, batch: int, concurrency:
     return Point(batch, concurrency, statistics.median(every) * 1e3, float(np.percentile(every, 99)) * 1e3, rate)
 
 
-def peak_rss_mib(folder: Path, signature: SignatureSpec, batch: int, key: bytes | None = None) -> float:
+def peak_rss_mib(
+    folder: Path, signature: SignatureSpec, batch: int, key: bytes | None = None, sequence: int = 8
+) -> float:
     """Peak memory of a fresh process that imports the server, loads the version's model and runs the batch
     (an encrypted model is opened with `key`, handed to the process on its standard input)."""
-    sample = random_feeds(signature, batch)
+    sample = random_feeds(signature, batch, other_dims=sequence)
     feeds = {k: v.tolist() for k, v in sample.items()}
     dtypes = {k: str(v.dtype) for k, v in sample.items()}
     script = (
@@ -126,8 +131,13 @@ def plan_capacity(
     max_batch: int = 64,
     seconds: float = 0.5,
     encryption_key: bytes | None = None,
+    sequence: int | None = None,
 ) -> CapacityPlan:
-    """Measure the model's curves here and size a deployment for `qps` within `p99_ms`."""
+    """Measure the model's curves here and size a deployment for `qps` within `p99_ms`.
+
+    Dynamic dimensions other than the batch are timed at `sequence`; by default a text model's tokenizer
+    max_length (the longest a served batch is padded to), else 8.
+    """
     if qps <= 0 or p99_ms <= 0:
         raise InvalidInputError("--qps and --p99 must be positive")
     if not 0 < utilization <= 1:
@@ -140,9 +150,13 @@ def plan_capacity(
     folder = registry.path(record)
     model = model_source(folder, manifest, encryption_key)
     signature = manifest.signature
+    if sequence is None:
+        sequence = manifest.tokenizer.max_length if manifest.tokenizer is not None else 8
+    if sequence < 1:
+        raise InvalidInputError("--sequence must be at least 1")
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch] if is_batchable(signature) else [1]
     cores = os.cpu_count() or 1
-    curve = [_time(signature, model, b, c, seconds) for b in batches for c in sorted({1, cores})]
+    curve = [_time(signature, model, b, c, seconds, sequence) for b in batches for c in sorted({1, cores})]
     alone = [p for p in curve if p.concurrency == 1]
     usable = [p for p in alone if 2 * p.p99_ms <= p99_ms]
     if not usable:
@@ -150,12 +164,14 @@ def plan_capacity(
                             "cannot be met (a request may wait for one batch ahead of it)")  # fmt: skip
     best = max(usable, key=lambda p: p.samples_per_s)
     replicas = max(1, math.ceil(qps / (best.samples_per_s * utilization)))
-    peak = peak_rss_mib(folder, signature, best.batch, encryption_key)
+    peak = peak_rss_mib(folder, signature, best.batch, encryption_key, sequence)
+    timed = {t.name: [d if isinstance(d, int) else ("batch" if i == 0 and is_batchable(signature) else sequence)
+                      for i, d in enumerate(t.shape)] for t in signature.inputs}  # fmt: skip
     return CapacityPlan(
         model=record.ref, qps=qps, p99_target_ms=p99_ms, utilization=utilization, curve=curve,
         batch=best.batch, max_queue_delay_ms=round(best.p50_ms, 3), per_replica_qps=best.samples_per_s,
         replicas=replicas, cpu="1", memory=_quantity_mib(peak * 1.5), peak_rss_mib=round(peak, 1),
-        expected_p99_ms=round(2 * best.p99_ms, 3), headroom=replicas * best.samples_per_s / qps - 1,
+        expected_p99_ms=round(2 * best.p99_ms, 3), headroom=replicas * best.samples_per_s / qps - 1, inputs=timed,
     )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ says what runs now.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shipyard.deploy.bundle import Bundle, server_env
-from shipyard.deploy.supervisor import server_ready
+from shipyard.deploy.supervisor import REPORT_FILE, reported_by, server_ready
 from shipyard.errors import UnavailableError
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec
@@ -46,14 +47,24 @@ class ServiceState:
     started_at: float
 
 
-def _alive(pid: int) -> bool:
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name: [state, ppid, pgrp, …], or None when there is no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """A running process (a zombie left by a killed supervisor whose parent never reaps it is not)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of a process group: a supervisor's session, the server it started included."""
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return [pid for pid in pids if (fields := _stat(pid)) is not None and fields[0] != "Z" and int(fields[2]) == pgid]
 
 
 class LocalService:
@@ -64,7 +75,8 @@ class LocalService:
         self.state_file = folder / "state.json"
 
     def state(self) -> ServiceState | None:
-        """The running service, or None (a state file left by a dead supervisor is removed)."""
+        """The service, running or orphaned (its supervisor died but its server still runs); None when nothing
+        of it is left (a stale state file is removed)."""
         try:
             state = ServiceState(**json.loads(self.state_file.read_text()))
         except FileNotFoundError:
@@ -72,13 +84,23 @@ class LocalService:
         except (ValueError, TypeError):
             self.state_file.unlink()
             return None
-        if not _alive(state.supervisor_pid):
+        if not _group(state.supervisor_pid):  # the supervisor's session: it and the server it started
             self.state_file.unlink()
             return None
         return state
 
+    def supervised(self, state: ServiceState) -> bool:
+        """False for an orphan: the supervisor is gone, so a server that dies now is not restarted."""
+        return _alive(state.supervisor_pid)
+
     def ready(self, state: ServiceState) -> bool:
-        return server_ready(state.http_port)
+        """Our own server reported ready, is still alive in our session, and answers its readiness probe."""
+        report = self.folder / REPORT_FILE
+        try:
+            pid = int(json.loads(report.read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return pid in _group(state.supervisor_pid) and reported_by(report, pid) and server_ready(state.http_port)
 
     def start(self, service_json: Path, release: int, models: list[str], timeout_s: float = 120) -> ServiceState:
         """Start the supervisor for `service_json` and wait until the server is ready."""
@@ -105,15 +127,20 @@ class LocalService:
         raise UnavailableError(f"the local service did not become ready; last log lines:\n{tail}")
 
     def stop(self, timeout_s: float = 30) -> ServiceState | None:
-        """SIGTERM the supervisor (the server drains), SIGKILL after `timeout_s`; returns what was stopped."""
+        """SIGTERM the supervisor (it drains the server), or an orphaned server itself; SIGKILL whatever of the
+        session is left after `timeout_s`; returns what was stopped."""
         state = self.state()
         if state is None:
             return None
-        os.kill(state.supervisor_pid, signal.SIGTERM)
+        for pid in [state.supervisor_pid] if self.supervised(state) else _group(state.supervisor_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _alive(state.supervisor_pid):
+        while time.monotonic() < deadline and _group(state.supervisor_pid):
             time.sleep(0.1)
-        if _alive(state.supervisor_pid):
-            os.killpg(state.supervisor_pid, signal.SIGKILL)
+        for pid in _group(state.supervisor_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.state_file.unlink(missing_ok=True)
+        (self.folder / REPORT_FILE).unlink(missing_ok=True)
         return state

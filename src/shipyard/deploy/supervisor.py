@@ -3,7 +3,7 @@
 Usage: python -m shipyard.deploy.supervisor SERVICE_JSON LOG_FILE
 It detaches (forks into a new session, prints its pid and returns), so the caller can exit or go on
 without owning the supervisor; the supervisor and server write to LOG_FILE, and a `ready` file beside
-it appears once the server first answers ready.
+it appears once the server it started reports itself ready (`server.json`, written by that process).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from types import FrameType
 from shipyard.settings import child_environment
 
 MAX_BACKOFF_S = 30.0
+REPORT_FILE = "server.json"  # beside the log: the running server's own readiness report
 
 
 def server_ready(port: int) -> bool:
@@ -32,9 +33,20 @@ def server_ready(port: int) -> bool:
         return False
 
 
+def reported_by(report: Path, pid: int) -> bool:
+    """Whether the server process `pid` itself wrote its readiness report (serve --report-file): a probe of
+    the port alone could be answered by another process holding it."""
+    try:
+        return bool(json.loads(report.read_text()).get("pid") == pid)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def supervise(service_file: Path, ready_file: Path) -> int:
     service = json.loads(service_file.read_text())
     env = child_environment(service["env"])
+    report = ready_file.with_name(REPORT_FILE)
+    argv = [*service["argv"], "--report-file", str(report)]
     stopping = False
     child: subprocess.Popen[bytes] | None = None
 
@@ -47,16 +59,16 @@ def supervise(service_file: Path, ready_file: Path) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     backoff, ever_ready = 0.5, False
-    port = int(service["env"]["SHIPYARD_HTTP_PORT"])
     while not stopping:
         started = time.monotonic()
-        child = subprocess.Popen(service["argv"], env=env)
+        report.unlink(missing_ok=True)
+        child = subprocess.Popen(argv, env=env)
         while True:
             try:
                 code = child.wait(timeout=0.5 if ever_ready else 0.1)
                 break
             except subprocess.TimeoutExpired:
-                if not ever_ready and server_ready(port):
+                if not ever_ready and reported_by(report, child.pid):
                     ever_ready = True
                     ready_file.touch()  # from here on a dying server is restarted; the starter waits for this
         if stopping:

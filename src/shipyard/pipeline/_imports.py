@@ -12,7 +12,7 @@ from typing import Any
 from shipyard.errors import ModelLoadError
 
 
-def _forget_shadowed(top: str, base_dir: Path) -> None:
+def forget_shadowed(top: str, base_dir: Path) -> None:
     # Two specs in one process may each ship a `model.py`: when the spec's folder has its own
     # `top` module but one from another folder is cached, drop the cached one.
     if not ((base_dir / f"{top}.py").is_file() or (base_dir / top / "__init__.py").is_file()):
@@ -37,7 +37,7 @@ def import_object(ref: str, base_dir: Path) -> Any:
     """Import `package.module:name` with `base_dir` first on sys.path; ModelLoadError if it fails."""
     module_name, _, attr = ref.partition(":")
     base_dir = base_dir.resolve()
-    _forget_shadowed(module_name.split(".")[0], base_dir)
+    forget_shadowed(module_name.split(".")[0], base_dir)
     try:
         with on_sys_path(base_dir):
             module = importlib.import_module(module_name)

@@ -10,7 +10,7 @@ import numpy as np
 from shipyard._extras import require
 from shipyard.errors import ConversionError, ModelLoadError, UnsafeModelError
 from shipyard.pipeline._imports import on_sys_path
-from shipyard.pipeline._picklescan import refuse_dangerous_pickle
+from shipyard.pipeline._picklescan import refuse_untrusted_globals
 from shipyard.pipeline.context import ExportResult
 from shipyard.spec.models import ConvertSpec, ModelSourceSpec, SignatureSpec, TensorSpec, resolve_path
 
@@ -41,7 +41,7 @@ def _load_estimator(path: Path, trust_pickle: bool, base_dir: Path) -> Any:
                 "with skops (skops.io.dump, a .skops file), or set `trust_pickle: true` if you produced it yourself."
             )
         joblib = require("joblib", "sklearn", "Loading pickled scikit-learn models")
-        refuse_dangerous_pickle(path)
+        refuse_untrusted_globals(path, base_dir)
         try:
             with on_sys_path(base_dir):  # the pickle names the user's classes by module path
                 return joblib.load(str(path))

@@ -21,7 +21,7 @@ from shipyard._extras import require
 from shipyard.dtypes import numpy_of
 from shipyard.errors import ConversionError, ModelLoadError, UnsafeModelError
 from shipyard.pipeline._imports import import_object, on_sys_path
-from shipyard.pipeline._picklescan import refuse_dangerous_pickle
+from shipyard.pipeline._picklescan import refuse_untrusted_globals
 from shipyard.pipeline.context import ExportResult
 from shipyard.spec.models import ConvertSpec, ModelSourceSpec, SignatureSpec, resolve_path
 
@@ -123,7 +123,7 @@ def _load_module(source: ModelSourceSpec, base_dir: Path) -> tuple[Any, str]:
         except Exception as exc:
             raise ModelLoadError(f"{path}: not a TorchScript, torch.export or PyTorch file: {exc}") from None
         raise ModelLoadError(f"{path} is a state dict, not a model: give `module: pkg.mod:Class` and `weights:`")
-    refuse_dangerous_pickle(path)
+    refuse_untrusted_globals(path, base_dir)
     try:
         with on_sys_path(base_dir):  # the pickle names the user's classes by module path
             module = torch.load(str(path), map_location="cpu", weights_only=False)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import socket
 from collections.abc import Iterator
@@ -106,6 +108,10 @@ class ShipyardServer:
             await asyncio.sleep(0.01)
         await self.repository.load_all(s.models)
         self.dataplane.loading_done = True
+        if s.report_file is not None:  # this process, not whatever else may answer on the port, is ready
+            partial = s.report_file.with_suffix(".partial")
+            partial.write_text(json.dumps({"pid": os.getpid(), "http_port": s.http_port}))
+            partial.replace(s.report_file)
 
     async def serve_forever(self) -> None:
         await self._stop.wait()
@@ -114,6 +120,8 @@ class ShipyardServer:
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish, drain batchers, unload."""
         self.dataplane.loading_done = False  # readiness drops first so load balancers move away
+        if self.settings.report_file is not None:
+            self.settings.report_file.unlink(missing_ok=True)
         if self.http is not None:
             self.http.should_exit = True
         if self.grpc is not None:

@@ -38,3 +38,4 @@ class ServeSettings:
     log_sample: float = 0.01
     log_max_bytes: int = 10 << 20
     log_redact: bool = False
+    report_file: Path | None = None  # {"pid", "http_port"} once ready, removed at shutdown: a supervisor's proof
