@@ -181,3 +181,26 @@ def test_the_applied_chain_follows_what_each_winner_was_built_on() -> None:
     assert [c.trial for c in applied_chain([graph, alone, combined], combined)] == [0, 2]
     assert [c.trial for c in applied_chain([graph, alone], alone)] == [1]
     assert applied_chain([graph], None) == []
+
+
+def test_a_quantizer_is_not_run_on_an_already_quantized_model(tmp_path: Path, registry: LocalRegistry) -> None:
+    """Static INT8 on top of the held dynamic-INT8 model gave ONNX Runtime an invalid graph ("two nodes with
+    the same node name"); now it is not tried, and the candidate says why."""
+    model = make_mlp_onnx(tmp_path / "tiny.onnx", sizes=(256, 8, 8, 8, 8, 8, 8, 10))  # INT8 not faster here
+    steps = [{"step": "quantize_dynamic"}, {"step": "quantize_static", "params": {"calibration_samples": 32}}]
+    manifest = build(load_spec(_project(tmp_path, model, {"steps": steps, "max_drop": 1.0})), registry)
+    candidates = manifest.lineage[-1].params["candidates"]
+    assert candidates[0]["failed_guard"] == "speed"  # held: later steps would build on it
+    on_held = [c for c in candidates if c["step"] == "quantize_static" and c["built_on"] == 0]
+    assert len(on_held) == 1
+    assert on_held[0]["reason"].startswith("not tried on trial 0's model: it is already quantized (quantize_dynamic)")
+    assert not any("same node name" in c["reason"] for c in candidates)
+
+
+def test_a_missing_calibration_range_is_explained_in_the_spec_s_terms() -> None:
+    from shipyard.pipeline.optimize.search import explain
+
+    reason = explain("quantize_static", KeyError("/stem/stem.2/Relu_output_0_scale"))  # the quantizer's own error
+    assert reason.startswith("static INT8 found no calibration range for tensor '/stem/stem.2/Relu_output_0'")
+    assert "list quantize_static before graph in optimize.steps" in reason
+    assert explain("quantize_dynamic", ValueError("boom")) == "ValueError: boom"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from shipyard.pipeline._imports import import_object
 from shipyard.registry import LocalRegistry
 from shipyard.spec import load_spec
 from tests._helpers import write_spec
+from tests.conftest import CliResult
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
@@ -266,3 +268,37 @@ def test_a_declared_signature_that_disagrees_with_the_graph_is_refused(
     with pytest.raises(SpecError, match=re.escape(message)):
         _build(spec, registry)
     assert registry.all_versions() == []
+
+
+@pytest.mark.parametrize(
+    ("inputs", "shown"),
+    [
+        ([{"name": "x", "dtype": "float32", "shape": ["batch", 5]}], "x float32 [2, 5]"),  # wrong width
+        ([{"name": "x", "dtype": "float16", "shape": ["batch", 6]}], "x float16 [2, 6]"),  # float16 for float32
+    ],
+)
+def test_a_signature_the_module_cannot_run_is_one_line_in_the_spec_s_terms(
+    project: Path, cli: Callable[..., CliResult], inputs: list[dict[str, Any]], shown: str
+) -> None:
+    """It used to print torch's export log (with terminal colour codes) or ONNX Runtime's type-binding error."""
+    signature = {"inputs": inputs, "outputs": SIGNATURE["outputs"]}
+    # No evaluation set: the export is what meets the signature first (a dataset would be refused before it).
+    spec = write_spec(
+        project,
+        {
+            "name": "net",
+            "model": {
+                "format": "torch",
+                "module": "model:Net",
+                "weights": "weights.safetensors",
+                "signature": signature,
+            },
+        },
+    )
+    result = cli("build", str(spec), "--registry", str(project / "registry"))
+    assert result.code == 2, result.err
+    text = " ".join(result.err.split())
+    assert f"model.signature: the model cannot run on inputs shaped like the signature ({shown})" in text
+    assert "Make model.signature.inputs match what its forward() takes" in text
+    assert "\x1b[" not in result.err
+    assert "Traceback" not in result.err

@@ -9,6 +9,7 @@ import contextlib
 import io
 import logging
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -19,17 +20,23 @@ import numpy as np
 
 from shipyard._extras import require
 from shipyard.dtypes import numpy_of
-from shipyard.errors import ConversionError, ModelLoadError, UnsafeModelError
+from shipyard.errors import ConversionError, ModelLoadError, SpecError, UnsafeModelError
 from shipyard.pipeline._imports import import_object, on_sys_path
 from shipyard.pipeline._picklescan import refuse_untrusted_globals
 from shipyard.pipeline.context import ExportResult
 from shipyard.spec.models import ConvertSpec, ModelSourceSpec, SignatureSpec, resolve_path
 
 _EXAMPLE_DYNAMIC_SIZE = 2  # torch.export specializes dimensions of size 0 and 1
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _torch() -> Any:
     return require("torch", "torch", "Loading PyTorch models")
+
+
+def _plain(text: str) -> str:
+    """Text without the terminal colour codes torch's exporters put in their messages."""
+    return _ANSI.sub("", text)
 
 
 @contextlib.contextmanager
@@ -201,7 +208,26 @@ class TorchSource:
                 axes[t.name] = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
             torch.onnx.export(self.module, example, str(dest), dynamo=False, dynamic_axes=axes, **common)
 
+    def _check_signature(self, signature: SignatureSpec) -> None:
+        """SpecError in the spec's terms when the module cannot run on inputs shaped as the signature says:
+        the exporters would fail on it too, with pages of their own log."""
+        example = self._example(signature)
+        try:
+            with self._torch.no_grad():
+                self.module(*example)
+        except Exception as exc:
+            shapes = ", ".join(
+                f"{t.name} {t.dtype} {list(e.shape)}" for t, e in zip(signature.inputs, example, strict=True)
+            )
+            lines = [line for line in _plain(str(exc)).splitlines() if line.strip()] or [type(exc).__name__]
+            raise SpecError(
+                f"model.signature: the model cannot run on inputs shaped like the signature ({shapes}): {lines[-1]}. "
+                "Make model.signature.inputs match what its forward() takes (dynamic dimensions are tried as "
+                f"{_EXAMPLE_DYNAMIC_SIZE})"
+            ) from None
+
     def export_onnx(self, dest: Path, signature: SignatureSpec, convert: ConvertSpec) -> ExportResult:
+        self._check_signature(signature)
         is_script = isinstance(self.module, self._torch.jit.ScriptModule)
         # The dynamo exporter cannot trace TorchScript; go straight to the exporter that can.
         order = {
@@ -215,9 +241,9 @@ class TorchSource:
                 try:
                     self._export(exporter, dest, signature, convert)
                 except Exception as exc:
-                    tail = " | ".join(chatter.getvalue().strip().splitlines()[-3:])
+                    tail = " | ".join(_plain(chatter.getvalue()).strip().splitlines()[-3:])
                     failures.append(
-                        f"{exporter}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                        f"{exporter}: {type(exc).__name__}: {_plain(str(exc)).splitlines()[0] if str(exc) else ''}"
                         + (f" [{tail}]" if tail else "")
                     )
                     continue

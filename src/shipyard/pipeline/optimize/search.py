@@ -116,6 +116,17 @@ def _torch_steps(ctx: BuildContext, train: EvalData | None) -> TorchSteps:
     return TorchSteps(ctx.source, signature, spec.convert, training, data.head(2), ctx.base_dir)
 
 
+def explain(step: str, exc: Exception) -> str:
+    """A transform's own exception in the spec's terms where its cause is known, else its type and text."""
+    key = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+    if step == "quantize_static" and isinstance(key, str) and key.endswith(("_scale", "_zero_point")):
+        tensor = key.rsplit("_", 2 if key.endswith("_zero_point") else 1)[0]
+        return (f"static INT8 found no calibration range for tensor {tensor!r} (ONNX Runtime's quantizer could "
+                "not calibrate it, as happens on graphs an earlier step fused); list quantize_static before "
+                "graph in optimize.steps, or use quantize_dynamic")  # fmt: skip
+    return f"{type(exc).__name__}: {exc}"
+
+
 class _Search:
     """One guarded search: every candidate tried so far, the best model, and the budgets that bound it."""
 
@@ -187,11 +198,24 @@ class _Search:
             self.best, self.winner = verdict.path, verdict
         return verdict
 
+    def _quantized_by(self, source: Candidate | None) -> Candidate | None:
+        """The quantizer in the chain that made `source`'s model, if any."""
+        while source is not None:
+            if source.step in QUANTIZERS:
+                return source
+            source = self.candidates[source.built_on] if source.built_on is not None else None
+        return None
+
     def _attempt(self, step: str, params: dict[str, Any], source: Candidate | None) -> Candidate:
         """Apply `step` to `source` (None: the unoptimized model); always judged against `best`."""
         trial = len(self.candidates)
         dest = self.work / f"trial{trial}-{step}.onnx"
         parent = source.path if source is not None and source.path is not None else self.base
+        quantized = self._quantized_by(source) if step in QUANTIZERS else None
+        if quantized is not None:  # ONNX Runtime's quantizers take float graphs; a second pass breaks them
+            reason = (f"not tried on trial {quantized.trial}'s model: it is already quantized ({quantized.step}), "
+                      "and quantizing twice is not supported")  # fmt: skip
+            return Candidate(trial, step, params, False, reason, built_on=source.trial if source else None)
         try:
             if self.torch is not None and step in TORCH_STEPS:
                 applied = self.torch.apply(step, params, None if source is None else source.trial, trial, dest)
@@ -204,8 +228,7 @@ class _Search:
         except ShipyardError as exc:
             verdict = Candidate(trial, step, params, False, f"failed: {exc}", failed_guard="error")
         except Exception as exc:  # the quantizer's and converter's own errors
-            reason = f"failed: {type(exc).__name__}: {exc}"
-            verdict = Candidate(trial, step, params, False, reason, failed_guard="error")
+            verdict = Candidate(trial, step, params, False, f"failed: {explain(step, exc)}", failed_guard="error")
         verdict.path = dest
         verdict.built_on = None if source is None else source.trial
         return verdict

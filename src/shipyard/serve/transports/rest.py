@@ -12,7 +12,7 @@ import asyncio
 import zlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from shipyard.errors import IncompleteRequestError, InvalidInputError, TooLargeError
 from shipyard.serve.core.services import Services
@@ -76,8 +76,7 @@ def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
     return data
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
+class Call(NamedTuple):  # a tuple: built for every request, so as cheap to make as possible
     """One matched request: its ASGI scope and receive channel, and the path's parameters."""
 
     scope: Scope
@@ -130,7 +129,8 @@ class RestApp:
         # an asyncio.timeout per request costs ~6 us, a tenth of a small model's whole request on one core.
         self._reading: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
-        self._watchdog: asyncio.Task[None] | None = None
+        self._watched: asyncio.AbstractEventLoop | None = None  # the loop the watchdog runs on
+        self._watchdog: asyncio.Task[None] | None = None  # referenced so it is not collected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -227,14 +227,32 @@ class RestApp:
     async def body(self, call: Call) -> bytes:
         """The whole request body, decompressed (gzip, deflate); 413 as soon as it, sent or decompressed,
         passes the limit; 408 when it has not all arrived within the body timeout."""
+        encoding = b""
+        for key, value in call.scope["headers"]:
+            if key == b"content-length" and parse_count(value, "Content-Length") > self.max_body_bytes:
+                raise TooLargeError(f"request body of {int(value)} bytes exceeds the limit of {self.max_body_bytes}")
+            if key == b"content-encoding":
+                encoding = value.strip().lower()
+        loop = asyncio.get_running_loop()
+        if self._watched is not loop:  # one watchdog per event loop, started with the first body read
+            self._watched = loop
+            self._watchdog = loop.create_task(self._watch_body_reads(), name="body-timeouts")
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
-        if self._watchdog is None or self._watchdog.done() or self._watchdog.get_loop() is not loop:
-            self._watchdog = loop.create_task(self._watch_body_reads(), name="body-timeouts")
         self._reading[task] = loop.time() + self.body_timeout_s
+        chunks, size = [], 0
         try:
-            return await self._read_body(call)
+            while True:
+                message = await call.receive()
+                if message["type"] == "http.disconnect":
+                    raise InvalidInputError("client disconnected")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise TooLargeError(f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
         except asyncio.CancelledError:
             if task not in self._expired:
                 raise
@@ -245,7 +263,9 @@ class RestApp:
                 "what was sent?)"
             ) from None
         finally:
-            self._reading.pop(task, None)
+            del self._reading[task]
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return body if encoding in (b"", b"identity") else _decompress(body, encoding, self.max_body_bytes)
 
     async def _watch_body_reads(self) -> None:
         """Cancel body reads past their deadline (checked a few times per timeout period)."""
@@ -257,27 +277,6 @@ class RestApp:
                 if deadline <= now and task not in self._expired:
                     self._expired.add(task)
                     task.cancel()
-
-    async def _read_body(self, call: Call) -> bytes:
-        encoding = b""
-        for key, value in call.scope["headers"]:
-            if key == b"content-length" and parse_count(value, "Content-Length") > self.max_body_bytes:
-                raise TooLargeError(f"request body of {int(value)} bytes exceeds the limit of {self.max_body_bytes}")
-            if key == b"content-encoding":
-                encoding = value.strip().lower()
-        chunks, size = [], 0
-        while True:
-            message = await call.receive()
-            if message["type"] == "http.disconnect":
-                raise InvalidInputError("client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise TooLargeError(f"request body exceeds the limit of {self.max_body_bytes} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                return body if encoding in (b"", b"identity") else _decompress(body, encoding, self.max_body_bytes)
 
     # --- handlers: one per route ---------------------------------------------------------------
 
