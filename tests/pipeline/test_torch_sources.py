@@ -220,19 +220,13 @@ def test_export_that_diverges_fails_the_build(project: Path, registry: LocalRegi
     assert not any((registry.root / ".staging").iterdir())
 
 
+def _without_evaluation(project: Path, signature: dict[str, Any]) -> Path:
+    model = {"format": "torch", "module": "model:Net", "weights": "weights.safetensors", "signature": signature}
+    return write_spec(project, {"name": "net", "model": model})
+
+
 def test_without_evaluation_random_inputs_verify_the_export(project: Path, registry: LocalRegistry) -> None:
-    spec = write_spec(
-        project,
-        {
-            "name": "net",
-            "model": {
-                "format": "torch",
-                "module": "model:Net",
-                "weights": "weights.safetensors",
-                "signature": SIGNATURE,
-            },
-        },
-    )
+    spec = _without_evaluation(project, SIGNATURE)
     manifest = _build(spec, registry)
     assert manifest.lineage[1].params["verify_samples"] == 16
     assert "accuracy" not in manifest.metrics
@@ -283,18 +277,7 @@ def test_a_signature_the_module_cannot_run_is_one_line_in_the_spec_s_terms(
     """It used to print torch's export log (with terminal colour codes) or ONNX Runtime's type-binding error."""
     signature = {"inputs": inputs, "outputs": SIGNATURE["outputs"]}
     # No evaluation set: the export is what meets the signature first (a dataset would be refused before it).
-    spec = write_spec(
-        project,
-        {
-            "name": "net",
-            "model": {
-                "format": "torch",
-                "module": "model:Net",
-                "weights": "weights.safetensors",
-                "signature": signature,
-            },
-        },
-    )
+    spec = _without_evaluation(project, signature)
     result = cli("build", str(spec), "--registry", str(project / "registry"))
     assert result.code == 2, result.err
     text = " ".join(result.err.split())
