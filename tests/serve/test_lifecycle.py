@@ -121,8 +121,11 @@ def test_a_version_that_cannot_load_is_reported_and_the_rest_serve(tmp_path: Pat
         assert httpx.post(f"{base}/v2/models/mlp/infer", json=ok).status_code == 200
         assert httpx.get(f"{base}/v2/models/other/ready").status_code == 400
         index = {m["name"]: m for m in httpx.post(f"{base}/v2/repository/index").json()}
+        metrics = httpx.get(f"http://127.0.0.1:{running.metrics_port}/metrics").text
     finally:
         stop_server(running)
+    assert 'model="mlp"' in metrics
+    assert 'model="other"' not in metrics  # a version that failed to load leaves no series behind
     assert index["mlp"]["state"] == "READY"
     assert index["other"]["state"] == "UNAVAILABLE"
     assert "does not match its recorded sha256" in index["other"]["reason"]

@@ -144,17 +144,18 @@ class ModelRepository:
             max_queue_size=settings.max_queue_size, instances=settings.instances,
         )  # fmt: skip
         feedback, feedback_output = _feedback_store(manifest)
-        handle = ModelHandle(
-            name=record.name, version=record.version, manifest=manifest, settings=settings, runtime=runtime,
-            batcher=batcher, stats=stats, batchable=batchable, schema=ModelSchema.of(manifest.served_signature),
-            drift=_drift_monitor(folder, manifest), feedback=feedback, feedback_output=feedback_output,
-            decoder=Decoder(folder, manifest, runtime) if manifest.generation is not None else None,
-        )  # fmt: skip
-        await runtime.load()
-        try:
+        try:  # a version that fails here leaves no sessions, threads or metric series behind
+            handle = ModelHandle(
+                name=record.name, version=record.version, manifest=manifest, settings=settings, runtime=runtime,
+                batcher=batcher, stats=stats, batchable=batchable, schema=ModelSchema.of(manifest.served_signature),
+                drift=_drift_monitor(folder, manifest), feedback=feedback, feedback_output=feedback_output,
+                decoder=Decoder(folder, manifest, runtime) if manifest.generation is not None else None,
+            )  # fmt: skip
+            await runtime.load()
             slowest = await runtime.warm_up(handle.warm_up_sizes())
-        except Exception:
+        except BaseException:
             await runtime.unload()
+            stats.forget()
             raise
         if settings.instances == 1 and slowest * 1000 < settings.inline_max_ms:
             batcher.use_inline(runtime.run_sync)
