@@ -46,7 +46,7 @@ def compose(settings: ServeSettings, registry: LocalRegistry) -> Server:
     if settings.log_dir is not None:
         request_log = RequestLog(settings.log_dir, settings.log_sample, settings.log_max_bytes,
                                  redact=settings.log_redact)  # fmt: skip
-    generation = TextGeneration(repository, settings.request_timeout_s, settings.max_elements)
+    generation = TextGeneration(repository, rollout, settings.request_timeout_s, settings.max_elements)
     dataplane = DataPlane(
         repository, generation, rollout=rollout,
         after_answer=AfterAnswer(repository, rollout, settings.drift_sample, request_log),

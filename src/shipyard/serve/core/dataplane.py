@@ -16,6 +16,7 @@ from shipyard import __version__
 from shipyard.errors import NotFoundError, TimedOutError
 from shipyard.serve.core.generation import TextGeneration
 from shipyard.serve.core.repository import ModelHandle, ModelRepository
+from shipyard.serve.core.routing import answering
 from shipyard.serve.core.validate import check_outputs, feeds_of
 from shipyard.serve.policy.rollout import Rollout
 from shipyard.serve.protocol.signature import TensorSchema
@@ -75,18 +76,7 @@ class DataPlane:
         return ServerMetadata("shipyard", __version__, EXTENSIONS)
 
     def _answering(self, name: str, version: str | None, *, draw: bool = False) -> ModelHandle:
-        """The loaded version that answers for (name, version): a named one, or the one the rollout rules pick
-        (the primary; with `draw`, a canary by its weight). Shadows never answer a versionless request."""
-        if version or not self.rollout.governs(name):
-            return self.repository.get(name, version)
-        loaded = self.repository.versions(name)
-        chosen = self.rollout.route(name, loaded) if draw else self.rollout.primary(name, loaded)
-        if chosen is None:
-            if not loaded:
-                return self.repository.get(name)  # the repository's own "not loaded" error
-            raise NotFoundError(f"model {name!r}: only shadow versions are loaded, so none may answer; "
-                                "name a version to query a shadow directly")  # fmt: skip
-        return self.repository.get(name, str(chosen))
+        return answering(self.repository, self.rollout, name, version, draw=draw)
 
     def model_ready(self, name: str, version: str | None) -> bool:
         try:

@@ -11,25 +11,31 @@ import numpy as np
 from shipyard.errors import InvalidInputError, TimedOutError
 from shipyard.serve.core.decoder import Generation
 from shipyard.serve.core.repository import ModelHandle, ModelRepository
+from shipyard.serve.core.routing import answering
 from shipyard.serve.core.runtime import as_text
 from shipyard.serve.core.validate import check_outputs, feeds_of
+from shipyard.serve.policy.rollout import Rollout
 from shipyard.serve.protocol.types import InferRequest, InferResponse, Tensor
 
 
 class TextGeneration:
     """Starts validated generations and runs them under the request timeout, counting each in its statistics."""
 
-    def __init__(self, repository: ModelRepository, timeout_s: float | None, max_elements: int | None) -> None:
+    def __init__(
+        self, repository: ModelRepository, rollout: Rollout, timeout_s: float | None, max_elements: int | None
+    ) -> None:
         self.repository = repository
+        self.rollout = rollout
         self.timeout_s = timeout_s
         self.max_elements = max_elements
 
     def generates(self, name: str, version: str | None) -> bool:
-        return self.repository.get(name, version).generates
+        return answering(self.repository, self.rollout, name, version).generates
 
     def start(self, name: str, version: str | None, request: InferRequest) -> Generation:
-        """A validated generation: nothing runs until `stream` iterates it."""
-        return self.start_on(self.repository.get(name, version), request)
+        """A validated generation on the version that answers (the rollout rules decide a versionless one);
+        nothing runs until `stream` iterates it."""
+        return self.start_on(answering(self.repository, self.rollout, name, version, draw=True), request)
 
     def start_on(self, handle: ModelHandle, request: InferRequest) -> Generation:
         if handle.decoder is None:
