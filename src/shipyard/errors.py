@@ -33,11 +33,15 @@ class ShipyardError(Exception):
 
     kind: ErrorKind = ErrorKind.INTERNAL
 
-    def __init__(self, message: str, *, kind: ErrorKind | None = None) -> None:
+    def __init__(
+        self, message: str, *, kind: ErrorKind | None = None, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if kind is not None:
             self.kind = kind
+        self.param = param  # the request field at fault, when one is (OpenAI's error shape names it)
+        self.code = code  # a machine-readable reason more precise than the kind (e.g. context_length_exceeded)
 
     def __str__(self) -> str:
         return self.message

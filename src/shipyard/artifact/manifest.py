@@ -59,13 +59,29 @@ GENERATE_SIGNATURE = SignatureSpec(
 
 
 class GenerationRecord(_Record):
-    """A decoder served token by token: its tokenizer file and limits (the graph's names are fixed)."""
+    """A causal language model served token by token with continuous batching.
+
+    The graph is ONNX Runtime GenAI's decoder layout: `input_ids` and `attention_mask` in, `logits` out, and
+    per layer a past key and value [batch, kv_heads, sequence, head_size] whose present is written into the
+    same buffer (GroupQueryAttention). The names are patterns with the layer number as %d."""
 
     tokenizer_file: str
     max_new_tokens: int
     context: int
-    eos_token_id: int | None = None
+    eos_token_ids: list[int]
+    layers: int
+    kv_heads: int
+    head_size: int
+    past_key: str = "past_key_values.%d.key"
+    past_value: str = "past_key_values.%d.value"
+    present_key: str = "present.%d.key"
+    present_value: str = "present.%d.value"
+    chat_template: str | None = None  # Jinja, as in the folder's tokenizer_config.json / chat_template.jinja
+    special_tokens: dict[str, str] = Field(default_factory=dict)  # bos_token, eos_token: what templates use
     prefix_cache: int = 0  # prompts whose cache the server keeps
+    max_running: int = 8  # sequences decoded together (cache slots)
+    max_waiting: int = 64  # requests queued beyond those before new ones are refused
+    prefill_chunk: int = 256  # prompt tokens run between two decode steps
 
 
 class Manifest(_Record):

@@ -13,7 +13,7 @@ from shipyard.onnxrt import check_onnx, session, signature_of
 from shipyard.pipeline.context import BuildContext, ExportResult, SourceModel
 from shipyard.pipeline.datasets import load_dataset
 from shipyard.pipeline.step import Progress
-from shipyard.pipeline.text import generation_record, spec_encoder
+from shipyard.pipeline.text import spec_encoder
 from shipyard.spec.models import ConvertSpec, ModelSourceSpec, SignatureSpec, resolve_path
 
 
@@ -84,9 +84,6 @@ class LoadStep:
         if spec.model.tokenizer is not None:
             ctx.text = spec_encoder(spec.model.tokenizer, ctx.signature, ctx.base_dir, ctx.artifact_dir)
             params["tokenizer"] = {"input": ctx.text.record.input, "feeds": ctx.text.record.feeds}
-        if spec.model.generation is not None:
-            ctx.generation = generation_record(spec.model.generation, ctx.signature, ctx.base_dir, ctx.artifact_dir)
-            params["generation"] = ctx.generation.model_dump(mode="json")
         if spec.evaluation is not None:
             ctx.eval_data = load_dataset(
                 spec.evaluation.dataset, ctx.signature, ctx.base_dir, spec.evaluation.max_samples, ctx.text

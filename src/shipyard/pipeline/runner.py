@@ -39,7 +39,13 @@ class NullReporter:
 
 
 def default_steps(spec: ShipyardSpec) -> list[Step]:
-    steps: list[Step] = [LoadStep(), ConvertStep(), EvaluateStep()]
+    if spec.model.generates:
+        from shipyard.pipeline import language
+
+        steps: list[Step] = [language.LanguageLoadStep(), language.LanguageConvertStep(),
+                             language.LanguageEvaluateStep()]  # fmt: skip
+        return [*steps, language.LanguageOptimizeStep()] if spec.optimize is not None else steps
+    steps = [LoadStep(), ConvertStep(), EvaluateStep()]
     if spec.optimize is not None:
         steps.append(OptimizeStep())
     return steps

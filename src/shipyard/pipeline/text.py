@@ -9,10 +9,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from shipyard.artifact.manifest import GenerationRecord, TokenizerRecord
+from shipyard.artifact.manifest import TokenizerRecord
 from shipyard.errors import ModelLoadError
-from shipyard.spec.models import GenerationSpec, SignatureSpec, TokenizerSpec, resolve_path
-from shipyard.tokenizer import TextEncoder, load_tokenizer
+from shipyard.spec.models import SignatureSpec, TokenizerSpec, resolve_path
+from shipyard.tokenizer import TextEncoder
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the names Hugging Face exporters use
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,27 +47,3 @@ def spec_encoder(spec: TokenizerSpec, graph: SignatureSpec, base_dir: Path, arti
     encoder = TextEncoder(source, record, graph)
     shutil.copyfile(source, artifact_dir / record.file)
     return encoder
-
-
-def generation_record(
-    spec: GenerationSpec, graph: SignatureSpec, base_dir: Path, artifact_dir: Path
-) -> GenerationRecord:
-    """At build: check the decoder graph's interface, the tokenizer and the end token; copy the tokenizer."""
-    inputs, outputs = {t.name: t for t in graph.inputs}, {t.name: t for t in graph.outputs}
-    wanted = {"input_ids": (inputs, 2), "past": (inputs, 5), "logits": (outputs, 3), "present": (outputs, 5)}
-    for name, (tensors, rank) in wanted.items():
-        if name not in tensors or len(tensors[name].shape) != rank:
-            raise ModelLoadError(
-                f"model.generation: the graph needs {name!r} of rank {rank} (input_ids [batch, sequence], "
-                "past [batch, kv, heads, past_sequence, head_dim] → logits [batch, sequence, vocab], present)"
-            )
-    source = _tokenizer_file(spec.tokenizer, base_dir)
-    tokenizer = load_tokenizer(source)
-    eos = None
-    if spec.eos_token is not None:
-        eos = tokenizer.token_to_id(spec.eos_token)
-        if eos is None:
-            raise ModelLoadError(f"model.generation.eos_token {spec.eos_token!r} is not in the tokenizer's vocabulary")
-    shutil.copyfile(source, artifact_dir / TOKENIZER_FILE)
-    return GenerationRecord(tokenizer_file=TOKENIZER_FILE, max_new_tokens=spec.max_new_tokens, context=spec.context,
-                            eos_token_id=eos, prefix_cache=spec.prefix_cache)  # fmt: skip

@@ -67,34 +67,49 @@ class TokenizerSpec(_Spec):
 
 
 class GenerationSpec(_Spec):
-    """A decoder-only language model served token by token, with its key/value cache fed back each step.
+    """How a causal language model (`format: huggingface`, `task: text-generation`) is served: the OpenAI
+    API (/v1/completions, /v1/chat/completions), Triton's /generate routes and gRPC token streaming, all
+    through one continuous-batching scheduler per model."""
 
-    The graph takes `input_ids` [batch, sequence] and `past` [batch, …, past_sequence, …] (the cache: its
-    4th dimension is the sequence) and returns `logits` [batch, sequence, vocab] and `present` (`past` with
-    the new positions appended). The server then offers /generate, /generate_stream (server-sent events)
-    and token streaming over gRPC ModelStreamInfer; clients send `text_input` and get `text_output`."""
-
-    tokenizer: str
-    """The tokenizer.json (the `tokenizers` format) that encodes prompts and decodes tokens."""
-    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    max_new_tokens: int = Field(default=256, ge=1, le=131072)
     """Default and upper bound of the tokens one request may generate (`max_tokens` asks for fewer)."""
-    context: int = Field(default=256, ge=2, le=131072)
-    """Longest prompt + generation the model was trained for (its position table)."""
-    eos_token: str | None = None
-    """A token that ends the generation when produced (kept out of the text)."""
+    context: int | None = Field(default=None, ge=2, le=131072)
+    """Longest prompt + generation; the model's own (`max_position_embeddings`) by default, which this may
+    only lower. It sizes each cache slot."""
+    max_running: int = Field(default=8, ge=1, le=256)
+    """Sequences decoded together in one batched step (cache slots, each `context` positions long)."""
+    kv_cache_mb: float | None = Field(default=None, gt=0)
+    """Budget for the key/value cache: fewer slots than `max_running` are allocated when they would not fit."""
+    max_waiting: int = Field(default=64, ge=1, le=100_000)
+    """Requests waiting for a slot beyond the running ones; more are refused at once (429 on the OpenAI
+    routes, 503 on the V2 ones)."""
+    prefill_chunk: int = Field(default=256, ge=1, le=131072)
+    """Prompt tokens run between two decode steps: a long prompt delays the running sequences by at most one
+    chunk per step."""
     prefix_cache: int = Field(default=32, ge=0, le=4096)
     """Prompts whose key/value cache the server keeps (least recently used go first): a request whose prompt
     starts with one of them computes only the rest. 0 turns it off."""
 
 
+HF_TASKS = ("text-generation", "feature-extraction", "text-classification")
+
+
 class ModelSourceSpec(_Spec):
     """Where the trained model comes from."""
 
-    format: Literal["torch", "onnx", "sklearn"]
+    format: Literal["torch", "onnx", "sklearn", "huggingface"]
     """Source framework."""
     path: str | None = None
-    """Model file: .onnx, TorchScript .pt, torch.export .pt2, or a scikit-learn .skops/.pkl/.joblib file.
-    Relative paths are resolved against the spec's folder."""
+    """Model file: .onnx, TorchScript .pt, torch.export .pt2, or a scikit-learn .skops/.pkl/.joblib file; for
+    `huggingface` a local folder as `save_pretrained` writes it (config.json, safetensors weights,
+    tokenizer.json). Relative paths are resolved against the spec's folder."""
+    task: Literal["text-generation", "feature-extraction", "text-classification"] | None = None
+    """`huggingface` only: what the folder's model does. text-generation: a causal language model served
+    token by token; feature-extraction: sentence embeddings (pooled as the folder's sentence-transformers
+    config says, mean pooling otherwise); text-classification: class logits."""
+    trust_remote_code: bool = False
+    """`huggingface` only: allow a folder whose config names its own Python code (auto_map). That code runs
+    at build time: only enable for folders you trust."""
     module: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     """PyTorch `package.module:Class` to instantiate (with `weights`), imported from the spec's folder."""
     init_args: dict[str, Any] = Field(default_factory=dict)
@@ -105,12 +120,13 @@ class ModelSourceSpec(_Spec):
     """Allow loading arbitrary pickles (full torch.save modules, .pkl/.joblib). Pickles run code on load:
     only enable for files you produced yourself."""
     signature: SignatureSpec | None = None
-    """Input/output signature; required for torch, read from the graph for onnx and sklearn."""
+    """Input/output signature; required for torch, read from the graph for onnx and sklearn, from the model
+    for huggingface."""
     tokenizer: TokenizerSpec | None = None
     """Serve a text model on strings: the tokenizer fills the graph's input_ids / attention_mask /
     token_type_ids inputs (evaluation datasets then give the texts under `tokenizer.input`)."""
     generation: GenerationSpec | None = None
-    """Serve a decoder-only language model with token streaming and a key/value cache."""
+    """Serving settings of a text-generation model (defaults apply when left out)."""
 
     @model_validator(mode="after")
     def _source_is_complete(self) -> ModelSourceSpec:
@@ -127,9 +143,20 @@ class ModelSourceSpec(_Spec):
             raise ValueError("`weights` goes with `module`")
         if self.format == "torch" and self.signature is None:
             raise ValueError("format: torch needs `signature.inputs` (names, dtypes and shapes to export)")
-        if self.tokenizer is not None and self.generation is not None:
-            raise ValueError("`tokenizer` is for models that take strings; a `generation` model names its own")
+        if (self.format == "huggingface") != (self.task is not None):
+            raise ValueError("format: huggingface needs `task` (text-generation, feature-extraction or "
+                             "text-classification), and `task` is for huggingface folders only")  # fmt: skip
+        if self.format == "huggingface" and (self.signature is not None or self.tokenizer is not None):
+            raise ValueError("a huggingface folder brings its signature and tokenizer: leave those out")
+        if self.trust_remote_code and self.format != "huggingface":
+            raise ValueError("`trust_remote_code` is for huggingface folders")
+        if self.generation is not None and self.task != "text-generation":
+            raise ValueError("`generation` settings are for task: text-generation")
         return self
+
+    @property
+    def generates(self) -> bool:
+        return self.task == "text-generation"
 
 
 class ToleranceSpec(_Spec):
@@ -188,9 +215,21 @@ class FunctionDatasetSpec(_Spec):
     """`module:function`, imported from the spec's folder; returns (array or dict of arrays, targets)."""
 
 
-DatasetSpec = Annotated[SklearnDatasetSpec | NpzDatasetSpec | FunctionDatasetSpec, Field(discriminator="kind")]
+class TextDatasetSpec(_Spec):
+    """Held-out text for a language model: a UTF-8 file, one document per line (blank lines skipped)."""
 
-MetricName = Literal["accuracy", "f1", "iou", "mse", "mae", "cosine", "top_k"]
+    kind: Literal["text"]
+    path: str
+    """File path, relative to the spec's folder."""
+    window: int = Field(default=128, ge=8, le=8192)
+    """Tokens per scored window (documents are joined, then cut into windows of this length)."""
+
+
+DatasetSpec = Annotated[
+    SklearnDatasetSpec | NpzDatasetSpec | FunctionDatasetSpec | TextDatasetSpec, Field(discriminator="kind")
+]
+
+MetricName = Literal["accuracy", "f1", "iou", "mse", "mae", "cosine", "top_k", "perplexity"]
 METRIC_DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {
     "accuracy": "maximize",
     "f1": "maximize",
@@ -199,6 +238,7 @@ METRIC_DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {
     "top_k": "maximize",
     "mse": "minimize",
     "mae": "minimize",
+    "perplexity": "minimize",
 }
 
 
@@ -207,7 +247,8 @@ class MetricSpec(_Spec):
 
     name: MetricName
     """accuracy / f1 (macro) / top_k on class scores or labels; iou (mean over classes) on per-pixel class
-    scores (class axis last) or label masks; mse / mae / cosine on values."""
+    scores (class axis last) or label masks; mse / mae / cosine on values; perplexity for language models
+    (on a `text` dataset)."""
     k: int = Field(default=5, ge=1)
     """k for top_k."""
     direction: Literal["maximize", "minimize"] | None = None
@@ -302,6 +343,13 @@ class OptimizeSpec(_Spec):
     """The drop's bootstrap upper bound at this confidence must stay within budget."""
     bootstrap: int = Field(default=500, ge=50, le=100_000)
     """Bootstrap resamples of the evaluation set."""
+    objective: Literal["latency", "size"] = "latency"
+    """What a candidate must improve to replace its parent: `latency` (p50 at `speed_batch`; for language
+    models the decode step) or `size` (bytes of the model: on a CPU without fast INT4 kernels a 4-bit model
+    may be no faster but 4x smaller)."""
+    min_token_agreement: float = Field(default=0.9, ge=0, le=1)
+    """Language models: the share of held-out positions where a candidate's greedy next token must equal the
+    unoptimized model's."""
     min_speedup: float = Field(default=0.05, ge=0)
     """A candidate must be at least this fraction faster (p50 at `speed_batch`) than its parent."""
     speed_batch: int = Field(default=1, ge=1, le=4096)
@@ -338,8 +386,16 @@ class ServeSpec(_Spec):
     """Requests queued per model before new ones are refused (503)."""
     instances: int = Field(default=1, ge=1, le=64)
     """Model instances (sessions) run in parallel."""
-    intra_op_threads: int = Field(default=1, ge=0)
-    """ONNX Runtime intra-op threads per instance (0 lets ONNX Runtime choose)."""
+    intra_op_threads: int | None = Field(default=None, ge=0)
+    """ONNX Runtime intra-op threads per instance (0 lets ONNX Runtime choose: one per core). By default 1
+    for models served through the dynamic batcher (instances run in parallel instead) and 0 for language
+    models (one decode step at a time, on every core)."""
+
+    def threads(self, generates: bool) -> int:
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        return 0 if generates else 1
+
     inline_max_ms: float = Field(default=5.0, ge=0)
     """Models whose largest batch runs faster than this (timed at warm-up) run on the event-loop thread,
     saving a thread hop per batch; 0 always uses worker threads."""
@@ -481,6 +537,18 @@ class ShipyardSpec(_Spec):
                 raise ValueError("prune and distill work on PyTorch models (model.format: torch)")
             if self.optimize.train_data == self.evaluation.dataset:
                 raise ValueError("optimize.train_data is the evaluation set: train on other data than the guard")
+            if self.model.generates:
+                allowed = {"quantize_dynamic", "weight_only"}
+                other = sorted({s.step for s in self.optimize.steps} - allowed)
+                if other:
+                    raise ValueError(f"a language model's search takes quantize_dynamic and weight_only, not {other}")
+        if self.evaluation is not None:
+            text = self.evaluation.dataset.kind == "text" or self.evaluation.metric.name == "perplexity"
+            if text and not (self.evaluation.dataset.kind == "text" and self.evaluation.metric.name == "perplexity"
+                             and self.model.generates):  # fmt: skip
+                raise ValueError("perplexity on a `text` dataset is how language models are judged, and only them")
+            if self.model.generates and not text:
+                raise ValueError("a text-generation model is judged by perplexity on a `kind: text` dataset")
         return self
 
 

@@ -1,33 +1,37 @@
-"""Token-by-token generation on an ONNX decoder graph, feeding its key/value cache back each step.
+"""A loaded language model: its tokenizer and chat template, request checks, and each request's generation.
 
-The prompt runs through the graph once (prefill); after that each step feeds only the newest token and
-the cache (`present` becomes the next `past`), so a long generation never recomputes its prefix. The
-caches of recent prompts are kept too, so a request whose prompt starts with one of them (a repeated
-system prompt, a conversation so far) computes only what follows. Decoding is greedy unless the request
-sets a temperature (then sampled, seeded by `seed` if given).
+The tokens come from the model's continuous-batching scheduler (scheduler.py); a `Generation` turns them
+into text as they come (holding back a character whose bytes are not all generated yet, and text that may
+be the start of a stop string), counts usage, and tells the scheduler when its client is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from shipyard.artifact.manifest import GenerationRecord, Manifest
 from shipyard.dtypes import numpy_of
-from shipyard.errors import InvalidInputError, ModelLoadError
-from shipyard.serve.core.runtime import OrtRuntime
+from shipyard.errors import InvalidInputError, ModelLoadError, ShipyardError
+from shipyard.kvcache import CacheSlots, StepRunner
+from shipyard.serve.core.scheduler import Sampling, Scheduler, Sequence
 from shipyard.tokenizer import load_tokenizer
+
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 
 
 @dataclass
 class Usage:
-    """Token counts of one generation; `computed_tokens` counts positions run through the graph."""
+    """Token counts of one generation; `computed_tokens` counts prompt positions run through the graph."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -38,117 +42,213 @@ class Usage:
                 "computed_tokens": self.computed_tokens}  # fmt: skip
 
 
-def _int_parameter(parameters: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = parameters.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidInputError(f"parameter {name!r} must be a whole number from {low} to {high}, got {value!r}")
+@dataclass(frozen=True)
+class Options:
+    """What a request may set, already checked (the same names on the V2 generate routes and OpenAI's)."""
+
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def _number(parameters: dict[str, Any], name: str, low: float, high: float, whole: bool) -> Any:
+    value = parameters.get(name)
+    if value is None:
+        return None
+    kinds: tuple[type, ...] = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        kind = "a whole number" if whole else "a number"
+        raise InvalidInputError(f"{name!r} must be {kind} from {low:g} to {high:g}, got {value!r}", param=name)
     return value
 
 
+def options_of(parameters: dict[str, Any]) -> Options:
+    """Options from a request's parameters; InvalidInputError naming the one that is wrong."""
+    stop = parameters.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or
+                             not all(isinstance(s, str) and s for s in stop)):  # fmt: skip
+        raise InvalidInputError("'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
+    temperature = _number(parameters, "temperature", 0, 2, whole=False)
+    top_p = _number(parameters, "top_p", 0, 1, whole=False)
+    if top_p == 0:
+        raise InvalidInputError("'top_p' must be above 0", param="top_p")
+    return Options(
+        max_tokens=_number(parameters, "max_tokens", 1, 2**31, whole=True),
+        temperature=0.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        seed=_number(parameters, "seed", -(2**63), 2**63 - 1, whole=True),
+        stop=tuple(stop or ()),
+    )
+
+
+@dataclass
 class Generation:
-    """One request's generation: validated when made, run while iterated (yields text pieces)."""
+    """One request's generation: checked when made, run while iterated (yields text pieces)."""
 
-    def __init__(self, decoder: Decoder, prompt: str, parameters: dict[str, Any]) -> None:
-        record = decoder.record
-        ids = decoder.tokenizer.encode(prompt).ids
-        if not ids:
-            raise InvalidInputError("text_input is empty: there is nothing to continue")
-        if len(ids) >= record.context:
-            raise InvalidInputError(f"the prompt has {len(ids)} tokens; the model's context is {record.context}")
-        limit = record.max_new_tokens
-        self.max_tokens = min(_int_parameter(parameters, "max_tokens", limit, 1, limit), record.context - len(ids))
-        temperature = parameters.get("temperature", 0.0)
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 10:
-            raise InvalidInputError(f"parameter 'temperature' must be a number from 0 to 10, got {temperature!r}")
-        self.temperature = float(temperature)
-        seed = parameters.get("seed")
-        self.rng = np.random.default_rng(None if seed is None else _int_parameter(parameters, "seed", 0, 0, 2**63 - 1))
-        self.decoder, self.ids = decoder, ids
-        self.usage = Usage(prompt_tokens=len(ids))
-
-    def _pick(self, logits: np.ndarray) -> int:
-        if self.temperature == 0:
-            return int(logits.argmax())
-        scaled = (logits - logits.max()) / self.temperature
-        weights = np.exp(scaled.astype(np.float64))
-        return int(self.rng.choice(len(weights), p=weights / weights.sum()))
+    decoder: Decoder
+    ids: list[int]
+    options: Options
+    max_tokens: int
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: str | None = None  # "stop" or "length" once finished
+    first_token_s: float | None = None  # arrival to the first token
+    queued_s: float | None = None  # arrival to admission
+    token_gaps: list[float] = field(default_factory=list)  # seconds between consecutive tokens
 
     async def run(self, deadline: float | None = None) -> AsyncIterator[str]:
-        """Pieces of text as tokens come; TimeoutError when a step would end past `deadline` (loop time)."""
-        gen = self.decoder
-        known, past, logits = gen.cached_prefix(self.ids)
-        pending = self.ids[known:]  # positions not in the cache yet
-        produced: list[int] = []
-        emitted = ""
-        for _ in range(self.max_tokens):
-            if pending:
-                feeds = {"input_ids": np.asarray([pending], dtype=gen.ids_dtype), "past": past}
-                async with asyncio.timeout_at(deadline):
-                    outputs = await gen.runtime.infer(feeds)
-                self.usage.computed_tokens += len(pending)
-                logits, past = outputs[gen.logits_index][0, -1], outputs[gen.present_index]
-                if not produced:  # the whole prompt is in `past` now
-                    gen.remember(self.ids, past, logits)
-            assert logits is not None  # a cache hit brings the prompt's last logits; a miss computes them
-            token = self._pick(logits)
-            if token == gen.record.eos_token_id:
-                break
-            produced.append(token)
-            self.usage.completion_tokens = len(produced)
-            text = gen.tokenizer.decode(produced)
-            # Hold back a character whose bytes are not all generated yet, and text a decoder rewrote.
-            if not text.endswith("\ufffd") and text.startswith(emitted):
-                yield text[len(emitted) :]
-                emitted = text
-            pending = [token]
-        text = gen.tokenizer.decode(produced)
-        if text != emitted and text.startswith(emitted):
-            yield text[len(emitted) :]
+        """Pieces of text as tokens come; TimeoutError when `deadline` (time.monotonic) passes first."""
+        seed = self.options.seed
+        sampling = Sampling(self.options.temperature, self.options.top_p,
+                            np.random.default_rng(None if seed is None else seed % 2**64))  # fmt: skip
+        sequence = Sequence(self.ids, self.max_tokens, sampling, asyncio.get_running_loop(), deadline)
+        self.decoder.scheduler.submit(sequence)
+        text = _Detokenizer(self.decoder, self.options.stop)
+        try:
+            while True:
+                event = await sequence.events.get()
+                if isinstance(event, str):
+                    break
+                now = time.monotonic()
+                if self.first_token_s is None:
+                    self.first_token_s = now - sequence.arrived
+                    self.queued_s = (sequence.admitted or sequence.arrived) - sequence.arrived
+                else:
+                    self.token_gaps.append(now - previous)
+                previous = now
+                self.usage.completion_tokens += 1
+                piece, stopped = text.add(event)
+                if piece:
+                    yield piece
+                if stopped:
+                    self.finish_reason = "stop"
+                    return
+            if event == "timeout":
+                raise TimeoutError
+            if event == "error":
+                raise ShipyardError("the language model failed while generating (see the server log)")
+            self.finish_reason = event
+            rest = text.flush()
+            if rest:
+                yield rest
+        finally:
+            sequence.cancelled = True  # finished, stopped early or abandoned: its slot is freed at the next step
+            self.usage.computed_tokens = sequence.computed
+
+
+class _Detokenizer:
+    """Token ids → text pieces, decoding a short window each time (not the whole text per token)."""
+
+    def __init__(self, decoder: Decoder, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = decoder.tokenizer, stop
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # the window: ids[prefix:read] is decoded text already sent
+        self.held = ""  # text that could be the start of a stop string
+
+    def add(self, token: int) -> tuple[str, bool]:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return "", False  # a character's bytes are not all there yet
+        self.prefix, self.read = self.read, len(self.ids)
+        return self._release(self.held + now[len(before) :])
+
+    def _release(self, text: str) -> tuple[str, bool]:
+        for stop in self.stop:
+            at = text.find(stop)
+            if at >= 0:
+                return text[:at], True
+        keep = max((n for stop in self.stop for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        """What is left at the end: held text, and an incomplete character as the decoder renders it."""
+        sent = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        return self.held + self.tokenizer.decode(self.ids[self.prefix :])[len(sent) :]
 
 
 class Decoder:
-    """A loaded language model: its tokenizer, cache layout, kept prompt caches, and the runtime of each step."""
+    """A loaded language model: tokenizer, chat template, and the scheduler that runs its sequences."""
 
-    def __init__(self, folder: Path, manifest: Manifest, runtime: OrtRuntime) -> None:
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
         assert manifest.generation is not None
         self.record: GenerationRecord = manifest.generation
         self.name, self.version = manifest.name, str(manifest.version)
         self.tokenizer = load_tokenizer(folder / self.record.tokenizer_file)
-        self.runtime = runtime
-        graph = manifest.signature
-        inputs = {t.name: t for t in graph.inputs}
-        past = inputs["past"]
-        kv, heads, width = past.shape[1], past.shape[2], past.shape[4]
-        if not (isinstance(kv, int) and isinstance(heads, int) and isinstance(width, int)):
-            raise ModelLoadError(f"{manifest.name}: the cache input 'past' needs fixed kv/heads/head_dim dimensions")
-        self._cache_shape = (1, kv, heads, 0, width)
-        self._cache_dtype = numpy_of(past.dtype)
-        self.ids_dtype = numpy_of(inputs["input_ids"].dtype)
-        names = [t.name for t in graph.outputs]
-        self.logits_index, self.present_index = names.index("logits"), names.index("present")
-        # prompt token ids → (the cache after them, the logits of their last position), least recent first
-        self._prompts: OrderedDict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        inputs = {t.name: t for t in manifest.signature.inputs}
+        if "input_ids" not in inputs or self.record.past_key % 0 not in inputs:
+            raise ModelLoadError(f"{manifest.name}: the graph lacks input_ids or {self.record.past_key % 0}")
+        self._ids_dtype = numpy_of(inputs["input_ids"].dtype)
+        self._cache_dtype = numpy_of(inputs[self.record.past_key % 0].dtype)
+        self._template = None
+        if self.record.chat_template is not None:
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            environment.globals["raise_exception"] = _raise_template_error
+            self._template = environment.from_string(self.record.chat_template)
+        self.scheduler: Scheduler
 
-    def cached_prefix(self, ids: list[int]) -> tuple[int, np.ndarray, np.ndarray | None]:
-        """The longest kept prompt that `ids` starts with: (its length, its cache, its last logits), or
-        (0, an empty cache, None). Cached arrays are never written to, so requests can share them."""
-        best: tuple[int, ...] = ()
-        for key in self._prompts:
-            if len(best) < len(key) <= len(ids) and tuple(ids[: len(key)]) == key:
-                best = key
-        if not best:
-            return 0, np.zeros(self._cache_shape, dtype=self._cache_dtype), None
-        self._prompts.move_to_end(best)
-        cache, logits = self._prompts[best]
-        return len(best), cache, logits
+    def attach(self, session: ort.InferenceSession) -> float:
+        """Allocate the cache, warm the graph up (a prefill, then a decode step of every slot) and start the
+        scheduler. Returns the decode step's time in seconds."""
+        cache = CacheSlots(self.record, self.record.max_running, self._cache_dtype)
+        runner = StepRunner(session, cache, self._ids_dtype)
+        runner.run(0, np.ones((1, 2), dtype=self._ids_dtype), [2])
+        ids = np.ones((cache.slots, 1), dtype=self._ids_dtype)
+        runner.run(0, ids, [3] * cache.slots)
+        start = time.perf_counter()
+        runner.run(0, ids, [3] * cache.slots)
+        step_s = time.perf_counter() - start
+        self.scheduler = Scheduler(runner, self.record)
+        self.scheduler.start()
+        return step_s
 
-    def remember(self, ids: list[int], cache: np.ndarray, logits: np.ndarray) -> None:
-        if self.record.prefix_cache == 0:
-            return
-        self._prompts[tuple(ids)] = (cache, logits)
-        self._prompts.move_to_end(tuple(ids))
-        while len(self._prompts) > self.record.prefix_cache:
-            self._prompts.popitem(last=False)
+    def detach(self) -> None:
+        if hasattr(self, "scheduler"):
+            self.scheduler.stop()
 
-    def start(self, prompt: str, parameters: dict[str, Any]) -> Generation:
-        return Generation(self, prompt, parameters)
+    @property
+    def chat(self) -> bool:
+        return self._template is not None
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt a conversation becomes under the model's chat template."""
+        if self._template is None:
+            raise InvalidInputError(f"{self.name} has no chat template: use completions", param="messages")
+        try:
+            return str(self._template.render(messages=messages, add_generation_prompt=True,
+                                             **self.record.special_tokens))  # fmt: skip
+        except TemplateError as exc:
+            raise InvalidInputError(f"the chat template refused the messages: {exc}", param="messages") from None
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids
+
+    def start(self, prompt: str, options: Options) -> Generation:
+        """A checked generation of `prompt` (nothing runs until it is iterated)."""
+        ids = self.encode(prompt)
+        if not ids:
+            raise InvalidInputError("the prompt is empty: there is nothing to continue", param="prompt")
+        context = self.record.context
+        if len(ids) >= context:
+            raise InvalidInputError(
+                f"the prompt has {len(ids)} tokens; this model's context is {context} (prompt and completion)",
+                param="prompt", code="context_length_exceeded",
+            )  # fmt: skip
+        limit = min(self.record.max_new_tokens, context - len(ids))
+        if options.max_tokens is not None and options.max_tokens > limit:
+            raise InvalidInputError(
+                f"max_tokens is {options.max_tokens}, but at most {limit} fit: the prompt has {len(ids)} tokens, "
+                f"the context is {context} and the server allows {self.record.max_new_tokens} new ones",
+                param="max_tokens", code="context_length_exceeded",
+            )  # fmt: skip
+        return Generation(self, ids, options, options.max_tokens or limit, Usage(prompt_tokens=len(ids)))
+
+
+def _raise_template_error(message: str) -> None:
+    raise TemplateError(message)

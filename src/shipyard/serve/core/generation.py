@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator
 
 import numpy as np
 
 from shipyard.errors import InvalidInputError, TimedOutError
-from shipyard.serve.core.decoder import Generation
+from shipyard.serve.core.decoder import Decoder, Generation, options_of
 from shipyard.serve.core.repository import ModelHandle, ModelRepository
 from shipyard.serve.core.routing import answering
 from shipyard.serve.core.runtime import as_text
@@ -19,7 +18,7 @@ from shipyard.serve.protocol.types import InferRequest, InferResponse, Tensor
 
 
 class TextGeneration:
-    """Starts validated generations and runs them under the request timeout, counting each in its statistics."""
+    """Starts checked generations and runs them under the request timeout, counting each in its statistics."""
 
     def __init__(
         self, repository: ModelRepository, rollout: Rollout, timeout_s: float | None, max_elements: int | None
@@ -32,9 +31,15 @@ class TextGeneration:
     def generates(self, name: str, version: str | None) -> bool:
         return answering(self.repository, self.rollout, name, version).generates
 
+    def decoder(self, name: str, version: str | None) -> Decoder:
+        """The language model that answers a request for `name` (the rollout rules pick a versionless one)."""
+        handle = answering(self.repository, self.rollout, name, version, draw=True)
+        if handle.decoder is None:
+            raise InvalidInputError(f"{handle.name}:{handle.version} is not a language model: use infer")
+        return handle.decoder
+
     def start(self, name: str, version: str | None, request: InferRequest) -> Generation:
-        """A validated generation on the version that answers (the rollout rules decide a versionless one);
-        nothing runs until `stream` iterates it."""
+        """A checked generation from a V2 request (`text_input`, parameters); nothing runs until it is streamed."""
         return self.start_on(answering(self.repository, self.rollout, name, version, draw=True), request)
 
     def start_on(self, handle: ModelHandle, request: InferRequest) -> Generation:
@@ -43,29 +48,31 @@ class TextGeneration:
         check_outputs(handle, request)
         feeds, _ = feeds_of(handle, request, self.max_elements)
         prompt = as_text("text_input", feeds["text_input"])
-        return handle.decoder.start(str(prompt.reshape(-1)[0]), request.parameters)
+        return handle.decoder.start(str(prompt.reshape(-1)[0]), options_of(request.parameters))
 
     async def stream(self, generation: Generation) -> AsyncGenerator[str, None]:
         """Run a generation under the request timeout, counting it in its model's statistics."""
         # A deadline, not asyncio.timeout around the loop: that would also cover the consumer's awaits
         # between pieces, which run while this generator is suspended.
-        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         stats = self.repository.get(generation.decoder.name, generation.decoder.version).stats
-        start, ok, first = time.perf_counter_ns(), False, None
+        start, ok = time.perf_counter_ns(), False
         try:
             async for piece in generation.run(deadline):
-                first = first if first is not None else time.perf_counter_ns() - start
                 yield piece
             ok = True
         except TimeoutError:
             raise TimedOutError(f"generation not finished within the {self.timeout_s:g} s request timeout") from None
         finally:
             stats.request_done(ok, time.perf_counter_ns() - start, 1)
-            stats.generation_done(first, generation.usage.completion_tokens)
+            stats.generation_done(generation)
+
+    async def text(self, generation: Generation) -> str:
+        return "".join([piece async for piece in self.stream(generation)])
 
     async def complete(self, generation: Generation, request: InferRequest) -> InferResponse:
         """A generation's whole answer as one `text_output` (plain infer, and /generate)."""
-        text = "".join([piece async for piece in self.stream(generation)])
+        text = await self.text(generation)
         output = Tensor("text_output", "BYTES", [1], np.array([text.encode()], dtype=object))
         decoder = generation.decoder
         return InferResponse(decoder.name, decoder.version, [output], request.id, generation.usage.parameters())

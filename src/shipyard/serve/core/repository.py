@@ -144,16 +144,23 @@ class ModelRepository:
             max_queue_size=settings.max_queue_size, instances=settings.instances,
         )  # fmt: skip
         feedback, feedback_output = _feedback_store(manifest)
+        handle: ModelHandle | None = None
         try:  # a version that fails here leaves no sessions, threads or metric series behind
             handle = ModelHandle(
                 name=record.name, version=record.version, manifest=manifest, settings=settings, runtime=runtime,
                 batcher=batcher, stats=stats, batchable=batchable, schema=ModelSchema.of(manifest.served_signature),
                 drift=_drift_monitor(folder, manifest), feedback=feedback, feedback_output=feedback_output,
-                decoder=Decoder(folder, manifest, runtime) if manifest.generation is not None else None,
+                decoder=Decoder(folder, manifest) if manifest.generation is not None else None,
             )  # fmt: skip
             await runtime.load()
-            slowest = await runtime.warm_up(handle.warm_up_sizes())
+            if handle.decoder is not None:  # its scheduler feeds the graph; nothing goes through the batcher
+                slowest = await asyncio.to_thread(handle.decoder.attach, runtime.exclusive_session())
+                stats.scheduler = handle.decoder.scheduler.stats
+            else:
+                slowest = await runtime.warm_up(handle.warm_up_sizes())
         except BaseException:
+            if handle is not None and handle.decoder is not None:
+                handle.decoder.detach()
             await runtime.unload()
             stats.forget()
             raise
@@ -199,6 +206,8 @@ class ModelRepository:
             self.metrics.drift.pop((handle.name, handle.version), None)
             self.metrics.feedback.pop((handle.name, handle.version), None)
             await handle.batcher.stop()
+            if handle.decoder is not None:
+                await asyncio.to_thread(handle.decoder.detach)
             await handle.runtime.unload()
             handle.stats.forget()
         return targets

@@ -62,7 +62,8 @@ class OrtRuntime:
         self._text = artifact_encoder(self.folder, self.manifest)
         source = model_source(self.folder, self.manifest, self._key)  # a path, or decrypted bytes in memory only
         for _ in range(self.settings.instances):
-            created = session(source, self.settings.intra_op_threads, self.settings.execution_providers)
+            threads = self.settings.threads(self.manifest.generation is not None)
+            created = session(source, threads, self.settings.execution_providers)
             self._sessions.put(created)
         self.providers = created.get_providers()
 
@@ -90,6 +91,10 @@ class OrtRuntime:
         for index in self._text_outputs:
             outputs[index] = _as_bytes(outputs[index])
         return outputs
+
+    def exclusive_session(self) -> ort.InferenceSession:
+        """One of the sessions, for a caller that binds its own buffers (a language model's scheduler)."""
+        return self._sessions.get()
 
     async def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._executor is None:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from shipyard.serve.observe.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram, ServerMetrics
 from shipyard.serve.protocol.types import BatchStatistics, Duration, ModelStatistics
+
+if TYPE_CHECKING:  # the serving core imports this module
+    from shipyard.serve.core.decoder import Generation
+    from shipyard.serve.core.scheduler import SchedulerStats
 
 
 @dataclass
@@ -46,7 +51,10 @@ class ModelStats:
     compute_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     first_token_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    token_gap_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     generated_tokens: int = 0  # language models only
+    prompt_tokens: int = 0
+    scheduler: SchedulerStats | None = None  # language models: their continuous-batching scheduler
 
     def __post_init__(self) -> None:
         self.metrics.track(self)
@@ -61,8 +69,10 @@ class ModelStats:
             "shipyard_compute_duration_seconds": self.compute_seconds,
             "shipyard_batch_size": self.batch_size,
         }
-        if self.first_token_seconds.count:  # only models that generate text have this series
+        if self.scheduler is not None:  # only models that generate text have these series
             histograms["shipyard_time_to_first_token_seconds"] = self.first_token_seconds
+            histograms["shipyard_inter_token_latency_seconds"] = self.token_gap_seconds
+            histograms["shipyard_batch_size"] = self.scheduler.step_batch
         return histograms
 
     def request_done(self, ok: bool, total_ns: int, samples: int) -> None:
@@ -74,11 +84,15 @@ class ModelStats:
         self.last_inference_ms = int(time.time() * 1000)
         self.request_seconds.observe(total_ns / 1e9)
 
-    def generation_done(self, first_token_ns: int | None, tokens: int) -> None:
-        """A language model's request: the time to its first piece of text, and the tokens it generated."""
-        self.generated_tokens += tokens
-        if first_token_ns is not None:
-            self.first_token_seconds.observe(first_token_ns / 1e9)
+    def generation_done(self, generation: Generation) -> None:
+        """A language model's request: time to first token, the gaps between tokens, queue time, token counts."""
+        self.generated_tokens += generation.usage.completion_tokens
+        self.prompt_tokens += generation.usage.prompt_tokens
+        if generation.first_token_s is not None:
+            self.first_token_seconds.observe(generation.first_token_s)
+            self.queued(int((generation.queued_s or 0.0) * 1e9))
+        for gap in generation.token_gaps:
+            self.token_gap_seconds.observe(gap)
 
     def queued(self, queue_ns: int) -> None:
         self.queue.add(queue_ns)

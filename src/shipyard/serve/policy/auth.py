@@ -124,6 +124,14 @@ class AccessControl:
         if self.limiter is not None and not self.limiter.allow(caller):
             raise RateLimitedError(f"rate limit of {self.limiter.rate:g} requests/s exceeded; retry later")
 
+    def check_model(self, authorization: str | None, action: Action, model: str) -> None:
+        """The per-model part of `check`, for routes that name the model in the body (OpenAI's): `check`
+        has already authenticated the caller and counted the request."""
+        if self.tokens is not None:
+            entry = self._authenticate(authorization)
+            if not entry.permits(action, model):
+                raise ForbiddenError(f"token {entry.name!r} may not {action} {model}")
+
     def _authenticate(self, authorization: str | None) -> TokenEntry:
         assert self.tokens is not None
         if not authorization:

@@ -18,6 +18,7 @@ from shipyard.errors import IncompleteRequestError, InvalidInputError, TooLargeE
 from shipyard.serve.core.services import Services
 from shipyard.serve.policy.auth import AccessControl, Action
 from shipyard.serve.protocol.numbers import parse_count
+from shipyard.serve.transports import openai
 from shipyard.serve.transports import rest_codec as codec
 from shipyard.serve.transports.edge import HTTP_STATUS, public_error
 
@@ -35,12 +36,13 @@ class _Response:
 
 
 class _EventStream:
-    """A server-sent-events answer: each item of `events` becomes one `data:` event."""
+    """A server-sent-events answer: each item of `events` becomes one `data:` event; OpenAI's streams end
+    with `data: [DONE]` and carry errors in its shape."""
 
-    __slots__ = ("events",)
+    __slots__ = ("events", "openai")
 
-    def __init__(self, events: AsyncGenerator[dict[str, Any], None]) -> None:
-        self.events = events
+    def __init__(self, events: AsyncGenerator[dict[str, Any], None], openai: bool = False) -> None:
+        self.events, self.openai = events, openai
 
 
 Answer = _Response | _EventStream
@@ -141,8 +143,13 @@ class RestApp:
         try:
             response = await self._dispatch(scope, receive)
         except Exception as exc:  # every error becomes an answer; public_error logs the unexpected ones
-            kind, message = public_error(exc, scope.get("path", ""))
-            response = _error(HTTP_STATUS[kind], message)
+            path = scope.get("path", "")
+            if path.startswith(openai.PREFIX):
+                status, body = openai.error_body(exc, path)
+                response = _Response(status, codec.encode_json(body))
+            else:
+                kind, message = public_error(exc, path)
+                response = _error(HTTP_STATUS[kind], message)
         if isinstance(response, _EventStream):
             await self._send_events(response, scope, receive, send)
             return
@@ -194,9 +201,12 @@ class RestApp:
                     await send({"type": "http.response.body", "body": b"data: " + codec.encode_json(event) + b"\n\n",
                                 "more_body": True})  # fmt: skip
             except Exception as exc:
-                _, message = public_error(exc, scope.get("path", ""))
+                path = scope.get("path", "")
+                body = openai.error_body(exc, path)[1] if stream.openai else {"error": public_error(exc, path)[1]}
                 await send({"type": "http.response.body", "more_body": True,
-                            "body": b"data: " + codec.encode_json({"error": message}) + b"\n\n"})  # fmt: skip
+                            "body": b"data: " + codec.encode_json(body) + b"\n\n"})  # fmt: skip
+            if stream.openai:
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
             await send({"type": "http.response.body", "body": b""})
 
         async def disconnect() -> None:
@@ -277,6 +287,21 @@ class RestApp:
                 if deadline <= now and task not in self._expired:
                     self._expired.add(task)
                     task.cancel()
+
+    # --- what handlers (here and in openai.py) build answers with ------------------------------
+
+    @staticmethod
+    def json(value: Any, status: int = 200) -> Answer:
+        return _json(value, status)
+
+    @staticmethod
+    def events(events: AsyncGenerator[dict[str, Any], None], openai: bool = False) -> Answer:
+        return _EventStream(events, openai)
+
+    def check_model(self, call: Call, model: str) -> None:
+        """Access to a model named in the body, not the path (the OpenAI routes)."""
+        authorization = next((v.decode("latin-1") for k, v in call.scope["headers"] if k == b"authorization"), None)
+        self.access.check_model(authorization, "infer", model)
 
     # --- handlers: one per route ---------------------------------------------------------------
 
@@ -383,4 +408,9 @@ ROUTES: list[Route] = [
     *_model_routes("POST", "/generate", "infer", RestApp.generate),
     *_model_routes("POST", "/generate_stream", "infer", RestApp.generate_stream),
     *_model_routes("POST", "/feedback", "infer", RestApp.feedback),
+    # OpenAI's API: the model is named in the body, and checked there (RestApp.check_model)
+    Route("GET", "/v1/models", "read", openai.OpenAIRoutes.models),
+    Route("POST", "/v1/completions", "infer", openai.OpenAIRoutes.completions),
+    Route("POST", "/v1/chat/completions", "infer", openai.OpenAIRoutes.chat_completions),
+    Route("POST", "/v1/embeddings", "infer", openai.OpenAIRoutes.embeddings),
 ]

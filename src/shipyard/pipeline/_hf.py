@@ -1,0 +1,172 @@
+"""Hugging Face model folders (the `save_pretrained` layout): checks, loading in PyTorch, export to ONNX.
+
+Nothing here reaches for a hub: HF_HUB_OFFLINE is set before transformers is imported and every load is
+local_files_only. Weights must be safetensors unless the spec trusts pickles, and a config that names its
+own code (auto_map) is refused unless the spec trusts remote code.
+
+Causal language models are exported with ONNX Runtime GenAI's model builder: its graphs use
+GroupQueryAttention with a key/value cache that is read and written in place (what continuous batching
+needs) and it supports the common decoder architectures (Llama, Mistral, Qwen, Phi, Gemma, ...).
+Optimum's exporter would be the other choice; optimum-onnx 0.1.0 requires transformers < 4.58, older than
+the transformers this project runs, and its graphs concatenate the cache at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shipyard.errors import ConversionError, MissingExtraError, ModelLoadError, UnsafeModelError
+from shipyard.spec.models import ModelSourceSpec, resolve_path
+
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class HfFolder:
+    """A checked model folder: its config and the files a build reads."""
+
+    path: Path
+    config: dict[str, Any]
+    task: str
+    trust_pickle: bool
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
+    def json(self, name: str) -> dict[str, Any]:
+        """A JSON file of the folder, {} when absent."""
+        file = self.path / name
+        if not file.is_file():
+            return {}
+        try:
+            loaded = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{file}: not valid JSON ({exc})") from None
+        return loaded if isinstance(loaded, dict) else {}
+
+    def chat_template(self) -> str | None:
+        """The Jinja chat template: chat_template.jinja (newer transformers) or tokenizer_config.json's."""
+        file = self.path / "chat_template.jinja"
+        if file.is_file():
+            return file.read_text(encoding="utf-8")
+        template = self.json("tokenizer_config.json").get("chat_template")
+        return template if isinstance(template, str) else None
+
+    def special_tokens(self) -> dict[str, str]:
+        """bos_token / eos_token as chat templates name them."""
+        config = self.json("tokenizer_config.json")
+        tokens = {}
+        for name in ("bos_token", "eos_token"):
+            value = config.get(name)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                tokens[name] = value
+        return tokens
+
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids from generation_config.json, else config.json."""
+        for source in (self.json("generation_config.json"), self.config):
+            value = source.get("eos_token_id")
+            ids = value if isinstance(value, list) else [value]
+            found = [i for i in ids if isinstance(i, int)]
+            if found:
+                return found
+        return []
+
+
+def read_folder(source: ModelSourceSpec, base_dir: Path) -> HfFolder:
+    """Check a folder before anything in it is parsed by a library that could run code."""
+    assert source.path is not None and source.task is not None
+    path = resolve_path(base_dir, source.path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: not a Hugging Face model folder (no config.json; save_pretrained writes one)")
+    folder = HfFolder(path, {}, source.task, source.trust_pickle)
+    config = folder.json("config.json")
+    if not config.get("model_type"):
+        raise ModelLoadError(f"{path / 'config.json'}: no model_type: cannot tell the architecture")
+    if "auto_map" in config and not source.trust_remote_code:
+        raise UnsafeModelError(
+            f"{path}: its config names its own Python code (auto_map), which would run at build time; set "
+            "model.trust_remote_code: true only for folders you trust"
+        )
+    if not any(path.glob("*.safetensors")):
+        pickled = [name for name in PICKLED_WEIGHTS if (path / name).exists()]
+        if not pickled:
+            raise ModelLoadError(f"{path}: no weights (model.safetensors, or sharded *.safetensors)")
+        if not source.trust_pickle:
+            raise UnsafeModelError(
+                f"{path}: the weights are {pickled[0]}, a pickle that can run code when loaded; convert them to "
+                "safetensors, or set model.trust_pickle: true for files you produced yourself"
+            )
+    if not folder.json(TOKENIZER_FILE).get("model"):
+        raise ModelLoadError(f"{path}: no {TOKENIZER_FILE} (a fast tokenizer, which the server runs without torch)")
+    return HfFolder(path, config, source.task, source.trust_pickle)
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def load_torch_model(folder: HfFolder, trust_remote_code: bool = False) -> Any:
+    """The folder's model in PyTorch, in eval mode (for verification and the unoptimized reference)."""
+    _offline()
+    try:
+        import transformers
+    except ImportError:
+        raise MissingExtraError("Hugging Face folders need transformers: pip install 'shipyard[hf]'") from None
+    classes = {
+        "text-generation": transformers.AutoModelForCausalLM,
+        "feature-extraction": transformers.AutoModel,
+        "text-classification": transformers.AutoModelForSequenceClassification,
+    }
+    try:
+        model = classes[folder.task].from_pretrained(
+            str(folder.path), local_files_only=True, trust_remote_code=trust_remote_code,
+            use_safetensors=not folder.trust_pickle or None, dtype="float32",
+        )  # fmt: skip
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{folder.path}: transformers cannot load it as {folder.task}: {exc}") from None
+    return model.eval()
+
+
+def export_decoder(folder: HfFolder, dest: Path, precision: str = "fp32") -> Path:
+    """The causal LM as ONNX Runtime GenAI's decoder graph in `dest` (model.onnx + model.onnx.data)."""
+    try:
+        import onnxruntime_genai  # noqa: F401  (only to say which extra is missing)
+    except ImportError:
+        raise MissingExtraError(
+            "exporting language models needs onnxruntime-genai: pip install 'shipyard[hf]'"
+        ) from None
+    _offline()
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder.path), "-o", str(dest),
+               "-p", precision, "-e", "cpu", "-c", str(dest / ".cache")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=False)
+    if done.returncode != 0 or not (dest / "model.onnx").is_file():
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        reason = next(
+            (line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else ""
+        )
+        raise ConversionError(f"ONNX Runtime GenAI's model builder could not export {folder.path}: {reason.strip()}")
+    return dest / "model.onnx"
+
+
+def builder_layout(dest: Path) -> dict[str, Any]:
+    """The decoder's layout as the builder wrote it in genai_config.json."""
+    config = json.loads((dest / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    return {
+        "layers": decoder["num_hidden_layers"], "kv_heads": decoder["num_key_value_heads"],
+        "head_size": decoder["head_size"], "context": config["model"]["context_length"],
+        "past_key": decoder["inputs"]["past_key_names"], "past_value": decoder["inputs"]["past_value_names"],
+        "present_key": decoder["outputs"]["present_key_names"],
+        "present_value": decoder["outputs"]["present_value_names"],
+    }  # fmt: skip

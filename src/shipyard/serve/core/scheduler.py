@@ -1,0 +1,271 @@
+"""Continuous batching for language models: one scheduler thread per model, one batched graph run per token.
+
+Between decode steps the scheduler admits waiting sequences (their prompts run in chunks, one chunk
+between two decode steps, so a long prompt never stalls the running ones for long) and retires finished
+or abandoned ones; every running sequence then advances by one token in the same run of the graph.
+
+The key/value cache is preallocated (kvcache.py) and no step copies it. Running sequences occupy slots
+0..n-1 so that a batch is one contiguous view of it; a retired sequence's slot is refilled by moving the
+last one into it (one sequence's cache, once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shipyard.artifact.manifest import GenerationRecord
+from shipyard.errors import OverloadedError
+from shipyard.kvcache import StepRunner
+from shipyard.serve.observe.metrics import BATCH_BUCKETS, Histogram
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    """How a sequence picks its next token: greedy at temperature 0, else sampled (nucleus when top_p < 1)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+    def pick(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(logits.argmax())
+        scaled = (logits.astype(np.float64) - logits.max()) / self.temperature
+        weights = np.exp(scaled)
+        weights /= weights.sum()
+        if self.top_p < 1.0:
+            order = np.argsort(-weights)
+            keep = order[: int(np.searchsorted(np.cumsum(weights[order]), self.top_p)) + 1]
+            return int(self.rng.choice(keep, p=weights[keep] / weights[keep].sum()))
+        return int(self.rng.choice(len(weights), p=weights))
+
+
+# What the scheduler thread hands to a sequence's consumer: a token id, or the reason it ended.
+Finished = str  # "stop" (an end token), "length" (max_tokens or the context), "timeout", "error"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's generation as the scheduler sees it; `events` carries tokens and the end to the consumer."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    loop: asyncio.AbstractEventLoop
+    deadline: float | None = None  # time.monotonic() seconds
+    events: asyncio.Queue[int | Finished] = field(default_factory=asyncio.Queue)
+    arrived: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
+    cancelled: bool = False  # set by the consumer (client gone, stop string seen); read by the scheduler
+    slot: int = -1
+    length: int = 0  # positions in the cache
+    produced: int = 0
+    computed: int = 0  # prompt positions run through the graph (the rest came from the prefix cache)
+    last: int = 0  # the newest token, the next step's input
+
+
+@dataclass
+class SchedulerStats:
+    """Written by the scheduler thread only, read by the metrics collector (each update is one store)."""
+
+    running: int = 0
+    waiting: int = 0
+    cache_used: float = 0.0  # positions in use / positions allocated
+    steps: int = 0
+    step_batch: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))  # sequences per decode step
+
+
+class Scheduler:
+    """The continuous-batching loop of one model, on its own thread."""
+
+    def __init__(self, runner: StepRunner, record: GenerationRecord) -> None:
+        self.runner, self.cache = runner, runner.cache
+        self.record = record
+        self.chunk = record.prefill_chunk
+        self.eos = frozenset(record.eos_token_ids)
+        self.stats = SchedulerStats()
+        self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=record.max_waiting)
+        self._running: list[Sequence] = []
+        self._prefilling: Sequence | None = None
+        # prompt token ids → their cache, least recently used first (only this thread touches it)
+        self._prompts: OrderedDict[tuple[int, ...], list[np.ndarray]] = OrderedDict()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"scheduler-{id(self):x}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def submit(self, sequence: Sequence) -> None:
+        """Queue a sequence; OverloadedError at once when the waiting queue is full."""
+        try:
+            self._waiting.put_nowait(sequence)
+        except queue.Full:
+            raise OverloadedError(
+                f"{self.record.max_waiting} requests are already waiting for this model: try again shortly"
+            ) from None
+        self.stats.waiting = self._waiting.qsize()
+
+    # --- the scheduler thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._iterate()
+            except Exception:  # the graph failed: end every sequence rather than leave clients waiting
+                logger.exception("language model step failed")
+                for sequence in [*self._running, *([self._prefilling] if self._prefilling else [])]:
+                    self._deliver([(sequence, "error")])
+                self._running, self._prefilling = [], None
+
+    def _iterate(self) -> None:
+        if self._prefilling is None and len(self._running) < self.cache.slots:
+            idle = not self._running
+            try:
+                sequence = self._waiting.get(timeout=0.05) if idle else self._waiting.get_nowait()
+            except queue.Empty:
+                sequence = None
+            self.stats.waiting = self._waiting.qsize()
+            if sequence is not None and not sequence.cancelled:
+                self._admit(sequence)
+        if self._prefilling is not None:
+            self._prefill_chunk(self._prefilling)
+        self._drop_abandoned()
+        if self._running:
+            self._decode()
+        used = sum(s.length for s in self._running)
+        self.stats.running, self.stats.cache_used = len(self._running), used / (self.cache.slots * self.cache.context)
+
+    def _drop_abandoned(self) -> None:
+        """Retire sequences whose client went away or whose deadline passed (those are told why)."""
+        gone = [s for s in self._running if s.cancelled or self._expired(s)]
+        if gone:
+            self._deliver([(s, "timeout") for s in gone if not s.cancelled])
+            self._retire(gone)
+
+    def _expired(self, sequence: Sequence) -> bool:
+        return sequence.deadline is not None and time.monotonic() > sequence.deadline
+
+    def _admit(self, sequence: Sequence) -> None:
+        sequence.admitted = time.monotonic()
+        sequence.slot = len(self._running)
+        known, saved = self._cached_prefix(sequence.prompt)
+        if saved is not None:
+            self.cache.restore(sequence.slot, saved)
+        sequence.length = known
+        self._prefilling = sequence
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[int, list[np.ndarray] | None]:
+        """How many positions of this prompt a kept one covers, and that prompt's cache. The last position
+        always runs again: its logits pick the first token."""
+        best: tuple[int, ...] = ()
+        for key in self._prompts:
+            if len(best) < len(key) <= len(prompt) and tuple(prompt[: len(key)]) == key:
+                best = key
+        if not best:
+            return 0, None
+        self._prompts.move_to_end(best)
+        return min(len(best), len(prompt) - 1), self._prompts[best]
+
+    def _prefill_chunk(self, sequence: Sequence) -> None:
+        if sequence.cancelled or self._expired(sequence):
+            self._prefilling = None
+            self._deliver([(sequence, "timeout")] if not sequence.cancelled else [])
+            return
+        start = sequence.length
+        piece = sequence.prompt[start : start + self.chunk]
+        logits = self.runner.run(sequence.slot, np.asarray([piece]), [start + len(piece)])
+        sequence.length += len(piece)
+        sequence.computed += len(piece)
+        if sequence.length < len(sequence.prompt):
+            return  # the next chunk runs after the next decode step
+        self._prefilling = None
+        self._remember(sequence)
+        self._running.append(sequence)
+        self._advance([(sequence, logits[0])])
+
+    def _remember(self, sequence: Sequence) -> None:
+        if self.record.prefix_cache == 0 or len(sequence.prompt) < 2:
+            return
+        key = tuple(sequence.prompt)
+        self._prompts[key] = self.cache.save(sequence.slot, sequence.length)
+        self._prompts.move_to_end(key)
+        while len(self._prompts) > self.record.prefix_cache:
+            self._prompts.popitem(last=False)
+
+    def _decode(self) -> None:
+        running = self._running
+        ids = np.asarray([[s.last] for s in running])
+        logits = self.runner.run(0, ids, [s.length + 1 for s in running])
+        for sequence in running:
+            sequence.length += 1
+        self.stats.steps += 1
+        self.stats.step_batch.observe(len(running))
+        self._advance(list(zip(running, logits, strict=True)))
+
+    def _advance(self, rows: list[tuple[Sequence, np.ndarray]]) -> None:
+        """Pick each row's next token, hand it over, and retire the sequences that are done."""
+        events: list[tuple[Sequence, int | Finished]] = []
+        done = []
+        for sequence, logits in rows:
+            token = sequence.sampling.pick(logits)
+            if token in self.eos:
+                events.append((sequence, "stop"))
+                done.append(sequence)
+                continue
+            sequence.last = token
+            sequence.produced += 1
+            events.append((sequence, token))
+            if sequence.produced >= sequence.max_tokens or sequence.length >= self.cache.context:
+                events.append((sequence, "length"))
+                done.append(sequence)
+        self._deliver(events)
+        self._retire(done)
+
+    def _retire(self, sequences: list[Sequence]) -> None:
+        """Free their slots, keeping the running ones in slots 0..n-1 (and the prefilling one next)."""
+        for sequence in sorted(sequences, key=lambda s: s.slot, reverse=True):
+            last = self._running.pop()
+            if last is not sequence:  # the highest slot moves into the freed one
+                self.cache.move(last.slot, sequence.slot, last.length)
+                last.slot = sequence.slot
+                self._running[sequence.slot] = last
+        if self._prefilling is not None:
+            self._move_prefilling(len(self._running))
+
+    def _move_prefilling(self, slot: int) -> None:
+        sequence = self._prefilling
+        assert sequence is not None
+        if sequence.slot != slot:
+            self.cache.move(sequence.slot, slot, sequence.length)
+            sequence.slot = slot
+
+    @staticmethod
+    def _deliver(events: list[tuple[Sequence, int | Finished]]) -> None:
+        """Hand tokens and ends to the sequences' event loops: one wake-up per loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, int | Finished]]] = {}
+        for sequence, event in events:
+            by_loop.setdefault(sequence.loop, []).append((sequence, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                continue
+
+
+def _put_all(items: list[tuple[Sequence, int | Finished]]) -> None:
+    for sequence, event in items:
+        sequence.events.put_nowait(event)
