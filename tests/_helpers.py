@@ -154,40 +154,43 @@ def build_evaluated_mlp(folder: Path, registry: LocalRegistry, samples: int) -> 
     return x, labels
 
 
-WORDS = ["<eos>", "<unk>", "the", "ship", "sails", "north", "south", "at", "dawn", "dusk", "with", "crew", "salt"]
+WORDS = ["<eos>", "<unk>", "the", "ship", "sails", "north", "south", "at", "dawn", "dusk", "with", "crew", "salt",
+         "system", "user", "assistant", ":", ";", "wind", "sea", "port", "harbour", "storm", "calm", "sky", "rain"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")  # fmt: skip
+ARCHITECTURES = ("llama", "qwen2", "phi3", "mistral")
 
 
-def make_decoder(folder: Path) -> dict[str, Any]:
-    """The generation example's TinyGPT with random weights (tiny dims), a word-level tokenizer over WORDS,
-    and the spec that builds them as a language model named `lm`."""
+def make_hf_causal(folder: Path, architecture: str = "llama", context: int = 128) -> Path:
+    """A random-initialised causal LM of `architecture` (tiny dims) saved with save_pretrained, with a
+    word-level tokenizer over WORDS (so every token decodes to whole words) and a chat template. Its `<eos>`
+    row of the output layer is zero, so greedy decoding never ends early on a random draw."""
     import torch
-    from safetensors.torch import save_file
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from shipyard.pipeline._imports import import_object
-
-    shutil.copyfile(str(resources.files("shipyard").joinpath("examples/generation/model.py")), folder / "model.py")
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
-    tokenizer.save(str(folder / "tokenizer.json"))
-    tiny_gpt = import_object("model:TinyGPT", folder)  # the example's module, copied above (as a build imports it)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", bos_token="<eos>",
+                                                unk_token="<unk>", pad_token="<eos>")  # fmt: skip
+    fast.chat_template = CHAT_TEMPLATE
+    names = {"llama": "Llama", "qwen2": "Qwen2", "phi3": "Phi3", "mistral": "Mistral"}[architecture]
+    config = getattr(transformers, f"{names}Config")(
+        vocab_size=len(WORDS), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=context, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
     torch.manual_seed(0)
-    save_file(
-        tiny_gpt(vocab=len(WORDS), dim=16, heads=2, layers=1, context=64).state_dict(), str(folder / "w.safetensors")
-    )
-    return {
-        "name": "lm",
-        "model": {
-            "format": "torch", "module": "model:TinyGPT", "weights": "w.safetensors",
-            "init_args": {"vocab": len(WORDS), "dim": 16, "heads": 2, "layers": 1, "context": 64},
-            "signature": {
-                "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-                           {"name": "past", "dtype": "float32", "shape": ["batch", 2, 2, "past_sequence", 8]}],
-                "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", len(WORDS)]},
-                            {"name": "present", "dtype": "float32", "shape": ["batch", 2, 2, "total", 8]}],
-            },
-            "generation": {"tokenizer": "tokenizer.json", "max_new_tokens": 24, "context": 64},
-        },
-        "convert": {"exporter": "legacy"},
-    }  # fmt: skip
+    model = getattr(transformers, f"{names}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight[0].zero_()
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def causal_spec(name: str = "lm", **generation: Any) -> dict[str, Any]:
+    """The spec that builds the folder `hf` next to it as a language model."""
+    return {"name": name, "model": {"format": "huggingface", "path": "hf", "task": "text-generation",
+                                    "generation": {"max_new_tokens": 24, **generation}}}  # fmt: skip

@@ -1,14 +1,16 @@
-"""Language models: token streaming over SSE and gRPC ModelStreamInfer, and the key/value cache.
+"""Language models on the server: the OpenAI API (the official `openai` client), Triton's generate routes,
+gRPC token streaming, continuous batching, the prefix cache, overload and disconnects.
 
-The decoder is the generation example's TinyGPT with random weights (tiny dims) and a word-level
-tokenizer, built through the real pipeline. The reference is a greedy loop without any cache: the whole
-sequence through the registered graph at every step.
+The model is a random-initialised tiny Llama saved with `save_pretrained` and built through the real
+pipeline. The reference is transformers' own greedy `generate()` on that folder.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,38 +18,43 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnxruntime as ort
+import openai
 import pytest
 import tritonclient.grpc as grpcclient
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer
 
 from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
 from shipyard.spec import load_spec
-from tests._helpers import make_decoder, write_spec
+from tests._helpers import causal_spec, make_hf_causal, write_spec
 from tests.serve.conftest import RunningServer, start_server, stop_server
 
 PROMPT = "the ship sails"
+PROMPTS = ["the ship sails", "north wind", "dawn at sea with crew", "salt", "storm calm sky rain", "the port",
+           "dusk harbour", "rain rain rain", "crew sails south", "the sea", "calm", "wind sky", "ship ship",
+           "at dusk the storm", "harbour port sea", "sky"]  # fmt: skip
 
 
-def greedy_without_cache(folder: Path, registry: LocalRegistry, prompt: str, steps: int) -> str:
-    """The reference: the whole sequence through the registered graph at every step, no cache at all."""
-    session = ort.InferenceSession(str(registry.path(registry.resolve("lm")) / "model.onnx"))
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    ids = start = tokenizer.encode(prompt).ids
-    for _ in range(steps):
-        logits, _ = session.run(None, {"input_ids": np.array([ids]), "past": np.zeros((1, 2, 2, 0, 8), np.float32)})
-        ids = [*ids, int(logits[0, -1].argmax())]
-    return str(tokenizer.decode(ids[len(start) :]))
+def greedy(folder: Path, prompt: str, steps: int) -> str:
+    """transformers' greedy generate() on the Hugging Face folder: what the server must return."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))  # as OpenAI servers do
 
 
 @pytest.fixture(scope="module")
 def lm_registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LocalRegistry]:
     folder = tmp_path_factory.mktemp("lm")
+    make_hf_causal(folder / "hf")
     registry = LocalRegistry(folder / "registry")
-    build(load_spec(write_spec(folder, make_decoder(folder))), registry)
+    build(load_spec(write_spec(folder, causal_spec(max_running=8, max_waiting=64))), registry)
     return folder, registry
 
 
@@ -55,43 +62,105 @@ def lm_registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LocalRe
 def lm_server(lm_registry: tuple[Path, LocalRegistry]) -> Iterator[tuple[RunningServer, str]]:
     folder, registry = lm_registry
     running = start_server(registry, folder / "server.log", "lm")
-    yield running, greedy_without_cache(folder, registry, PROMPT, 12)
+    yield running, greedy(folder / "hf", PROMPT, 12)
+    while _clients:
+        _clients.pop().close()
     assert stop_server(running) == 0
     assert "Traceback" not in running.log.read_text()
 
 
-def test_generate_matches_a_greedy_loop_without_cache_and_computes_each_position_once(
-    lm_server: tuple[RunningServer, str],
-) -> None:
+_clients: list[openai.OpenAI] = []
+
+
+def _client(server: RunningServer) -> openai.OpenAI:
+    """One client per server, closed when the module's server stops (an unclosed one leaks its sockets)."""
+    for client in _clients:
+        if str(client.base_url).startswith(server.base()):
+            return client
+    _clients.append(openai.OpenAI(base_url=f"{server.base()}/v1", api_key="none", max_retries=0))
+    return _clients[-1]
+
+
+def test_openai_completions_and_models_with_the_official_client(lm_server: tuple[RunningServer, str]) -> None:
     server, expected = lm_server
-    reply = httpx.post(f"{server.base()}/v2/models/lm/generate", json={"text_input": PROMPT, "max_tokens": 12})
-    assert reply.status_code == 200, reply.text
-    body = reply.json()
-    assert body["text_output"] == expected
-    assert body["prompt_tokens"] == 3
-    assert body["completion_tokens"] == 12
-    # The prompt once (unless an earlier test left its cache), then only the newest token each step.
-    assert body["computed_tokens"] in (3 + 12 - 1, 12 - 1)
+    client = _client(server)
+    assert [m.id for m in client.models.list()] == ["lm", "lm:1"]
+    reply = client.completions.create(model="lm", prompt=PROMPT, max_tokens=12)
+    assert reply.choices[0].text == expected
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (3, 12, 15)
+    pinned = client.completions.create(model="lm:1", prompt=PROMPT, max_tokens=12)
+    assert pinned.choices[0].text == expected
 
 
-def test_a_kept_prompt_cache_serves_requests_that_start_with_that_prompt(
+def test_openai_chat_uses_the_models_chat_template(
     lm_server: tuple[RunningServer, str], lm_registry: tuple[Path, LocalRegistry]
 ) -> None:
     server, _ = lm_server
-    prompts = ["dawn dusk crew", "dawn dusk crew", "dawn dusk crew salt"]  # used by no other test
-    first, again, longer = (
-        httpx.post(f"{server.base()}/v2/models/lm/generate", json={"text_input": p, "max_tokens": 6}).json()
-        for p in prompts
-    )
-    assert first["computed_tokens"] == 3 + 6 - 1
-    assert again["computed_tokens"] == 6 - 1  # the whole prompt came from the kept cache
-    assert longer["computed_tokens"] == 1 + 6 - 1  # only "salt" was new
-    assert first["text_output"] == again["text_output"] == greedy_without_cache(*lm_registry, prompts[0], 6)
-    assert longer["text_output"] == greedy_without_cache(*lm_registry, prompts[2], 6)
+    messages: Any = [{"role": "system", "content": "the crew"}, {"role": "user", "content": "the ship sails"}]
+    reply = _client(server).chat.completions.create(model="lm", messages=messages, max_completion_tokens=10)
+    # The template renders "system : the crew ; user : the ship sails ; assistant :"
+    rendered = "system : the crew ; user : the ship sails ; assistant :"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == greedy(lm_registry[0] / "hf", rendered, 10)
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == len(rendered.split())
 
 
-def test_sse_stream_sends_one_event_per_token_then_a_final_one(lm_server: tuple[RunningServer, str]) -> None:
+def test_openai_streaming_chat_ends_with_usage_and_done(lm_server: tuple[RunningServer, str]) -> None:
+    server, _ = lm_server
+    client = _client(server)
+    messages: Any = [{"role": "user", "content": "north wind"}]
+    whole = client.chat.completions.create(model="lm", messages=messages, max_tokens=8)
+    chunks = list(client.chat.completions.create(model="lm", messages=messages, max_tokens=8, stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 8
+    body = {"model": "lm", "prompt": "north wind", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{server.base()}/v1/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_sixteen_concurrent_streams_return_what_each_gives_alone(lm_server: tuple[RunningServer, str]) -> None:
+    """No cross-talk between the sequences of a batch: greedy answers equal the one-at-a-time ones."""
+    server, _ = lm_server
+    client = _client(server)
+    alone = [client.completions.create(model="lm", prompt=p, max_tokens=16).choices[0].text for p in PROMPTS]
+
+    async def together() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{server.base()}/v1", api_key="none", max_retries=0) as concurrent:
+
+            async def one(prompt: str) -> str:
+                stream = await concurrent.completions.create(model="lm", prompt=prompt, max_tokens=16, stream=True)
+                return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+            return list(await asyncio.gather(*(one(p) for p in PROMPTS)))
+
+    before = _sample(server, 'shipyard_batch_size_sum{model="lm",version="1"}')
+    steps_before = _sample(server, 'shipyard_batch_size_count{model="lm",version="1"}')
+    assert asyncio.run(together()) == alone
+    sequences = _sample(server, 'shipyard_batch_size_sum{model="lm",version="1"}') - before
+    steps = _sample(server, 'shipyard_batch_size_count{model="lm",version="1"}') - steps_before
+    assert sequences / steps > 2  # the decode steps really ran several sequences at once
+
+
+def test_the_v2_generate_routes_and_the_prefix_cache(lm_server: tuple[RunningServer, str]) -> None:
     server, expected = lm_server
+    prompt = "dawn dusk crew salt"  # used by no other test
+    first, again = (httpx.post(f"{server.base()}/v2/models/lm/generate",
+                               json={"text_input": prompt, "max_tokens": 6}).json() for _ in range(2))  # fmt: skip
+    assert first["computed_tokens"] == 4
+    assert again["computed_tokens"] == 1  # the kept cache covered all but the last prompt position
+    assert first["text_output"] == again["text_output"]
     body = {"text_input": PROMPT, "parameters": {"max_tokens": 12}}
     with httpx.stream("POST", f"{server.base()}/v2/models/lm/generate_stream", json=body) as response:
         assert response.headers["content-type"] == "text/event-stream"
@@ -99,7 +168,6 @@ def test_sse_stream_sends_one_event_per_token_then_a_final_one(lm_server: tuple[
     *pieces, final = events
     assert final["final"] is True
     assert final["completion_tokens"] == 12
-    assert len(pieces) == 12
     assert "".join(e["text_output"] for e in pieces) == expected
 
 
@@ -125,14 +193,8 @@ def test_grpc_stream_is_decoupled_with_a_final_flag(lm_server: tuple[RunningServ
             assert len(finals) == (13 if empty_final else 12)  # the empty final answer only when asked for
     finally:
         client.stop_stream()
-
-
-def test_concurrent_generations_keep_their_own_caches(lm_server: tuple[RunningServer, str]) -> None:
-    server, expected = lm_server
-    body = {"text_input": PROMPT, "max_tokens": 12}
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        replies = list(pool.map(lambda _: httpx.post(f"{server.base()}/v2/models/lm/generate", json=body), range(12)))
-    assert [r.json()["text_output"] for r in replies] == [expected] * 12
+    whole = client.infer("lm", [text], parameters={"max_tokens": 12}).as_numpy("text_output")
+    assert whole[0].decode() == expected
 
 
 def _sample(server: RunningServer, series: str) -> float:
@@ -141,53 +203,133 @@ def _sample(server: RunningServer, series: str) -> float:
     return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
 
 
-def test_metrics_count_generated_tokens_and_time_to_first_token(lm_server: tuple[RunningServer, str]) -> None:
+def test_token_metrics(lm_server: tuple[RunningServer, str]) -> None:
     server, _ = lm_server
-    series = ['shipyard_generated_tokens_total{model="lm",version="1"}',
-              'shipyard_time_to_first_token_seconds_count{model="lm",version="1"}']  # fmt: skip
+    key = '{model="lm",version="1"}'
+    series = [f"shipyard_generated_tokens_total{key}", f"shipyard_prompt_tokens_total{key}",
+              f"shipyard_time_to_first_token_seconds_count{key}", f"shipyard_inter_token_latency_seconds_count{key}",
+              f"shipyard_queue_duration_seconds_count{key}"]  # fmt: skip
     before = [_sample(server, s) for s in series]
-    httpx.post(f"{server.base()}/v2/models/lm/generate", json={"text_input": PROMPT, "max_tokens": 12})
+    _client(server).completions.create(model="lm", prompt=PROMPT, max_tokens=12)
     after = [_sample(server, s) for s in series]
-    assert [a - b for a, b in zip(after, before, strict=True)] == [12, 1]
-
-
-def test_infer_on_a_language_model_returns_the_whole_text(lm_server: tuple[RunningServer, str]) -> None:
-    server, expected = lm_server
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    text = grpcclient.InferInput("text_input", [1], "BYTES")
-    text.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
-    got = client.infer("lm", [text], parameters={"max_tokens": 12}).as_numpy("text_output")
-    assert got[0].decode() == expected
+    assert [a - b for a, b in zip(after, before, strict=True)] == [12, 3, 1, 11, 1]
+    for gauge in ("shipyard_sequences_running", "shipyard_sequences_waiting", "shipyard_kv_cache_usage_ratio"):
+        assert _sample(server, gauge + key) == 0
 
 
 def test_sampling_with_a_seed_repeats(lm_server: tuple[RunningServer, str]) -> None:
     server, _ = lm_server
-    body = {"text_input": PROMPT, "temperature": 1.5, "seed": 7}
-    first, second = (httpx.post(f"{server.base()}/v2/models/lm/generate", json=body).json() for _ in range(2))
-    assert first["text_output"] == second["text_output"]
-    assert first["completion_tokens"] == 24  # the spec's max_new_tokens: it sets no end token
+    client = _client(server)
+    first, second, other = (client.completions.create(model="lm", prompt=PROMPT, max_tokens=20, temperature=1.5,
+                                                      top_p=0.9, seed=seed).choices[0].text for seed in (7, 7, 8))  # fmt: skip
+    assert first == second
+    assert first != other
 
 
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("route", "body", "status", "param", "code"),
     [
-        ({"text_input": ""}, "empty"),
-        ({"text_input": PROMPT, "max_tokens": 0}, "max_tokens"),
-        ({"text_input": PROMPT, "max_tokens": 25}, "max_tokens"),
-        ({"text_input": PROMPT, "temperature": "hot"}, "temperature"),
-        ({"text_input": PROMPT, "top_k": 3}, "unknown fields"),
-        ({"text_input": 5}, "text_input"),
-        ({"text_input": " ".join(["salt"] * 64)}, "context"),
+        ("completions", {"model": "lm", "prompt": " ".join(["salt"] * 200)}, 400, "prompt", "context_length_exceeded"),
+        ("completions", {"model": "lm", "prompt": PROMPT, "max_tokens": 25}, 400, "max_tokens",
+         "context_length_exceeded"),
+        ("completions", {"model": "lm", "prompt": PROMPT, "temperature": -1}, 400, "temperature", None),
+        ("completions", {"model": "lm", "prompt": PROMPT, "n": 2}, 400, "n", None),
+        ("completions", {"model": "lm", "prompt": PROMPT, "logprobs": 2}, 400, "logprobs", None),
+        ("completions", {"model": "lm", "prompt": ""}, 400, "prompt", None),
+        ("completions", {"model": "nope", "prompt": PROMPT}, 404, None, "model_not_found"),
+        ("completions", {"model": "lm@nothing", "prompt": PROMPT}, 404, "model", "model_not_found"),
+        ("chat/completions", {"model": "lm", "messages": [{"role": "captain", "content": "hi"}]}, 400,
+         "messages[0]", None),
+        ("chat/completions", {"model": "lm", "messages": []}, 400, "messages", None),
+        ("chat/completions", {"model": "lm", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0]", None),
+        ("embeddings", {"model": "lm", "input": "hi"}, 400, "model", None),
     ],
-)
-def test_bad_generate_requests_are_refused_before_streaming(
-    lm_server: tuple[RunningServer, str], body: dict[str, Any], message: str
-) -> None:
+)  # fmt: skip
+def test_bad_openai_requests_get_openai_shaped_errors(
+    lm_server: tuple[RunningServer, str], route: str, body: dict[str, Any], status: int, param: str | None,
+    code: str | None,
+) -> None:  # fmt: skip
+    server, expected = lm_server
+    reply = httpx.post(f"{server.base()}/v1/{route}", json=body)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["param"], error["code"]) == (param, code)
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    # Nothing else changed: the server answers as before.
+    assert _client(server).completions.create(model="lm", prompt=PROMPT, max_tokens=12).choices[0].text == expected
+
+
+def test_a_body_that_is_not_utf8_json_is_refused(lm_server: tuple[RunningServer, str]) -> None:
     server, _ = lm_server
-    for route in ("generate", "generate_stream"):
-        reply = httpx.post(f"{server.base()}/v2/models/lm/{route}", json=body)
-        assert reply.status_code == 400
-        assert message in reply.json()["error"]
+    reply = httpx.post(f"{server.base()}/v1/completions", content=b'{"model": "lm", "prompt": "\xff\xfe"}')
+    assert reply.status_code == 400
+    assert reply.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="only n = 1"):
+        _client(server).completions.create(model="lm", prompt=PROMPT, n=3)
+
+
+@pytest.fixture(scope="module")
+def narrow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One cache slot and a waiting queue of one, and room for 500 new tokens per request."""
+    folder = tmp_path_factory.mktemp("narrow")
+    make_hf_causal(folder / "hf", context=512)
+    registry = LocalRegistry(folder / "registry")
+    build(load_spec(write_spec(folder, causal_spec("narrow", max_running=1, max_waiting=1, max_new_tokens=500))),
+          registry)  # fmt: skip
+    running = start_server(registry, folder / "server.log", "narrow")
+    yield running
+    assert stop_server(running) == 0
+    assert "Traceback" not in running.log.read_text()
+
+
+def test_overload_is_a_quick_429(narrow_server: RunningServer) -> None:
+    """A burst of 12 requests on one slot and one waiting place: the ones that find both taken are refused at
+    once; the others return the whole answer."""
+    server = narrow_server
+    body = {"model": "narrow", "prompt": PROMPT, "max_tokens": 400}
+
+    def post(_: int) -> tuple[int, float, dict[str, Any]]:
+        start = time.perf_counter()
+        reply = httpx.post(f"{server.base()}/v1/completions", json=body, timeout=60)
+        return reply.status_code, time.perf_counter() - start, reply.json()
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        replies = list(pool.map(post, range(12)))
+    refused = [(seconds, answer) for status, seconds, answer in replies if status == 429]
+    served = [answer for status, _, answer in replies if status == 200]
+    assert len(refused) + len(served) == 12
+    assert refused, "nothing was refused: the burst never found the queue full"
+    assert served
+    assert max(seconds for seconds, _ in refused) < 1.0
+    assert {answer["error"]["type"] for _, answer in refused} == {"rate_limit_error"}
+    assert {answer["usage"]["completion_tokens"] for answer in served} == {400}
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(narrow_server: RunningServer) -> None:
+    server = narrow_server
+    steps = 'shipyard_batch_size_count{model="narrow",version="1"}'
+    before = _sample(server, steps)
+    body = {"model": "narrow", "prompt": PROMPT, "max_tokens": 500, "stream": True}
+    with httpx.stream("POST", f"{server.base()}/v1/completions", json=body, timeout=30) as response:
+        next(response.iter_lines())  # the first token arrived; then the client goes away
+    _wait_for(lambda: _running(server, "narrow") == 0)
+    time.sleep(0.2)
+    assert _sample(server, steps) - before < 499  # it stopped decoding long before max_tokens
+    reply = httpx.post(f"{server.base()}/v1/completions", json={**body, "stream": False, "max_tokens": 5})
+    assert reply.status_code == 200
+    assert reply.json()["usage"]["completion_tokens"] == 5
+
+
+def _running(server: RunningServer, model: str) -> float:
+    return _sample(server, f'shipyard_sequences_running{{model="{model}",version="1"}}')
+
+
+def _wait_for(condition: Any, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
 
 
 def test_generate_on_a_model_that_is_not_a_language_model_is_refused(server: RunningServer) -> None:
@@ -195,6 +337,9 @@ def test_generate_on_a_model_that_is_not_a_language_model_is_refused(server: Run
         reply = httpx.post(f"{server.base()}/v2/models/mlp/{route}", json={"text_input": "hello"})
         assert reply.status_code == 400
         assert "not a language model" in reply.json()["error"]
+    reply = httpx.post(f"{server.base()}/v1/completions", json={"model": "mlp", "prompt": "hello"})
+    assert reply.status_code == 400
+    assert "not a language model" in reply.json()["error"]["message"]
 
 
 _json_values = st.recursive(
@@ -206,21 +351,23 @@ _json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-_generate_bodies = st.fixed_dictionaries(
-    {},
-    optional={"text_input": _json_values | st.text(max_size=80), "max_tokens": _json_values,
-              "temperature": _json_values, "seed": _json_values, "parameters": _json_values, "id": _json_values},
+_chat_bodies = st.fixed_dictionaries(
+    {"model": st.just("lm")},
+    optional={"messages": _json_values | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "x"]),
+                                                                         "content": _json_values}), max_size=2),
+              "prompt": _json_values | st.text(max_size=40), "max_tokens": _json_values, "temperature": _json_values,
+              "top_p": _json_values, "seed": _json_values, "stop": _json_values, "stream": _json_values,
+              "stream_options": _json_values, "n": _json_values},
 )  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None)
-@given(body=_generate_bodies | _json_values)
-def test_random_generate_bodies_never_cause_a_5xx(lm_server: tuple[RunningServer, str], body: Any) -> None:
+@settings(max_examples=120, deadline=None)
+@given(body=_chat_bodies | _json_values, route=st.sampled_from(["chat/completions", "completions"]))
+def test_random_openai_bodies_never_cause_a_5xx(lm_server: tuple[RunningServer, str], body: Any, route: str) -> None:
     server, _ = lm_server
-    for route in ("generate", "generate_stream"):
-        reply = httpx.post(f"{server.base()}/v2/models/lm/{route}", json=body, timeout=30)
-        assert reply.status_code in (200, 400), (body, reply.text)
-        if reply.status_code == 400:
-            assert isinstance(reply.json()["error"], str)
-        elif route == "generate_stream":  # a stream that started must not end in an error event
-            assert '"error"' not in reply.text, (body, reply.text)
+    reply = httpx.post(f"{server.base()}/v1/{route}", json=body, timeout=30)
+    assert reply.status_code in (200, 400, 404), (body, reply.text)
+    if reply.status_code != 200:
+        assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    elif '"error"' in reply.text:  # a stream that started must not end in an error event
+        raise AssertionError((body, reply.text))

@@ -33,7 +33,7 @@ from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.optimize import transforms
 from shipyard.pipeline.optimize.guard import MetricCheck, budget
 from shipyard.pipeline.step import Progress
-from shipyard.spec.models import GenerationSpec, ShipyardSpec, TextDatasetSpec, resolve_path
+from shipyard.spec.models import GenerationSpec, ShipyardSpec, TextDatasetSpec, ToleranceSpec, resolve_path
 from shipyard.tokenizer import load_tokenizer
 
 GREEDY_CHECK_TOKENS = 32  # tokens generated through the cache and compared with transformers' generate()
@@ -138,11 +138,13 @@ class Scorer:
             greedy.append(logits.argmax(-1))
         return np.asarray(nll), np.asarray(greedy)
 
-    def generate(self, prompt: list[int], steps: int) -> list[int]:
-        """Greedy tokens through the cache: one prefill, then one position per step."""
+    def generate(self, prompt: list[int], steps: int, eos: set[int]) -> list[int]:
+        """Greedy tokens through the cache (one prefill, then one position per step), up to an end token."""
         logits = self.runner.run(0, np.asarray([prompt]), [len(prompt)])
         out = [int(logits[0].argmax())]
         for _ in range(steps - 1):
+            if out[-1] in eos:
+                break
             logits = self.runner.run(0, np.asarray([[out[-1]]]), [len(prompt) + len(out)])
             out.append(int(logits[0].argmax()))
         return out
@@ -172,8 +174,6 @@ class LanguageConvertStep:
     description = "Export with ONNX Runtime GenAI and verify against PyTorch"
 
     def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
-        import torch
-
         lm = ctx.language
         assert lm is not None, "pipeline order: load runs before convert"
         spec = ctx.loaded.spec
@@ -190,8 +190,23 @@ class LanguageConvertStep:
         ctx.generation = lm.record
         progress.update(2, 3)
 
-        scorer = Scorer(ctx.model_path, lm.record)
-        tolerance = spec.convert.tolerance
+        try:
+            params = self._verify(lm, Scorer(ctx.model_path, lm.record), spec.convert.tolerance)
+        except RuntimeError as exc:  # onnxruntime's own failures (an operator's unsupported shape, ...)
+            reason = str(exc).split("Status Message: ")[-1].strip()
+            raise ConversionError(f"ONNX Runtime cannot run the exported decoder: {reason}") from None
+        ctx.metrics["max_abs_error"] = params["max_abs_error"]
+        progress.update(3, 3)
+        return {"converter": "onnxruntime-genai model builder", "precision": "fp32", **params, **lm.record.model_dump(
+            include={"context", "layers", "kv_heads", "head_size", "max_running"})}  # fmt: skip
+
+    @staticmethod
+    def _verify(lm: LanguageBuild, scorer: Scorer, tolerance: ToleranceSpec) -> dict[str, Any]:
+        """Logits and greedy next tokens against PyTorch on the windows, then a greedy generation through the
+        cache against transformers' generate()."""
+        import torch
+
+        assert lm.record is not None
         worst, positions = 0.0, 0
         for window in lm.windows[: max(1, 256 // lm.windows.shape[1])]:  # a few hundred positions
             reference, reference_greedy = _torch_reference(lm.torch_model, window[None, :])
@@ -207,20 +222,19 @@ class LanguageConvertStep:
             positions += len(window)
         prompt = [int(t) for t in lm.windows[0][:8]]
         steps = min(GREEDY_CHECK_TOKENS, lm.record.context - len(prompt))
+        eos = lm.record.eos_token_ids
         with torch.no_grad():
-            expected = lm.torch_model.generate(torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps,
-                                               do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
-        produced = scorer.generate(prompt, steps)
+            expected = lm.torch_model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
+                                               eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0,
+                                               )[0, len(prompt) :].tolist()  # fmt: skip
+        produced = scorer.generate(prompt, steps, set(eos))
+        expected = expected[: len(produced)]  # after an end token, generate() pads
         if produced != expected:
             first = next(i for i, (a, b) in enumerate(zip(produced, expected, strict=True)) if a != b)
             raise ConversionError(
                 f"greedy generation through the cache leaves transformers' generate() at token {first}"
             )
-        ctx.metrics["max_abs_error"] = worst
-        progress.update(3, 3)
-        return {"converter": "onnxruntime-genai model builder", "precision": "fp32", "positions_compared": positions,
-                "max_abs_error": worst, "greedy_tokens_identical": steps, **lm.record.model_dump(
-                    include={"context", "layers", "kv_heads", "head_size", "max_running"})}  # fmt: skip
+        return {"positions_compared": positions, "max_abs_error": worst, "greedy_tokens_identical": len(produced)}
 
 
 def perplexity(nll: np.ndarray) -> float:

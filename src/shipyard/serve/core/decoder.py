@@ -99,14 +99,33 @@ class Generation:
     queued_s: float | None = None  # arrival to admission
     token_gaps: list[float] = field(default_factory=list)  # seconds between consecutive tokens
 
-    async def run(self, deadline: float | None = None) -> AsyncIterator[str]:
-        """Pieces of text as tokens come; TimeoutError when `deadline` (time.monotonic) passes first."""
+    _sequence: Sequence | None = None
+
+    def submit(self, deadline: float | None = None) -> None:
+        """Queue it for the scheduler (OverloadedError at once when the queue is full); `deadline` is
+        time.monotonic() seconds."""
         seed = self.options.seed
         sampling = Sampling(self.options.temperature, self.options.top_p,
                             np.random.default_rng(None if seed is None else seed % 2**64))  # fmt: skip
         sequence = Sequence(self.ids, self.max_tokens, sampling, asyncio.get_running_loop(), deadline)
         self.decoder.scheduler.submit(sequence)
+        self._sequence = sequence
+
+    @property
+    def submitted(self) -> bool:
+        return self._sequence is not None
+
+    def cancel(self) -> None:
+        """The client is gone (or has all it wants): the scheduler frees the slot at its next step."""
+        if self._sequence is not None:
+            self._sequence.cancelled = True
+
+    async def run(self) -> AsyncIterator[str]:
+        """Pieces of text as tokens come (after `submit`); TimeoutError when its deadline passes first."""
+        sequence = self._sequence
+        assert sequence is not None, "submit() first"
         text = _Detokenizer(self.decoder, self.options.stop)
+        previous = sequence.arrived
         try:
             while True:
                 event = await sequence.events.get()
@@ -135,7 +154,7 @@ class Generation:
             if rest:
                 yield rest
         finally:
-            sequence.cancelled = True  # finished, stopped early or abandoned: its slot is freed at the next step
+            self.cancel()  # finished, stopped early or abandoned: its slot is freed at the next step
             self.usage.computed_tokens = sequence.computed
 
 

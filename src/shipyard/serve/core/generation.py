@@ -50,15 +50,19 @@ class TextGeneration:
         prompt = as_text("text_input", feeds["text_input"])
         return handle.decoder.start(str(prompt.reshape(-1)[0]), options_of(request.parameters))
 
+    def admit(self, generation: Generation) -> None:
+        """Queue a generation now, under the request timeout: a full queue is refused (OverloadedError) before
+        a stream sends its first byte."""
+        generation.submit(None if self.timeout_s is None else time.monotonic() + self.timeout_s)
+
     async def stream(self, generation: Generation) -> AsyncGenerator[str, None]:
-        """Run a generation under the request timeout, counting it in its model's statistics."""
-        # A deadline, not asyncio.timeout around the loop: that would also cover the consumer's awaits
-        # between pieces, which run while this generator is suspended.
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        """Run a generation (admitted first if it was not), counting it in its model's statistics."""
+        if not generation.submitted:
+            self.admit(generation)
         stats = self.repository.get(generation.decoder.name, generation.decoder.version).stats
         start, ok = time.perf_counter_ns(), False
         try:
-            async for piece in generation.run(deadline):
+            async for piece in generation.run():
                 yield piece
             ok = True
         except TimeoutError:

@@ -186,6 +186,7 @@ class OpenAIRoutes:
                              "choices": [choice(text, generation.finish_reason, delta=False)],
                              "usage": _usage(generation)})  # fmt: skip
         chunk = {"id": ident, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": model}
+        generating.admit(generation)  # a full queue answers 429 before the stream starts
 
         async def events() -> AsyncGenerator[dict[str, Any], None]:
             if chat:  # the first chunk names the role, as OpenAI's does
@@ -197,7 +198,7 @@ class OpenAIRoutes:
             if include_usage:
                 yield {**chunk, "choices": [], "usage": _usage(generation)}
 
-        return app.events(events(), openai=True)
+        return app.events(events(), openai=True, on_close=generation.cancel)
 
     @staticmethod
     async def embeddings(app: RestApp, call: Call) -> Any:
@@ -212,12 +213,16 @@ class OpenAIRoutes:
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise InvalidInputError("'encoding_format' must be float or base64", param="encoding_format")
+        if app.services.generation.generates(name, version):
+            raise InvalidInputError(f"model {name!r} is a language model: use /v1/completions", param="model")
         schema = app.dataplane.model_metadata(name, version)
-        strings = [t for t in schema.inputs if t.datatype == "BYTES"]
-        if len(schema.inputs) != 1 or not strings:
-            raise InvalidInputError(f"model {name!r} does not take text: it is not an embedding model", param="model")
-        data = np.array([t.encode() for t in texts], dtype=object).reshape(len(texts), 1)
-        request = InferRequest([Tensor(strings[0].name, "BYTES", [len(texts), 1], data)])
+        if len(schema.inputs) != 1 or schema.inputs[0].datatype != "BYTES" or not schema.outputs:
+            raise InvalidInputError(f"model {name!r} does not take one text input: it is not an embedding model",
+                                    param="model")  # fmt: skip
+        tensor = schema.inputs[0]
+        shape = [len(texts), *([1] * (len(tensor.shape) - 1))]
+        data = np.array([t.encode() for t in texts], dtype=object).reshape(shape)
+        request = InferRequest([Tensor(tensor.name, "BYTES", shape, data)])
         response = await app.dataplane.infer(name, version, request)
         vectors = np.asarray(response.outputs[0].data, dtype=np.float32).reshape(len(texts), -1)
         items = [{"object": "embedding", "index": i,

@@ -39,10 +39,14 @@ class _EventStream:
     """A server-sent-events answer: each item of `events` becomes one `data:` event; OpenAI's streams end
     with `data: [DONE]` and carry errors in its shape."""
 
-    __slots__ = ("events", "openai")
+    __slots__ = ("events", "on_close", "openai")
 
-    def __init__(self, events: AsyncGenerator[dict[str, Any], None], openai: bool = False) -> None:
+    def __init__(
+        self, events: AsyncGenerator[dict[str, Any], None], openai: bool = False,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         self.events, self.openai = events, openai
+        self.on_close = on_close  # runs however the stream ends, even if it never started (a client gone at once)
 
 
 Answer = _Response | _EventStream
@@ -223,6 +227,8 @@ class RestApp:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await stream.events.aclose()
+            if stream.on_close is not None:
+                stream.on_close()
 
     @staticmethod
     async def _lifespan(receive: Receive, send: Send) -> None:
@@ -295,8 +301,10 @@ class RestApp:
         return _json(value, status)
 
     @staticmethod
-    def events(events: AsyncGenerator[dict[str, Any], None], openai: bool = False) -> Answer:
-        return _EventStream(events, openai)
+    def events(
+        events: AsyncGenerator[dict[str, Any], None], openai: bool = False, on_close: Callable[[], None] | None = None
+    ) -> Answer:
+        return _EventStream(events, openai, on_close)
 
     def check_model(self, call: Call, model: str) -> None:
         """Access to a model named in the body, not the path (the OpenAI routes)."""
@@ -369,6 +377,7 @@ class RestApp:
         request = codec.decode_generate(await self.body(call))
         generation = self.services.generation
         started = generation.start(str(call.name), call.version, request)  # validated before the stream starts
+        generation.admit(started)  # a full queue is refused before the stream starts
         model = {"model_name": started.decoder.name, "model_version": started.decoder.version}
 
         async def events() -> AsyncGenerator[dict[str, Any], None]:
@@ -376,7 +385,7 @@ class RestApp:
                 yield {**model, "text_output": piece}
             yield {**model, "text_output": "", "final": True, **started.usage.parameters()}
 
-        return _EventStream(events())
+        return _EventStream(events(), on_close=started.cancel)
 
     async def repository_index(self, call: Call) -> Answer:
         return _json(codec.repository_index(self.services.management.index()))
