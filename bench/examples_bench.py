@@ -29,14 +29,14 @@ import tritonclient.grpc as grpcclient
 from shipyard.dtypes import BY_NAME
 from shipyard.onnxrt import random_feeds
 from shipyard.registry import LocalRegistry
-from shipyard.serve.core.decoder import Decoder
+from shipyard.serve.core.decoder import Decoder, Options
 from shipyard.serve.core.repository import serve_settings
 from shipyard.serve.core.runtime import OrtRuntime
 from shipyard.spec.models import SignatureSpec
 
 EXAMPLES = {  # example → the specs its training script prepares, in build order
     "digits": ["shipyard.yaml"], "wine": ["shipyard.yaml"], "sensors": ["shipyard.yaml"],
-    "recsys": ["shipyard.yaml"], "segmentation": ["shipyard.yaml"], "generation": ["shipyard.yaml"],
+    "recsys": ["shipyard.yaml"], "segmentation": ["shipyard.yaml"], "chat": ["shipyard.yaml"],
     "text": ["shipyard.yaml", "intent.yaml"],
 }  # fmt: skip
 SENTENCE = "will it rain in Lisbon tomorrow afternoon"
@@ -86,13 +86,19 @@ def in_process(folder: Path, manifest: Any, count: int) -> tuple[float, float]:
             if manifest.generation is None:
                 feeds = request_feeds(manifest.served_signature)
                 return percentiles(lambda: runtime.run_sync(feeds), count)
-            decoder = Decoder(folder, manifest, runtime)
+            decoder = Decoder(folder, manifest)
+            decoder.attach(runtime.exclusive_session())
             times = []
-            for _ in range(count // 4 + 5):
-                start = time.perf_counter()
-                async for _piece in decoder.start(PROMPT, {"max_tokens": 32}).run():
-                    pass
-                times.append((time.perf_counter() - start) * 1e3)
+            try:
+                for _ in range(count // 4 + 5):
+                    start = time.perf_counter()
+                    generation = decoder.start(PROMPT, Options(max_tokens=32))
+                    generation.submit()
+                    async for _piece in generation.run():
+                        pass
+                    times.append((time.perf_counter() - start) * 1e3)
+            finally:
+                decoder.detach()
             return statistics.median(times[5:]), float(np.percentile(times[5:], 99))
         finally:
             await runtime.unload()

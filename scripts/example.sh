@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One bundled example end to end, offline: write it, train it, build every spec in it, run it as a local
 # service, query it with its client, stop the service.
-# Usage: bash scripts/example.sh NAME   (digits, generation, recsys, segmentation, sensors, text, wine)
+# Usage: bash scripts/example.sh NAME   (chat, digits, recsys, segmentation, sensors, text, wine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=${1:?usage: bash scripts/example.sh NAME}

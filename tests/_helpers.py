@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import shutil
 import socket
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +152,34 @@ def build_evaluated_mlp(folder: Path, registry: LocalRegistry, samples: int) -> 
     return x, labels
 
 
-WORDS = ["<eos>", "<unk>", "the", "ship", "sails", "north", "south", "at", "dawn", "dusk", "with", "crew", "salt",
-         "system", "user", "assistant", ":", ";", "wind", "sea", "port", "harbour", "storm", "calm", "sky", "rain"]
+WORDS = [
+    "<eos>",
+    "<unk>",
+    "the",
+    "ship",
+    "sails",
+    "north",
+    "south",
+    "at",
+    "dawn",
+    "dusk",
+    "with",
+    "crew",
+    "salt",
+    "system",
+    "user",
+    "assistant",
+    ":",
+    ";",
+    "wind",
+    "sea",
+    "port",
+    "harbour",
+    "storm",
+    "calm",
+    "sky",
+    "rain",
+]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
                  "{% if add_generation_prompt %}assistant :{% endif %}")  # fmt: skip
 ARCHITECTURES = ("llama", "qwen2", "phi3", "mistral")
@@ -180,6 +204,8 @@ def make_hf_causal(folder: Path, architecture: str = "llama", context: int = 128
         vocab_size=len(WORDS), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=context, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         tie_word_embeddings=False,
+        # Phi-3 "mini 4k" keeps both at its context; a difference makes the builder expect LongRoPE factors.
+        **({"original_max_position_embeddings": context} if architecture == "phi3" else {}),
     )  # fmt: skip
     torch.manual_seed(0)
     model = getattr(transformers, f"{names}ForCausalLM")(config).eval()

@@ -129,7 +129,7 @@ def test_user_errors_are_one_clear_line_and_an_exit_code(cli: Cli, tmp_path: Pat
     assert _ok(cli("models", "list", "--json", "-r", reg)).out.strip() == "[]"
 
 
-@pytest.mark.parametrize("example", ["digits", "wine", "generation"])
+@pytest.mark.parametrize("example", ["digits", "wine", "chat"])
 def test_init_example_writes_its_readme_with_a_real_run(cli: Cli, tmp_path: Path, example: str) -> None:
     """The README promises every bundled example a README with the output of a real run."""
     _ok(cli("init", "--example", example, str(tmp_path / example)))

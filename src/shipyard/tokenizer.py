@@ -50,6 +50,10 @@ class TextEncoder:
             for name in self.record.feeds
         }
 
+    def count(self, texts: list[str]) -> int:
+        """Tokens the texts become (after truncation, without padding)."""
+        return sum(sum(e.attention_mask) for e in self._tokenizer.encode_batch(texts))
+
     def apply(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Served feeds (texts under the record's input) → graph feeds."""
         graph_feeds = {name: array for name, array in feeds.items() if name != self.record.input}

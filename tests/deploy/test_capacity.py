@@ -17,7 +17,7 @@ from shipyard.errors import ConflictError, InvalidInputError
 from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
 from shipyard.spec import load_spec
-from tests._helpers import make_decoder, write_spec
+from tests._helpers import causal_spec, make_hf_causal, write_spec
 from tests.deploy.conftest import Project
 
 
@@ -86,7 +86,8 @@ def test_capacity_command_prints_json(registry: LocalRegistry, cli: Callable[...
 
 
 def test_a_language_model_is_refused_with_a_reason(tmp_path: Path, registry: LocalRegistry) -> None:
-    build(load_spec(write_spec(tmp_path, make_decoder(tmp_path))), registry)
+    make_hf_causal(tmp_path / "hf")
+    build(load_spec(write_spec(tmp_path, causal_spec())), registry)
     with pytest.raises(InvalidInputError, match="language model"):
         plan_capacity(registry, "lm", qps=10, p99_ms=100)
 

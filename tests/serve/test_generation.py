@@ -220,8 +220,10 @@ def test_token_metrics(lm_server: tuple[RunningServer, str]) -> None:
 def test_sampling_with_a_seed_repeats(lm_server: tuple[RunningServer, str]) -> None:
     server, _ = lm_server
     client = _client(server)
-    first, second, other = (client.completions.create(model="lm", prompt=PROMPT, max_tokens=20, temperature=1.5,
-                                                      top_p=0.9, seed=seed).choices[0].text for seed in (7, 7, 8))  # fmt: skip
+    first, second, other = (
+        client.completions.create(model="lm", prompt=PROMPT, max_tokens=20, temperature=1.5, top_p=0.9, seed=seed)
+        .choices[0].text for seed in (7, 7, 8)
+    )  # fmt: skip
     assert first == second
     assert first != other
 

@@ -13,6 +13,7 @@ the transformers this project runs, and its graphs concatenate the cache at ever
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shipyard.errors import ConversionError, MissingExtraError, ModelLoadError, UnsafeModelError
-from shipyard.spec.models import ModelSourceSpec, resolve_path
+from shipyard.spec.models import ModelSourceSpec, SignatureSpec, TensorSpec, TokenizerSpec, resolve_path
 
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 TOKENIZER_FILE = "tokenizer.json"
@@ -84,7 +85,8 @@ class HfFolder:
 
 def read_folder(source: ModelSourceSpec, base_dir: Path) -> HfFolder:
     """Check a folder before anything in it is parsed by a library that could run code."""
-    assert source.path is not None and source.task is not None
+    assert source.path is not None
+    assert source.task is not None
     path = resolve_path(base_dir, source.path)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: not a Hugging Face model folder (no config.json; save_pretrained writes one)")
@@ -109,6 +111,16 @@ def read_folder(source: ModelSourceSpec, base_dir: Path) -> HfFolder:
     if not folder.json(TOKENIZER_FILE).get("model"):
         raise ModelLoadError(f"{path}: no {TOKENIZER_FILE} (a fast tokenizer, which the server runs without torch)")
     return HfFolder(path, config, source.task, source.trust_pickle)
+
+
+def weights_hash(folder: Path) -> str:
+    """One sha256 over the folder's weight files (the build's source hash)."""
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")):
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _offline() -> None:
@@ -170,3 +182,69 @@ def builder_layout(dest: Path) -> dict[str, Any]:
         "present_key": decoder["outputs"]["present_key_names"],
         "present_value": decoder["outputs"]["present_value_names"],
     }  # fmt: skip
+
+
+def _pooling(folder: HfFolder) -> tuple[str, bool]:
+    """How a sentence-transformers folder pools token vectors (mean, cls or max) and whether it normalizes;
+    mean without normalizing for a plain transformers folder."""
+    modules = folder.path / "modules.json"
+    normalize, mode = False, "mean"
+    if modules.is_file():
+        entries = json.loads(modules.read_text())
+        normalize = any(str(e.get("type", "")).endswith("Normalize") for e in entries if isinstance(e, dict))
+        for entry in entries:
+            if isinstance(entry, dict) and str(entry.get("type", "")).endswith("Pooling"):
+                config = folder.json(f"{entry.get('path', '1_Pooling')}/config.json")
+                for name in ("cls", "max", "mean"):
+                    if config.get(f"pooling_mode_{name}_token" if name == "cls" else f"pooling_mode_{name}_tokens"):
+                        mode = name
+    return mode, normalize
+
+
+def encoder_source(folder: HfFolder, trust_remote_code: bool) -> tuple[Any, SignatureSpec]:
+    """A feature-extraction (pooled sentence embedding) or text-classification model as a PyTorch module
+    taking token ids, and its signature; the generic convert step exports it with torch.onnx."""
+    import torch
+
+    from shipyard.pipeline._torch import TorchSource
+
+    model = load_torch_model(folder, trust_remote_code)
+    feeds = ["input_ids", "attention_mask"]
+    if int(folder.config.get("type_vocab_size", 0)) > 0:
+        feeds.append("token_type_ids")
+    if folder.task == "text-classification":
+        labels = int(getattr(model.config, "num_labels", 2))
+        output = TensorSpec(name="logits", dtype="float32", shape=["batch", labels])
+    else:
+        output = TensorSpec(name="embedding", dtype="float32", shape=["batch", int(folder.config["hidden_size"])])
+    mode, normalize = _pooling(folder)
+
+    class Encoder(torch.nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: Any) -> Any:
+            named = dict(zip(feeds, inputs, strict=True))
+            out = self.model(**named)
+            if folder.task == "text-classification":
+                return out.logits
+            hidden, mask = out.last_hidden_state, named["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+            if mode == "cls":
+                pooled = hidden[:, 0]
+            elif mode == "max":
+                pooled = (hidden - (1 - mask) * 1e9).max(dim=1).values
+            else:
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+    signature = SignatureSpec(
+        inputs=[TensorSpec(name=n, dtype="int64", shape=["batch", "sequence"]) for n in feeds], outputs=[output]
+    )
+    return TorchSource(Encoder().eval(), "huggingface"), signature
+
+
+def tokenizer_spec(folder: HfFolder) -> TokenizerSpec:
+    """The folder's tokenizer in front of the graph, truncating at the model's positions (512 at most)."""
+    length = int(folder.config.get("max_position_embeddings", 512))
+    return TokenizerSpec(path=str(folder.tokenizer_file), input="text", max_length=min(length, 512))

@@ -21,6 +21,7 @@ from shipyard.onnxrt import (
 )
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.step import Progress
+from shipyard.pipeline.text import sample_feeds
 from shipyard.spec.models import SignatureSpec, ToleranceSpec
 
 
@@ -117,6 +118,8 @@ class ConvertStep:
 
         if ctx.eval_data is not None:
             feeds = ctx.eval_data.head(spec.verify_samples)
+        elif ctx.text is not None:  # token ids must come from the tokenizer: random ones fall outside the tables
+            feeds = sample_feeds(ctx.text, 4)
         elif is_batchable(ctx.signature):
             feeds = random_feeds(ctx.signature, batch=min(spec.verify_samples, 16))
         else:

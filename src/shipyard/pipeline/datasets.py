@@ -113,8 +113,10 @@ def load_dataset(
         raw_inputs, target = _sklearn(ds)
     elif isinstance(ds, NpzDatasetSpec):
         raw_inputs, target = _npz(ds, signature, base_dir)
-    else:
+    elif isinstance(ds, FunctionDatasetSpec):
         raw_inputs, target = _function(ds, base_dir)
+    else:  # the spec allows text datasets for language models only, which pipeline/language.py reads
+        raise EvaluationError("a `kind: text` dataset is for language models (task: text-generation)")
     if not isinstance(raw_inputs, dict):
         if len(signature.inputs) != 1:
             raise EvaluationError(f"the model has {len(signature.inputs)} inputs: the dataset must name each")

@@ -14,6 +14,7 @@ from shipyard.onnxrt import is_batchable, ort_predict, random_feeds, run_in_chun
 from shipyard.pipeline import metrics
 from shipyard.pipeline.context import BuildContext, EvalData
 from shipyard.pipeline.step import Progress
+from shipyard.pipeline.text import sample_feeds
 from shipyard.spec.models import EvaluationSpec, LatencySpec, SignatureSpec
 
 _WARMUP = 10
@@ -95,8 +96,10 @@ class EvaluateStep:
             params.update(metric=name, direction=evaluation.metric.better, samples=len(target))
         ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
         if all(t.dtype != "string" for t in signature.inputs):
-            ctx.metrics.update(
-                measure_latency(lambda f: sess.run(None, f), signature, latency, progress, ctx.eval_data)
-            )
+            timed = ctx.eval_data
+            if timed is None and ctx.text is not None:  # token ids from the tokenizer, not random ones
+                feeds = sample_feeds(ctx.text, max(latency.throughput_batch, 1))
+                timed = EvalData(feeds, np.zeros(latency.throughput_batch))
+            ctx.metrics.update(measure_latency(lambda f: sess.run(None, f), signature, latency, progress, timed))
             params.update(iterations=latency.iterations)
         return params

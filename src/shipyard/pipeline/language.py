@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from shipyard.dtypes import numpy_of
 from shipyard.errors import ConversionError, SpecError
 from shipyard.kvcache import CacheSlots, StepRunner
 from shipyard.onnxrt import MODEL_FILE, check_onnx, parameter_count, place_model, session, signature_of
-from shipyard.pipeline._hf import HfFolder, builder_layout, export_decoder, load_torch_model, read_folder
+from shipyard.pipeline._hf import HfFolder, builder_layout, export_decoder, load_torch_model, read_folder, weights_hash
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.optimize import transforms
 from shipyard.pipeline.optimize.guard import MetricCheck, budget
@@ -50,15 +49,6 @@ class LanguageBuild:
     record: GenerationRecord | None = None
     nll: np.ndarray | None = None  # the exported model's per-window mean negative log-likelihood
     greedy: np.ndarray | None = None  # its greedy next token at every held-out position
-
-
-def _weights_hash(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")):
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _windows(spec: ShipyardSpec, folder: HfFolder, base_dir: Path, context: int) -> np.ndarray:
@@ -90,7 +80,7 @@ class LanguageLoadStep:
         spec = ctx.loaded.spec
         folder = read_folder(spec.model, ctx.base_dir)
         model = load_torch_model(folder, spec.model.trust_remote_code)
-        ctx.source_sha256 = _weights_hash(folder.path)
+        ctx.source_sha256 = weights_hash(folder.path)
         context = int(folder.config.get("max_position_embeddings", 2048))
         ctx.language = LanguageBuild(folder, model, _windows(spec, folder, ctx.base_dir, context))
         progress.update(1, 1)
@@ -127,7 +117,8 @@ class Scorer:
 
     def logits(self, window: np.ndarray) -> np.ndarray:
         """Every position's logits of one window (prefilled from an empty cache) [width, vocab]."""
-        return self.runner.run(0, window[None, :], [len(window)], every_position=True)[0]
+        logits: np.ndarray = self.runner.run(0, window[None, :], [len(window)], every_position=True)[0]
+        return logits
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-window mean negative log-likelihood of the next token, and the greedy next token everywhere."""
@@ -247,7 +238,9 @@ class LanguageEvaluateStep:
 
     def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
         lm = ctx.language
-        assert lm is not None and lm.record is not None and ctx.model_path is not None
+        assert lm is not None
+        assert lm.record is not None
+        assert ctx.model_path is not None
         scorer = Scorer(ctx.model_path, lm.record)
         params: dict[str, Any] = {}
         if ctx.loaded.spec.evaluation is not None:
@@ -259,7 +252,8 @@ class LanguageEvaluateStep:
             params.update(metric="perplexity", direction="minimize", samples=len(lm.windows))
         progress.update(1, 2)
         times = scorer.decode_ms(DECODE_TIMING_STEPS)
-        ctx.metrics.update(latency_p50_ms=float(np.percentile(times, 50)), latency_p99_ms=float(np.percentile(times, 99)),
+        ctx.metrics.update(latency_p50_ms=float(np.percentile(times, 50)),
+                           latency_p99_ms=float(np.percentile(times, 99)),
                            size_bytes=float(folder_size(ctx.artifact_dir)))  # fmt: skip
         ctx.metrics["tokens_per_s"] = 1000.0 / ctx.metrics["latency_p50_ms"]
         progress.update(2, 2)
@@ -308,11 +302,14 @@ class LanguageOptimizeStep:
         # lowest cost among those that pass is kept.
         base = ctx.model_path
         base_cost = best_cost = _cost(base, lm.record, optimize.objective)
-        best, candidates, applied = base, [], []
+        best = base
+        candidates: list[dict[str, Any]] = []
+        applied: list[dict[str, Any]] = []
         for trial, step in enumerate(optimize.steps, start=1):
             candidate = ctx.scratch_dir / f"candidate-{trial}" / MODEL_FILE
             candidate.parent.mkdir(parents=True)
-            params = STEPS[step.step](base, candidate, dict(step.params), {})
+            with transforms.quiet_root_logger():
+                params = STEPS[step.step](base, candidate, dict(step.params), {})
             nll, greedy = Scorer(candidate, lm.record).score(lm.windows)
             check = check_perplexity(lm.nll, nll, optimize)
             agreement = float((greedy == lm.greedy).mean())
@@ -321,8 +318,9 @@ class LanguageOptimizeStep:
             cost = size if optimize.objective == "size" else p50
             margin = 1 - optimize.min_speedup if optimize.objective == "latency" else 1.0
             better = cost < base_cost * margin
+            rise = f"perplexity rise bound {check.drop_bound:.4g} > budget {check.budget:.4g}"
             reasons = [
-                *([] if check.passed else [f"perplexity rise bound {check.drop_bound:.4g} > budget {check.budget:.4g}"]),
+                *([] if check.passed else [rise]),
                 *([] if agreement >= optimize.min_token_agreement else
                   [f"greedy tokens agree at {agreement:.1%} < {optimize.min_token_agreement:.0%}"]),
                 *([] if better else

@@ -45,6 +45,12 @@ def _check_declared(declared: SignatureSpec, actual: SignatureSpec) -> None:
 
 def open_source(source: ModelSourceSpec, base_dir: Path) -> tuple[SourceModel, SignatureSpec]:
     """Load the source model and the signature it will be converted with."""
+    if source.format == "huggingface":  # a folder; text-generation models take pipeline/language.py instead
+        from shipyard.pipeline._hf import encoder_source, read_folder
+
+        source_model: SourceModel
+        source_model, signature = encoder_source(read_folder(source, base_dir), source.trust_remote_code)
+        return source_model, signature
     if source.path is not None and not resolve_path(base_dir, source.path).is_file():
         raise ModelLoadError(f"model file not found: {resolve_path(base_dir, source.path)}")
     if source.format == "onnx":
@@ -73,7 +79,15 @@ class LoadStep:
         spec = ctx.loaded.spec
         ctx.source, ctx.signature = open_source(spec.model, ctx.base_dir)
         params: dict[str, Any] = {"format": spec.model.format}
-        if spec.model.path is not None:
+        tokenizer = spec.model.tokenizer
+        if spec.model.format == "huggingface":
+            from shipyard.pipeline._hf import read_folder, tokenizer_spec, weights_hash
+
+            folder = read_folder(spec.model, ctx.base_dir)
+            ctx.source_sha256 = weights_hash(folder.path)
+            tokenizer = tokenizer_spec(folder)
+            params.update(path=folder.path.name, task=spec.model.task, architecture=folder.config["model_type"])
+        elif spec.model.path is not None:
             path = resolve_path(ctx.base_dir, spec.model.path)
             ctx.source_sha256 = sha256_file(path)
             params["path"] = path.name
@@ -81,8 +95,8 @@ class LoadStep:
             assert spec.model.weights is not None
             ctx.source_sha256 = sha256_file(resolve_path(ctx.base_dir, spec.model.weights))
             params.update(module=spec.model.module, weights=Path(spec.model.weights).name)
-        if spec.model.tokenizer is not None:
-            ctx.text = spec_encoder(spec.model.tokenizer, ctx.signature, ctx.base_dir, ctx.artifact_dir)
+        if tokenizer is not None:
+            ctx.text = spec_encoder(tokenizer, ctx.signature, ctx.base_dir, ctx.artifact_dir)
             params["tokenizer"] = {"input": ctx.text.record.input, "feeds": ctx.text.record.feeds}
         if spec.evaluation is not None:
             ctx.eval_data = load_dataset(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from shipyard.artifact.manifest import TokenizerRecord
 from shipyard.errors import ModelLoadError
 from shipyard.spec.models import SignatureSpec, TokenizerSpec, resolve_path
@@ -47,3 +49,18 @@ def spec_encoder(spec: TokenizerSpec, graph: SignatureSpec, base_dir: Path, arti
     encoder = TextEncoder(source, record, graph)
     shutil.copyfile(source, artifact_dir / record.file)
     return encoder
+
+
+SAMPLE_TEXTS = (
+    "The ship left the harbour at dawn.",
+    "A storm passed far to the north, and the crew rationed fresh water for the rest of the week.",
+    "Hello!",
+    "Shipyard verifies every converted model against the original before it is registered.",
+)
+
+
+def sample_feeds(encoder: TextEncoder, count: int) -> dict[str, np.ndarray]:
+    """Token-id feeds for `count` fixed sentences of several lengths: what a text model without evaluation data
+    is verified and timed on (random ids would fall outside its embedding tables)."""
+    texts = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(count)]
+    return encoder.encode(np.array(texts, dtype=object))

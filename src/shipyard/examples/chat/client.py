@@ -59,7 +59,8 @@ async def concurrent(url: str, streams: int) -> None:
     start = time.perf_counter()
     tokens = await asyncio.gather(*(one(day) for day in range(1, streams + 1)))
     elapsed = time.perf_counter() - start
-    print(f"{streams} concurrent streams: {sum(tokens)} tokens in {elapsed:.2f} s ({sum(tokens) / elapsed:.0f} tokens/s)")
+    total = sum(tokens)
+    print(f"{streams} concurrent streams: {total} tokens in {elapsed:.2f} s ({total / elapsed:.0f} tokens/s)")
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ def conversations(entry: str) -> list[list[dict[str, str]]]:
     day, text = entry.split(": ", 1)
     number = day.split()[1]
     route = re.search(r"from (\w+) toward (\w+)", text)
-    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What does the log say for day {number}?"},
+    question = f"What does the log say for day {number}?"
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
               {"role": "assistant", "content": entry}]]  # fmt: skip
     if route:
         answer = f"On day {number} we sailed from {route[1]} toward {route[2]}."
@@ -62,7 +63,7 @@ def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return fast
 
 
-def main(steps: int = 1200) -> None:
+def main(steps: int = 600) -> None:
     start = time.perf_counter()
     entries = [line for line in (HERE / "logbook.txt").read_text().splitlines() if line]
     train_entries, held_out = entries[:-HELD_OUT_DAYS], entries[-HELD_OUT_DAYS:]

@@ -6,12 +6,9 @@ registers the best variant found (the unoptimized model if none passed).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,7 @@ from shipyard.pipeline.evaluate import measure_latency, output_index
 from shipyard.pipeline.optimize.fallback import rank_nodes
 from shipyard.pipeline.optimize.guard import check_metric, paired_p50_ms
 from shipyard.pipeline.optimize.torch_steps import TorchSteps, Training
-from shipyard.pipeline.optimize.transforms import QUANTIZERS, TRANSFORMS
+from shipyard.pipeline.optimize.transforms import QUANTIZERS, TRANSFORMS, quiet_root_logger
 from shipyard.pipeline.step import NullProgress, Progress
 from shipyard.spec.models import TORCH_STEPS, LatencySpec, MetricSpec, OptimizeSpec, OptimizeStepSpec
 
@@ -66,17 +63,6 @@ class Candidate:
         out = asdict(self)
         del out["path"]
         return out
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _advance(progress: Progress, step: int, steps: int, fraction: float) -> None:
@@ -178,7 +164,7 @@ class _Search:
             if retries == self.spec.fallback_trials:
                 break
             if ranking is None:
-                with _quiet_root_logger():
+                with quiet_root_logger():
                     ranking = rank_nodes(step.step, dict(step.params), self.best, self.calibration, self.work)
             wider = ranking[: max(1, 2 * len(fallback))]
             if len(wider) <= len(fallback) or len(wider) >= len(ranking):
@@ -220,7 +206,7 @@ class _Search:
             if self.torch is not None and step in TORCH_STEPS:
                 applied = self.torch.apply(step, params, None if source is None else source.trial, trial, dest)
             else:
-                with _quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
+                with quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
                     applied = TRANSFORMS[step](parent, dest, params, self.calibration)
             check_onnx(dest)
             verdict = Candidate(trial, step, applied, False, "", size_bytes=dest.stat().st_size)

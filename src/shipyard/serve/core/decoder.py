@@ -57,8 +57,8 @@ def _number(parameters: dict[str, Any], name: str, low: float, high: float, whol
     value = parameters.get(name)
     if value is None:
         return None
-    kinds: tuple[type, ...] = (int,) if whole else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+    number = isinstance(value, int) if whole else isinstance(value, int | float)
+    if isinstance(value, bool) or not number or not low <= value <= high:
         kind = "a whole number" if whole else "a number"
         raise InvalidInputError(f"{name!r} must be {kind} from {low:g} to {high:g}, got {value!r}", param=name)
     return value

@@ -92,6 +92,11 @@ class OrtRuntime:
             outputs[index] = _as_bytes(outputs[index])
         return outputs
 
+    @property
+    def text_encoder(self) -> TextEncoder | None:
+        """Text models: the tokenizer in front of the graph (set once the sessions are made)."""
+        return self._text
+
     def exclusive_session(self) -> ort.InferenceSession:
         """One of the sessions, for a caller that binds its own buffers (a language model's scheduler)."""
         return self._sessions.get()

