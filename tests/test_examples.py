@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from shipyard.registry import LocalRegistry
 from tests.serve.conftest import start_server, stop_server
 
@@ -55,3 +57,12 @@ def test_recsys_example_serves_top_k(tmp_path: Path, cli: Callable[..., Any]) ->
     served = float(answered.rsplit("users: ", 1)[1])
     assert served == round(built, 3)  # the served top-10 ids agree with the evaluated scores
     assert served > 0.05  # twice random (10 of ~377 unseen items: 0.027)
+
+
+@pytest.mark.slow  # training takes minutes: `pytest -m slow tests/test_examples.py`
+def test_chat_example_answers_through_the_openai_client(tmp_path: Path, cli: Callable[..., Any]) -> None:
+    trained, registry, answered = _run("chat", tmp_path, cli)
+    assert "save_pretrained" in trained
+    assert registry.manifest("logbook-chat:1").metrics["perplexity"] < 3
+    assert "Day 12: we sailed from Hamburg toward Naples" in answered  # a trained day, word for word
+    assert "16 concurrent streams" in answered

@@ -87,6 +87,15 @@ class Environment:
         return None
 
 
+HUB_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def hub_offline() -> None:
+    """Keep Hugging Face libraries off the network, in this process and the children it starts: a build
+    reads local folders only."""
+    os.environ.update(HUB_OFFLINE)
+
+
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment plus `extra`, for a child process (a supervised server)."""
     return {**os.environ, **extra}

@@ -116,13 +116,14 @@ def _spec(tmp_path: Path, **model: Any) -> Any:
                                                                    "task": "text-generation", **model}}))  # fmt: skip
 
 
-def test_pickled_weights_are_refused_unless_trusted(tmp_path: Path) -> None:
+def test_pickled_weights_are_refused(tmp_path: Path) -> None:
     folder = make_hf_causal(tmp_path / "hf")
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
-    with pytest.raises(UnsafeModelError, match="pytorch_model.bin, a pickle"):
-        build(_spec(tmp_path), LocalRegistry(tmp_path / "registry"))
-    assert not (tmp_path / "registry" / "models").exists() or not any((tmp_path / "registry" / "models").iterdir())
+    registry = LocalRegistry(tmp_path / "registry")
+    with pytest.raises(UnsafeModelError, match=r"pytorch_model\.bin, a pickle"):
+        build(_spec(tmp_path), registry)
+    assert registry.all_versions() == []
 
 
 def test_remote_code_is_refused_unless_trusted(tmp_path: Path) -> None:

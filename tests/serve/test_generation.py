@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
+from shipyard.serve.policy.auth import add_token
 from shipyard.spec import load_spec
 from tests._helpers import causal_spec, make_hf_causal, write_spec
 from tests.serve.conftest import RunningServer, start_server, stop_server
@@ -344,6 +345,32 @@ def test_generate_on_a_model_that_is_not_a_language_model_is_refused(server: Run
     assert "not a language model" in reply.json()["error"]["message"]
 
 
+def test_bearer_tokens_and_scopes_apply_to_the_openai_routes(
+    lm_registry: tuple[Path, LocalRegistry], tmp_path: Path
+) -> None:
+    registry = lm_registry[1]
+    tokens = tmp_path / "tokens.yaml"
+    allowed, other = add_token(tokens, "writer", ["infer:lm"]), add_token(tokens, "other", ["infer:mlp"])
+    server = start_server(registry, tmp_path / "server.log", "lm", extra_args=("--tokens", str(tokens)))
+    try:
+
+        def client(key: str) -> openai.OpenAI:
+            return openai.OpenAI(base_url=f"{server.base()}/v1", api_key=key, max_retries=0)
+
+        with client(allowed) as writer, client(other) as outsider, client("not-a-token") as stranger:
+            reply = writer.chat.completions.create(model="lm", messages=[{"role": "user", "content": "sea"}],
+                                                   max_tokens=3)  # fmt: skip
+            assert reply.usage is not None
+            assert reply.usage.completion_tokens == 3
+            assert [m.id for m in outsider.models.list()] == ["lm", "lm:1"]  # any valid token may list
+            with pytest.raises(openai.PermissionDeniedError, match="may not infer lm"):
+                outsider.completions.create(model="lm", prompt=PROMPT, max_tokens=3)
+            with pytest.raises(openai.AuthenticationError, match="unknown or revoked token"):
+                stranger.completions.create(model="lm", prompt=PROMPT, max_tokens=3)
+    finally:
+        assert stop_server(server) == 0
+
+
 _json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -373,3 +400,23 @@ def test_random_openai_bodies_never_cause_a_5xx(lm_server: tuple[RunningServer, 
         assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
     elif '"error"' in reply.text:  # a stream that started must not end in an error event
         raise AssertionError((body, reply.text))
+
+
+_generate_bodies = st.fixed_dictionaries(
+    {},
+    optional={"text_input": _json_values | st.text(max_size=80), "max_tokens": _json_values,
+              "temperature": _json_values, "seed": _json_values, "parameters": _json_values, "id": _json_values},
+)  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None)
+@given(body=_generate_bodies | _json_values)
+def test_random_generate_bodies_never_cause_a_5xx(lm_server: tuple[RunningServer, str], body: Any) -> None:
+    server, _ = lm_server
+    for route in ("generate", "generate_stream"):
+        reply = httpx.post(f"{server.base()}/v2/models/lm/{route}", json=body, timeout=30)
+        assert reply.status_code in (200, 400), (body, reply.text)
+        if reply.status_code == 400:
+            assert isinstance(reply.json()["error"], str)
+        elif route == "generate_stream":  # a stream that started must not end in an error event
+            assert '"error"' not in reply.text, (body, reply.text)

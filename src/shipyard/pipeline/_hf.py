@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shipyard.errors import ConversionError, MissingExtraError, ModelLoadError, UnsafeModelError
+from shipyard.settings import HUB_OFFLINE, child_environment, hub_offline
 from shipyard.spec.models import ModelSourceSpec, SignatureSpec, TensorSpec, TokenizerSpec, resolve_path
 
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -123,14 +123,9 @@ def weights_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _offline() -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-
 def load_torch_model(folder: HfFolder, trust_remote_code: bool = False) -> Any:
     """The folder's model in PyTorch, in eval mode (for verification and the unoptimized reference)."""
-    _offline()
+    hub_offline()
     try:
         import transformers
     except ImportError:
@@ -158,10 +153,9 @@ def export_decoder(folder: HfFolder, dest: Path, precision: str = "fp32") -> Pat
         raise MissingExtraError(
             "exporting language models needs onnxruntime-genai: pip install 'shipyard[hf]'"
         ) from None
-    _offline()
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder.path), "-o", str(dest),
                "-p", precision, "-e", "cpu", "-c", str(dest / ".cache")]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=False)
+    done = subprocess.run(command, capture_output=True, text=True, env=child_environment(HUB_OFFLINE), check=False)
     if done.returncode != 0 or not (dest / "model.onnx").is_file():
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         reason = next(
@@ -219,7 +213,7 @@ def encoder_source(folder: HfFolder, trust_remote_code: bool) -> tuple[Any, Sign
         output = TensorSpec(name="embedding", dtype="float32", shape=["batch", int(folder.config["hidden_size"])])
     mode, normalize = _pooling(folder)
 
-    class Encoder(torch.nn.Module):  # type: ignore[misc]
+    class Encoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model

@@ -150,19 +150,25 @@ def weight_only(source: Path, dest: Path, params: dict[str, Any], calibration: C
     """4-bit (or 8-bit) block-quantized MatMul weights (MatMulNBits) for MatMul-heavy transformer models."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    check_params(params, {"bits", "block_size", "symmetric", "nodes_to_exclude", "nodes_to_quantize"}, "weight_only")
+    allowed = {"bits", "block_size", "symmetric", "accuracy_level", "nodes_to_exclude", "nodes_to_quantize"}
+    check_params(params, allowed, "weight_only")
     bits, block = int(params.get("bits", 4)), int(params.get("block_size", 32))
     if bits not in (4, 8):
         raise InvalidInputError("optimize step weight_only: bits must be 4 or 8")
+    # accuracy_level 4 lets the CPU kernel multiply in int8 (VNNI where the CPU has it); unset, it computes
+    # in float32 after unpacking the weights.
+    level = params.get("accuracy_level")
+    if level is not None and level not in (0, 1, 2, 3, 4):
+        raise InvalidInputError("optimize step weight_only: accuracy_level must be 0-4 (4: int8 compute)")
     quantizer = MatMulNBitsQuantizer(
         onnx.load(str(source)), bits=bits, block_size=block, is_symmetric=bool(params.get("symmetric", True)),
-        nodes_to_exclude=list(params.get("nodes_to_exclude", [])),
+        accuracy_level=level, nodes_to_exclude=list(params.get("nodes_to_exclude", [])),
         nodes_to_include=list(params.get("nodes_to_quantize", [])) or None,
     )  # fmt: skip
     quantizer.process()
     quantizer.model.save_model_to_file(str(dest), use_external_data_format=False)
     return {"bits": bits, "block_size": block, "symmetric": bool(params.get("symmetric", True)),
-            "nodes_to_exclude": list(params.get("nodes_to_exclude", []))}  # fmt: skip
+            "accuracy_level": level, "nodes_to_exclude": list(params.get("nodes_to_exclude", []))}  # fmt: skip
 
 
 QUANTIZERS = ("quantize_dynamic", "quantize_static", "weight_only")
