@@ -166,3 +166,12 @@ def test_a_language_model_must_be_judged_by_perplexity(tmp_path: Path) -> None:
     spec = {**causal_spec(), "evaluation": {"dataset": {"kind": "sklearn", "name": "iris"}, "metric": "accuracy"}}
     with pytest.raises(SpecError, match="judged by perplexity"):
         load_spec(write_spec(tmp_path, spec))
+
+
+def test_the_key_value_budget_caps_the_cache_slots(tmp_path: Path) -> None:
+    make_hf_causal(tmp_path / "hf")
+    # One slot: 2 layers x (keys, values) x 2 heads x 128 positions x 16 x 4 bytes = 64 KiB.
+    spec = causal_spec(max_running=8, kv_cache_mb=0.2)
+    manifest = build(load_spec(write_spec(tmp_path, spec)), LocalRegistry(tmp_path / "registry"))
+    assert manifest.generation is not None
+    assert manifest.generation.max_running == 3

@@ -21,7 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from shipyard.artifact.manifest import GenerationRecord, Manifest
 from shipyard.dtypes import numpy_of
-from shipyard.errors import InvalidInputError, ModelLoadError, ShipyardError
+from shipyard.errors import InvalidInputError, ModelLoadError, ShipyardError, UnavailableError
 from shipyard.kvcache import CacheSlots, StepRunner
 from shipyard.serve.core.scheduler import Sampling, Scheduler, Sequence
 from shipyard.tokenizer import load_tokenizer
@@ -149,6 +149,8 @@ class Generation:
                 raise TimeoutError
             if event == "error":
                 raise ShipyardError("the language model failed while generating (see the server log)")
+            if event == "unloaded":
+                raise UnavailableError(f"{self.decoder.name}:{self.decoder.version} was unloaded while generating")
             self.finish_reason = event
             rest = text.flush()
             if rest:

@@ -51,7 +51,7 @@ class Sampling:
 
 
 # What the scheduler thread hands to a sequence's consumer: a token id, or the reason it ended.
-Finished = str  # "stop" (an end token), "length" (max_tokens or the context), "timeout", "error"
+Finished = str  # "stop" (an end token), "length" (max_tokens or the context), "timeout", "error", "unloaded"
 
 
 @dataclass(eq=False)
@@ -81,7 +81,6 @@ class SchedulerStats:
     running: int = 0
     waiting: int = 0
     cache_used: float = 0.0  # positions in use / positions allocated
-    steps: int = 0
     step_batch: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))  # sequences per decode step
 
 
@@ -127,9 +126,17 @@ class Scheduler:
                 self._iterate()
             except Exception:  # the graph failed: end every sequence rather than leave clients waiting
                 logger.exception("language model step failed")
-                for sequence in [*self._running, *([self._prefilling] if self._prefilling else [])]:
-                    self._deliver([(sequence, "error")])
-                self._running, self._prefilling = [], None
+                self._end_all("error")
+        self._end_all("unloaded")
+
+    def _end_all(self, reason: Finished) -> None:
+        """End every running, prefilling and waiting sequence with `reason`."""
+        waiting = []
+        while not self._waiting.empty():
+            waiting.append(self._waiting.get_nowait())
+        current = [*self._running, *([self._prefilling] if self._prefilling else []), *waiting]
+        self._deliver([(sequence, reason) for sequence in current])
+        self._running, self._prefilling = [], None
 
     def _iterate(self) -> None:
         if self._prefilling is None and len(self._running) < self.cache.slots:
@@ -212,7 +219,6 @@ class Scheduler:
         logits = self.runner.run(0, ids, [s.length + 1 for s in running])
         for sequence in running:
             sequence.length += 1
-        self.stats.steps += 1
         self.stats.step_batch.observe(len(running))
         self._advance(list(zip(running, logits, strict=True)))
 
