@@ -8,12 +8,15 @@
 - optimize: INT8 (dynamic) and 4-bit weight-only candidates, alternatives each made from the unoptimized
   model; one passes when its perplexity stays within budget (a paired bootstrap bound over the windows),
   its greedy tokens agree with the unoptimized model's often enough, and it improves the spec's objective
-  (decode latency, or size). The passing one with the lowest cost is registered.
+  (decode latency, size, or the resident memory a fresh process needs to serve it). The passing one with the
+  lowest cost is registered.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ import numpy as np
 from shipyard.artifact.layout import folder_size
 from shipyard.artifact.manifest import GenerationRecord
 from shipyard.dtypes import numpy_of
-from shipyard.errors import ConversionError, SpecError
+from shipyard.errors import ConversionError, EvaluationError, SpecError
 from shipyard.kvcache import CacheSlots, StepRunner
 from shipyard.onnxrt import MODEL_FILE, check_onnx, parameter_count, place_model, session, signature_of
 from shipyard.pipeline._hf import HfFolder, builder_layout, export_decoder, load_torch_model, read_folder, weights_hash
@@ -315,7 +318,10 @@ class LanguageOptimizeStep:
             agreement = float((greedy == lm.greedy).mean())
             p50 = float(np.percentile(Scorer(candidate, lm.record).decode_ms(DECODE_TIMING_STEPS), 50))
             size = _size(candidate)
-            cost = size if optimize.objective == "size" else p50
+            measured = {"latency": p50, "size": size}
+            if optimize.objective == "memory":
+                measured["memory"] = _memory(candidate, lm.record)
+            cost = measured[optimize.objective]
             margin = 1 - optimize.min_speedup if optimize.objective == "latency" else 1.0
             better = cost < base_cost * margin
             rise = f"perplexity rise bound {check.drop_bound:.4g} > budget {check.budget:.4g}"
@@ -324,13 +330,14 @@ class LanguageOptimizeStep:
                 *([] if agreement >= optimize.min_token_agreement else
                   [f"greedy tokens agree at {agreement:.1%} < {optimize.min_token_agreement:.0%}"]),
                 *([] if better else
-                  [f"not {'faster' if optimize.objective == 'latency' else 'smaller'} than the unoptimized model"]),
+                  [f"not {BETTER[optimize.objective]} than the unoptimized model"]),
             ]  # fmt: skip
             if not reasons and cost >= best_cost:
                 reasons = [f"passes, but an earlier candidate's {optimize.objective} is lower"]
             candidates.append({"trial": trial, "step": step.step, "params": params, "fallback": [],
                                "accepted": not reasons, "metric": check.value, "drop_bound": check.drop_bound,
                                "token_agreement": agreement, "p50_ms": p50, "size_bytes": size,
+                               "memory_bytes": measured.get("memory"),
                                "reason": "; ".join(reasons) or f"{optimize.objective} improved"})  # fmt: skip
             if not reasons:
                 best, best_cost = candidate, cost
@@ -346,14 +353,47 @@ class LanguageOptimizeStep:
         ctx.metrics.update({f"{k}_unoptimized": v for k, v in unoptimized.items()})
         budget = {k: getattr(optimize, k) for k in ("max_drop", "relative", "confidence", "objective",
                                                     "min_token_agreement")}  # fmt: skip
-        return {"candidates": candidates, "applied": applied, "budget": budget}
+        return {"candidates": candidates, "applied": applied, "budget": budget, "unoptimized_cost": base_cost}
 
 
 def _size(model: Path) -> float:
     return float(sum(f.stat().st_size for f in model.parent.iterdir() if f.name.startswith(MODEL_FILE)))
 
 
+BETTER = {"latency": "faster", "size": "smaller", "memory": "lighter"}
+# Run in a fresh process: the resident memory that loading the model and one decode step of every cache
+# slot add to a Python process with onnxruntime imported (VmRSS before and after, from /proc).
+_MEMORY_PROBE = """
+import sys
+from pathlib import Path
+import numpy as np
+from shipyard.artifact.manifest import GenerationRecord
+from shipyard.kvcache import CacheSlots, StepRunner
+from shipyard.onnxrt import session
+def resident():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+before = resident()
+record = GenerationRecord.model_validate_json(sys.argv[2])
+slots = CacheSlots(record, record.max_running, np.dtype(np.float32))
+runner = StepRunner(session(sys.argv[1], threads=0), slots, np.dtype(np.int64))
+runner.run(0, np.ones((record.max_running, 1), dtype=np.int64), [1] * record.max_running)
+print(resident() - before)
+"""
+
+
+def _memory(model: Path, record: GenerationRecord) -> float:
+    """Bytes of resident memory the model takes when served (weights, the cache, one step's buffers)."""
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model), record.model_dump_json()],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise EvaluationError(f"measuring the memory of {model.name} failed: {done.stderr.strip()[-300:]}")
+    return float(done.stdout.strip())
+
+
 def _cost(model: Path, record: GenerationRecord, objective: str) -> float:
     if objective == "size":
         return _size(model)
+    if objective == "memory":
+        return _memory(model, record)
     return float(np.percentile(Scorer(model, record).decode_ms(DECODE_TIMING_STEPS), 50))

@@ -343,10 +343,11 @@ class OptimizeSpec(_Spec):
     """The drop's bootstrap upper bound at this confidence must stay within budget."""
     bootstrap: int = Field(default=500, ge=50, le=100_000)
     """Bootstrap resamples of the evaluation set."""
-    objective: Literal["latency", "size"] = "latency"
+    objective: Literal["latency", "size", "memory"] = "latency"
     """What a candidate must improve to replace its parent: `latency` (p50 at `speed_batch`; for language
-    models the decode step) or `size` (bytes of the model: on a CPU without fast INT4 kernels a 4-bit model
-    may be no faster but 4x smaller)."""
+    models the decode step), `size` (bytes of the model: on a CPU without fast INT4 kernels a 4-bit model
+    may be no faster but 4x smaller) or, for language models, `memory` (the peak resident memory a fresh
+    process adds to load it and run one decode step of every cache slot). Other models: latency only."""
     min_token_agreement: float = Field(default=0.9, ge=0, le=1)
     """Language models: the share of held-out positions where a candidate's greedy next token must equal the
     unoptimized model's."""
@@ -537,6 +538,9 @@ class ShipyardSpec(_Spec):
                 raise ValueError("prune and distill work on PyTorch models (model.format: torch)")
             if self.optimize.train_data == self.evaluation.dataset:
                 raise ValueError("optimize.train_data is the evaluation set: train on other data than the guard")
+            if self.optimize.objective != "latency" and not self.model.generates:
+                raise ValueError(f"optimize.objective {self.optimize.objective} is for language models; the search "
+                                 "of other models keeps the fastest variant (objective: latency)")  # fmt: skip
             if self.model.generates:
                 allowed = {"quantize_dynamic", "weight_only"}
                 other = sorted({s.step for s in self.optimize.steps} - allowed)
