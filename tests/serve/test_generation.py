@@ -86,6 +86,9 @@ def test_openai_completions_and_models_with_the_official_client(lm_server: tuple
     server, expected = lm_server
     client = _client(server)
     assert [m.id for m in client.models.list()] == ["lm", "lm:1"]
+    assert client.models.retrieve("lm:1").id == "lm:1"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nothing")
     reply = client.completions.create(model="lm", prompt=PROMPT, max_tokens=12)
     assert reply.choices[0].text == expected
     assert reply.choices[0].finish_reason == "length"
@@ -363,6 +366,9 @@ def test_bearer_tokens_and_scopes_apply_to_the_openai_routes(
             assert reply.usage is not None
             assert reply.usage.completion_tokens == 3
             assert [m.id for m in outsider.models.list()] == ["lm", "lm:1"]  # any valid token may list
+            assert writer.models.retrieve("lm:1").id == "lm:1"  # the scope names the model, not the version
+            with pytest.raises(openai.PermissionDeniedError):
+                outsider.models.retrieve("lm:1")
             with pytest.raises(openai.PermissionDeniedError, match="may not infer lm"):
                 outsider.completions.create(model="lm", prompt=PROMPT, max_tokens=3)
             with pytest.raises(openai.AuthenticationError, match="unknown or revoked token"):

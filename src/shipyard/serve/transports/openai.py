@@ -116,6 +116,10 @@ def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, bool(options.get("include_usage", False))
 
 
+def _model_card(ident: str) -> dict[str, Any]:
+    return {"id": ident, "object": "model", "created": int(time.time()), "owned_by": "shipyard"}
+
+
 def _usage(generation: Generation) -> dict[str, int]:
     u = generation.usage
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
@@ -127,14 +131,16 @@ class OpenAIRoutes:
 
     @staticmethod
     async def models(app: RestApp, call: Call) -> Any:
-        data = []
-        for handle in sorted(app.services.management.repository.handles(), key=lambda h: (h.name, h.version)):
-            created = int(time.time())
-            data.append({"id": f"{handle.name}:{handle.version}", "object": "model", "created": created,
-                         "owned_by": "shipyard"})  # fmt: skip
-        names = sorted({h.name for h in app.services.management.repository.handles()})
-        data = [{"id": n, "object": "model", "created": int(time.time()), "owned_by": "shipyard"} for n in names] + data
-        return app.json({"object": "list", "data": data})
+        """Every loaded model by name (the version the rollout rules pick), then every version by NAME:VERSION."""
+        handles = sorted(app.services.management.repository.handles(), key=lambda h: (h.name, h.version))
+        ids = [*sorted({h.name for h in handles}), *(f"{h.name}:{h.version}" for h in handles)]
+        return app.json({"object": "list", "data": [_model_card(i) for i in ids]})
+
+    @staticmethod
+    async def model(app: RestApp, call: Call) -> Any:
+        name, version = _model_ref(app, call.name)
+        app.services.management.repository.get(name, version)  # NotFoundError when it is not loaded
+        return app.json(_model_card(str(call.name)))
 
     @staticmethod
     async def _start(app: RestApp, call: Call, chat: bool) -> tuple[dict[str, Any], Generation]:

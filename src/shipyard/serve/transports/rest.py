@@ -190,7 +190,10 @@ class RestApp:
         call = Call(scope, receive, params.get("name"), params.get("version"))
         authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         client = scope.get("client")
-        self.access.check(authorization, client[0] if client else "unknown", route.action, call.name)
+        # An OpenAI model id pins a version as NAME:VERSION or NAME@ALIAS; scopes name models, and registry
+        # names cannot contain either character.
+        model = None if call.name is None else call.name.partition(":")[0].partition("@")[0]
+        self.access.check(authorization, client[0] if client else "unknown", route.action, model)
         return await route.handler(self, call)
 
     @staticmethod
@@ -419,6 +422,7 @@ ROUTES: list[Route] = [
     *_model_routes("POST", "/feedback", "infer", RestApp.feedback),
     # OpenAI's API: the model is named in the body, and checked there (RestApp.check_model)
     Route("GET", "/v1/models", "read", openai.OpenAIRoutes.models),
+    Route("GET", "/v1/models/{name}", "read", openai.OpenAIRoutes.model),
     Route("POST", "/v1/completions", "infer", openai.OpenAIRoutes.completions),
     Route("POST", "/v1/chat/completions", "infer", openai.OpenAIRoutes.chat_completions),
     Route("POST", "/v1/embeddings", "infer", openai.OpenAIRoutes.embeddings),
