@@ -85,6 +85,8 @@ class LanguageLoadStep:
         model = load_torch_model(folder, spec.model.trust_remote_code)
         ctx.source_sha256 = weights_hash(folder.path)
         context = int(folder.config.get("max_position_embeddings", 2048))
+        if spec.model.generation is not None and spec.model.generation.context is not None:
+            context = min(context, spec.model.generation.context)  # windows must fit the served context
         ctx.language = LanguageBuild(folder, model, _windows(spec, folder, ctx.base_dir, context))
         progress.update(1, 1)
         parameters = sum(p.numel() for p in model.parameters())
