@@ -14,14 +14,16 @@ from shipyard.registry import LocalRegistry
 from tests.serve.conftest import start_server, stop_server
 
 
-def _run(name: str, tmp_path: Path, cli: Callable[..., Any]) -> tuple[str, LocalRegistry, str]:
+def _run(
+    name: str, tmp_path: Path, cli: Callable[..., Any], model: str | None = None
+) -> tuple[str, LocalRegistry, str]:
     """init, train.py, build, serve, client.py: returns (training output, registry, client output)."""
     folder, registry = tmp_path / name, LocalRegistry(tmp_path / "registry")
     assert cli("init", "--example", name, str(folder)).code == 0
     trained = subprocess.run([sys.executable, str(folder / "train.py")], capture_output=True, text=True, check=True)
     built = cli("build", str(folder), "--registry", str(registry.root))
     assert built.code == 0, built.err
-    server = start_server(registry, tmp_path / "server.log", name)
+    server = start_server(registry, tmp_path / "server.log", model or name)
     try:
         asked = subprocess.run([sys.executable, str(folder / "client.py"), "--url", server.base()],
                                capture_output=True, text=True, check=True)  # fmt: skip
@@ -61,7 +63,7 @@ def test_recsys_example_serves_top_k(tmp_path: Path, cli: Callable[..., Any]) ->
 
 @pytest.mark.slow  # training takes minutes: `pytest -m slow tests/test_examples.py`
 def test_chat_example_answers_through_the_openai_client(tmp_path: Path, cli: Callable[..., Any]) -> None:
-    trained, registry, answered = _run("chat", tmp_path, cli)
+    trained, registry, answered = _run("chat", tmp_path, cli, model="logbook-chat")
     assert "save_pretrained" in trained
     assert registry.manifest("logbook-chat:1").metrics["perplexity"] < 3
     assert "Day 12: we sailed from Hamburg toward Naples" in answered  # a trained day, word for word
