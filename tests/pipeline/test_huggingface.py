@@ -53,21 +53,25 @@ def test_compression_is_guarded_by_perplexity_and_token_agreement(tmp_path: Path
     _heldout(tmp_path)
     spec = {**causal_spec(),
             "evaluation": {"dataset": {"kind": "text", "path": "heldout.txt", "window": 32}, "metric": "perplexity"},
-            "optimize": {"steps": [{"step": "weight_only"}, {"step": "quantize_dynamic"}], "objective": "size",
-                         "max_drop": 0.5, "relative": True, "min_token_agreement": 1.0}}  # fmt: skip
+            "optimize": {"steps": [{"step": "weight_only"}, {"step": "quantize_dynamic"},
+                                   {"step": "weight_only", "params": {"bits": 3}}],  # fails: the search goes on
+                         "objective": "size", "max_drop": 0.5, "relative": True,
+                         "min_token_agreement": 1.0}}  # fmt: skip
     registry = LocalRegistry(tmp_path / "registry")
     manifest = build(load_spec(write_spec(tmp_path, spec)), registry)
     metrics = manifest.metrics
     assert metrics["perplexity"] == pytest.approx(metrics["perplexity_original"], rel=1e-4)  # FP32 kept
-    candidates = _lineage(manifest, "optimize")["candidates"]
+    *candidates, failed = _lineage(manifest, "optimize")["candidates"]
+    assert failed["reason"] == "failed: optimize step weight_only: bits must be 4 or 8"
     assert [c["step"] for c in candidates] == ["weight_only", "quantize_dynamic"]
     assert not any(c["accepted"] for c in candidates)
     assert all("greedy tokens agree" in c["reason"] for c in candidates)
     assert all(c["size_bytes"] < metrics["size_bytes"] for c in candidates)
 
     # The same search judged by the resident memory a fresh process needs to serve each candidate.
+    steps = spec["optimize"]["steps"][:2]
     relaxed = {**spec, "name": "lm2", "optimize": {**spec["optimize"], "min_token_agreement": 0.5,
-                                                   "objective": "memory"}}  # fmt: skip
+                                                   "objective": "memory", "steps": steps}}  # fmt: skip
     lighter = build(load_spec(write_spec(tmp_path, relaxed)), registry)
     search = _lineage(lighter, "optimize")
     assert search["unoptimized_cost"] > 0

@@ -27,15 +27,24 @@ import numpy as np
 from shipyard.artifact.layout import folder_size
 from shipyard.artifact.manifest import GenerationRecord
 from shipyard.dtypes import numpy_of
-from shipyard.errors import ConversionError, EvaluationError, SpecError
+from shipyard.errors import ConversionError, EvaluationError, ShipyardError, SpecError
 from shipyard.kvcache import CacheSlots, StepRunner
 from shipyard.onnxrt import MODEL_FILE, check_onnx, parameter_count, place_model, session, signature_of
 from shipyard.pipeline._hf import HfFolder, builder_layout, export_decoder, load_torch_model, read_folder, weights_hash
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.optimize import transforms
 from shipyard.pipeline.optimize.guard import MetricCheck, budget
+from shipyard.pipeline.optimize.search import explain
 from shipyard.pipeline.step import Progress
-from shipyard.spec.models import GenerationSpec, ShipyardSpec, TextDatasetSpec, ToleranceSpec, resolve_path
+from shipyard.spec.models import (
+    GenerationSpec,
+    OptimizeSpec,
+    OptimizeStepSpec,
+    ShipyardSpec,
+    TextDatasetSpec,
+    ToleranceSpec,
+    resolve_path,
+)
 from shipyard.tokenizer import load_tokenizer
 
 GREEDY_CHECK_TOKENS = 32  # tokens generated through the cache and compared with transformers' generate()
@@ -313,38 +322,23 @@ class LanguageOptimizeStep:
         for trial, step in enumerate(optimize.steps, start=1):
             candidate = ctx.scratch_dir / f"candidate-{trial}" / MODEL_FILE
             candidate.parent.mkdir(parents=True)
-            with transforms.quiet_root_logger():
-                params = STEPS[step.step](base, candidate, dict(step.params), {})
-            nll, greedy = Scorer(candidate, lm.record).score(lm.windows)
-            check = check_perplexity(lm.nll, nll, optimize)
-            agreement = float((greedy == lm.greedy).mean())
-            p50 = float(np.percentile(Scorer(candidate, lm.record).decode_ms(DECODE_TIMING_STEPS), 50))
-            size = _size(candidate)
-            measured = {"latency": p50, "size": size}
-            if optimize.objective == "memory":
-                measured["memory"] = _memory(candidate, lm.record)
-            cost = measured[optimize.objective]
-            margin = 1 - optimize.min_speedup if optimize.objective == "latency" else 1.0
-            better = cost < base_cost * margin
-            rise = f"perplexity rise bound {check.drop_bound:.4g} > budget {check.budget:.4g}"
-            reasons = [
-                *([] if check.passed else [rise]),
-                *([] if agreement >= optimize.min_token_agreement else
-                  [f"greedy tokens agree at {agreement:.1%} < {optimize.min_token_agreement:.0%}"]),
-                *([] if better else
-                  [f"not {BETTER[optimize.objective]} than the unoptimized model"]),
-            ]  # fmt: skip
-            if not reasons and cost >= best_cost:
-                reasons = [f"passes, but an earlier candidate's {optimize.objective} is lower"]
-            candidates.append({"trial": trial, "step": step.step, "params": params, "fallback": [],
-                               "accepted": not reasons, "metric": check.value, "drop_bound": check.drop_bound,
-                               "token_agreement": agreement, "p50_ms": p50, "size_bytes": size,
-                               "memory_bytes": measured.get("memory"),
-                               "reason": "; ".join(reasons) or f"{optimize.objective} improved"})  # fmt: skip
-            if not reasons:
+            try:
+                record, cost, perplexity_value, agreement, p50 = _trial(step, base, candidate, lm, optimize, base_cost)
+            except Exception as exc:  # a transform or ONNX Runtime failing on this model: say why, go on
+                reason = f"failed: {exc}" if isinstance(exc, ShipyardError) else f"failed: {explain(step.step, exc)}"
+                candidates.append({"trial": trial, "step": step.step, "params": dict(step.params), "fallback": [],
+                                   "accepted": False, "reason": reason})  # fmt: skip
+                progress.update(trial, len(optimize.steps))
+                continue
+            if record["accepted"] and cost >= best_cost:
+                record.update(
+                    accepted=False, reason=f"passes, but an earlier candidate's {optimize.objective} is lower"
+                )
+            candidates.append({"trial": trial, **record})
+            if record["accepted"]:
                 best, best_cost = candidate, cost
-                applied = [{"step": step.step, "params": params}]
-                ctx.metrics.update(perplexity=check.value, token_agreement=agreement, latency_p50_ms=p50)
+                applied = [{"step": step.step, "params": record["params"]}]
+                ctx.metrics.update(perplexity=perplexity_value, token_agreement=agreement, latency_p50_ms=p50)
             progress.update(trial, len(optimize.steps))
         if best != ctx.model_path:
             for old in ctx.artifact_dir.glob(f"{MODEL_FILE}*"):
@@ -356,6 +350,39 @@ class LanguageOptimizeStep:
         budget = {k: getattr(optimize, k) for k in ("max_drop", "relative", "confidence", "objective",
                                                     "min_token_agreement")}  # fmt: skip
         return {"candidates": candidates, "applied": applied, "budget": budget, "unoptimized_cost": base_cost}
+
+
+def _trial(
+    step: OptimizeStepSpec, base: Path, candidate: Path, lm: LanguageBuild, optimize: OptimizeSpec, base_cost: float
+) -> tuple[dict[str, Any], float, float, float, float]:
+    """Make one candidate from the unoptimized model and judge it: (its record, cost, perplexity, token
+    agreement, decode p50)."""
+    assert lm.record is not None
+    assert lm.nll is not None
+    assert lm.greedy is not None
+    with transforms.quiet_root_logger():
+        params = STEPS[step.step](base, candidate, dict(step.params), {})
+    nll, greedy = Scorer(candidate, lm.record).score(lm.windows)
+    check = check_perplexity(lm.nll, nll, optimize)
+    agreement = float((greedy == lm.greedy).mean())
+    p50 = float(np.percentile(Scorer(candidate, lm.record).decode_ms(DECODE_TIMING_STEPS), 50))
+    measured = {"latency": p50, "size": _size(candidate)}
+    if optimize.objective == "memory":
+        measured["memory"] = _memory(candidate, lm.record)
+    cost = measured[optimize.objective]
+    margin = 1 - optimize.min_speedup if optimize.objective == "latency" else 1.0
+    reasons = [
+        *([] if check.passed else [f"perplexity rise bound {check.drop_bound:.4g} > budget {check.budget:.4g}"]),
+        *([] if agreement >= optimize.min_token_agreement else
+          [f"greedy tokens agree at {agreement:.1%} < {optimize.min_token_agreement:.0%}"]),
+        *([] if cost < base_cost * margin else [f"not {BETTER[optimize.objective]} than the unoptimized model"]),
+    ]  # fmt: skip
+    record: dict[str, Any] = {
+        "step": step.step, "params": params, "fallback": [], "accepted": not reasons, "metric": check.value,
+        "drop_bound": check.drop_bound, "token_agreement": agreement, "p50_ms": p50, "size_bytes": measured["size"],
+        "memory_bytes": measured.get("memory"), "reason": "; ".join(reasons) or f"{optimize.objective} improved",
+    }  # fmt: skip
+    return record, cost, check.value, agreement, p50
 
 
 def _size(model: Path) -> float:
