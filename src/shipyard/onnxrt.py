@@ -20,7 +20,6 @@ from shipyard.errors import ModelLoadError
 from shipyard.spec.models import SignatureSpec, TensorSpec
 
 MODEL_FILE = "model.onnx"
-EXTERNAL_DATA_FILE = "model.onnx.data"
 _SINGLE_FILE_LIMIT = 1_800_000_000  # below protobuf's 2 GiB message limit, with margin
 
 
@@ -69,21 +68,51 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     return any(init.data_location == TensorProto.EXTERNAL for init in model.graph.initializer)
 
 
+def uses_external_data(path: Path) -> bool:
+    """Whether the ONNX file at `path` keeps its weights in side files (read without loading them)."""
+    return has_external_data(onnx.load(str(path), load_external_data=False))
+
+
+def save_graph(model: onnx.ModelProto, dest: Path, external: bool = False) -> Path:
+    """Write a loaded graph: one file below protobuf's limit, else (or when `external`) its weights in one
+    side file `dest.name + ".data"` beside it, the layout every ONNX tool here reads back."""
+    if external or model.ByteSize() >= _SINGLE_FILE_LIMIT:
+        onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{dest.name}.data", size_threshold=1024)  # fmt: skip
+    else:
+        onnx.save_model(model, str(dest))
+    return dest
+
+
+def model_files(path: Path) -> list[Path]:
+    """An ONNX file and its side file of weights, when it has one."""
+    data = path.with_name(f"{path.name}.data")
+    return [path, data] if data.exists() else [path]
+
+
+def model_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in model_files(path))
+
+
+def remove_model(path: Path) -> None:
+    for file in model_files(path):
+        file.unlink(missing_ok=True)
+
+
 def place_model(source: Path, graph: onnx.ModelProto, dest: Path) -> Path:
-    """Copy a checked ONNX model to `dest`, self-contained unless it exceeds protobuf's 2 GB.
+    """Copy a checked ONNX model to `dest`, self-contained unless it exceeds protobuf's 2 GB (then its
+    weights go to `model.onnx.data` beside it).
 
     Exporters may write weights to side files; they are gathered here (onnx.load refuses external-data
     paths that leave the model's folder), so the artifact never depends on files outside it.
     """
+    if source.resolve() == dest.resolve():
+        return dest
+    remove_model(dest)
     if not has_external_data(graph):
         shutil.copyfile(source, dest)
         return dest
-    full = onnx.load(str(source), load_external_data=True)
-    if full.ByteSize() < _SINGLE_FILE_LIMIT:
-        onnx.save_model(full, str(dest))
-    else:
-        onnx.save_model(full, str(dest), save_as_external_data=True, location=EXTERNAL_DATA_FILE)
-    return dest
+    return save_graph(onnx.load(str(source), load_external_data=True), dest)
 
 
 def providers(preferred: list[str] | None) -> list[str]:

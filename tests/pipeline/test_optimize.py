@@ -10,7 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from shipyard import onnxrt
 from shipyard.errors import SpecError
+from shipyard.onnxrt import uses_external_data
 from shipyard.pipeline import build
 from shipyard.pipeline.optimize.search import Candidate, applied_chain
 from shipyard.pipeline.optimize.transforms import TRANSFORMS
@@ -59,6 +61,46 @@ def test_each_step_gives_a_valid_and_numerically_sane_model(tmp_path: Path, step
     assert isinstance(params, dict)
     if step.startswith("quantize"):
         assert dest.stat().st_size < source.stat().st_size / 2.5  # INT8 weights
+
+
+def _with_side_file(source: Path, dest: Path) -> Path:
+    """The same graph with its weights in `dest.name + '.data'`, as models over protobuf's 2 GB are kept."""
+    onnx.save_model(onnx.load(str(source)), str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{dest.name}.data", size_threshold=1024)  # fmt: skip
+    return dest
+
+
+@pytest.mark.parametrize("step", sorted(TRANSFORMS))
+def test_each_step_keeps_weights_in_a_side_file_when_its_source_does(tmp_path: Path, step: str) -> None:
+    source = _with_side_file(make_mlp_onnx(tmp_path / "inline.onnx", sizes=(256, 256, 256, 10)), tmp_path / "big.onnx")
+    x = np.random.default_rng(2).standard_normal((64, 256)).astype(np.float32)
+    dest = tmp_path / "out" / f"{step}.onnx"
+    dest.parent.mkdir()
+    TRANSFORMS[step](source, dest, {}, {"x": x})
+    assert uses_external_data(dest)
+    assert dest.with_name(f"{dest.name}.data").stat().st_size > dest.stat().st_size
+    assert np.mean(_run(dest, x).argmax(1) == _run(source, x).argmax(1)) >= 0.8
+
+
+def test_a_model_with_external_weights_goes_through_the_search(
+    tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path every model over 2 GB takes, with the single-file limit lowered to 100 kB for speed: the
+    search used to refuse it outright."""
+    monkeypatch.setattr(onnxrt, "_SINGLE_FILE_LIMIT", 100_000)
+    inline = make_mlp_onnx(tmp_path / "inline.onnx", sizes=(256, 256, 256, 10))  # 330 kB of weights
+    model = _with_side_file(inline, tmp_path / "mlp.onnx")
+    steps = [{"step": s} for s in ("graph", "quantize_dynamic", "weight_only")]
+    manifest = build(load_spec(_project(tmp_path, model, {"steps": steps, "min_speedup": 0.0, "max_drop": 0.2})),
+                     registry)  # fmt: skip
+    candidates = next(s.params for s in manifest.lineage if s.step == "optimize")["candidates"]
+    assert [c["reason"] for c in candidates if c["reason"].startswith("failed")] == []
+    folder = registry.path(registry.resolve("opt"))
+    registered = folder / "model.onnx"
+    big = registered.stat().st_size + sum(f.stat().st_size for f in folder.glob("model.onnx.data")) > 100_000
+    assert uses_external_data(registered) == big  # weights beside the graph exactly when they pass the limit
+    x = np.random.default_rng(1).standard_normal((32, 256)).astype(np.float32)
+    assert _run(registered, x).shape == (32, 10)
 
 
 def test_unknown_step_parameters_are_rejected(tmp_path: Path) -> None:

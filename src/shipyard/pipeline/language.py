@@ -29,7 +29,7 @@ from shipyard.artifact.manifest import GenerationRecord
 from shipyard.dtypes import numpy_of
 from shipyard.errors import ConversionError, EvaluationError, ShipyardError, SpecError
 from shipyard.kvcache import CacheSlots, StepRunner
-from shipyard.onnxrt import MODEL_FILE, check_onnx, parameter_count, place_model, session, signature_of
+from shipyard.onnxrt import MODEL_FILE, check_onnx, model_bytes, parameter_count, place_model, session, signature_of
 from shipyard.pipeline._hf import HfFolder, builder_layout, export_decoder, load_torch_model, read_folder, weights_hash
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.optimize import transforms
@@ -341,8 +341,6 @@ class LanguageOptimizeStep:
                 ctx.metrics.update(perplexity=perplexity_value, token_agreement=agreement, latency_p50_ms=p50)
             progress.update(trial, len(optimize.steps))
         if best != ctx.model_path:
-            for old in ctx.artifact_dir.glob(f"{MODEL_FILE}*"):
-                old.unlink()
             ctx.model_path = place_model(best, check_onnx(best, runtime_ops=True), ctx.artifact_dir / MODEL_FILE)
             ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
             ctx.metrics["tokens_per_s"] = 1000.0 / ctx.metrics["latency_p50_ms"]
@@ -386,7 +384,7 @@ def _trial(
 
 
 def _size(model: Path) -> float:
-    return float(sum(f.stat().st_size for f in model.parent.iterdir() if f.name.startswith(MODEL_FILE)))
+    return float(model_bytes(model))
 
 
 BETTER = {"latency": "faster", "size": "smaller", "memory": "lighter"}

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from shipyard.onnxrt import session
+from shipyard.onnxrt import remove_model, session
 from shipyard.pipeline.optimize.transforms import TRANSFORMS, Calibration
 
 _QUANTIZABLE = ("MatMul", "Gemm", "Conv")
@@ -44,5 +44,5 @@ def rank_nodes(step: str, params: dict[str, Any], source: Path, calibration: Cal
             float(np.linalg.norm(g - r) / (np.linalg.norm(r) or 1.0)) for g, r in zip(got, reference, strict=True)
         )
         scored.append((error, node))
-        probe.unlink()
+        remove_model(probe)
     return [node for _, node in sorted(scored, reverse=True)]

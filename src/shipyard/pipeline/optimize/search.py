@@ -7,7 +7,6 @@ registers the best variant found (the unoptimized model if none passed).
 from __future__ import annotations
 
 import functools
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,15 +16,18 @@ import numpy as np
 import onnx
 
 from shipyard.artifact.layout import folder_size
-from shipyard.errors import InvalidInputError, ShipyardError
+from shipyard.errors import ShipyardError
 from shipyard.onnxrt import (
-    MODEL_FILE,
     check_onnx,
     is_batchable,
+    model_bytes,
     ort_predict,
     parameter_count,
+    place_model,
     run_in_chunks,
+    save_graph,
     session,
+    uses_external_data,
 )
 from shipyard.pipeline._torch import TorchSource
 from shipyard.pipeline.context import BuildContext, EvalData
@@ -75,8 +77,7 @@ def _named_copy(source: Path, dest: Path) -> Path:
     for i, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
-    onnx.save(model, str(dest))
-    return dest
+    return save_graph(model, dest, external=uses_external_data(source))
 
 
 def applied_chain(candidates: list[Candidate], winner: Candidate | None) -> list[Candidate]:
@@ -209,7 +210,7 @@ class _Search:
                 with quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
                     applied = TRANSFORMS[step](parent, dest, params, self.calibration)
             check_onnx(dest)
-            verdict = Candidate(trial, step, applied, False, "", size_bytes=dest.stat().st_size)
+            verdict = Candidate(trial, step, applied, False, "", size_bytes=model_bytes(dest))
             self._judge(verdict, self.predict(dest), dest)
         except ShipyardError as exc:
             verdict = Candidate(trial, step, params, False, f"failed: {exc}", failed_guard="error")
@@ -246,11 +247,9 @@ class OptimizeStep:
 
     def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
         spec, evaluation, data = ctx.loaded.spec.optimize, ctx.loaded.spec.evaluation, ctx.eval_data
-        model_path, _ = ctx.require_model()
+        ctx.require_model()
         if spec is None or evaluation is None or data is None:
             raise RuntimeError("pipeline order: optimize runs only with an evaluation set")
-        if (model_path.parent / f"{MODEL_FILE}.data").exists():
-            raise InvalidInputError("optimizing models with external weights (> 2 GB) is not supported yet")
         work = ctx.scratch_dir / "optimize"
         work.mkdir()
         search = _Search(ctx, spec, evaluation.metric, data, work)
@@ -284,7 +283,7 @@ class OptimizeStep:
         for key in (metric, "latency_p50_ms", "latency_p99_ms", "throughput_sps", "size_bytes", "parameters"):
             if key in ctx.metrics:
                 ctx.metrics[f"{key}_unoptimized"] = ctx.metrics.pop(key)
-        shutil.copyfile(best, model_path)
+        place_model(best, check_onnx(best), model_path)
         ctx.metrics["parameters"] = float(parameter_count(check_onnx(model_path)))
         if value is not None:
             ctx.metrics[metric] = value

@@ -1,6 +1,7 @@
 """The optimization steps: each turns a parent ONNX file into a candidate file (same signature).
 
-All of them are onnxruntime's own tools (graph optimizer, quantizer, float16 converter).
+All of them are onnxruntime's own tools (graph optimizer, quantizer, float16 converter). A source whose
+weights live in a side file (a model over protobuf's 2 GB) gives a candidate that keeps them in one too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from shipyard.errors import InvalidInputError
+from shipyard.onnxrt import save_graph, uses_external_data
 
 Calibration = dict[str, np.ndarray]
 Transform = Callable[[Path, Path, dict[str, Any], Calibration], dict[str, Any]]
@@ -59,17 +61,23 @@ def graph(source: Path, dest: Path, params: dict[str, Any], calibration: Calibra
     check_params(params, {"level", "transformer"}, "graph")
     level = params.get("level", "extended")
     transformer = params.get("transformer")
+    external = uses_external_data(source)
+    if level not in _GRAPH_LEVELS:
+        raise InvalidInputError(f"optimize step graph: level must be one of {sorted(_GRAPH_LEVELS)}, not {level!r}")
     if transformer is not None:
         from onnxruntime.transformers.optimizer import optimize_model
 
         fused = optimize_model(str(source), model_type=str(transformer), num_heads=0, hidden_size=0, opt_level=0)
-        fused.save_model_to_file(str(dest), use_external_data_format=False)
-        source = dest
-    if level not in _GRAPH_LEVELS:
-        raise InvalidInputError(f"optimize step graph: level must be one of {sorted(_GRAPH_LEVELS)}, not {level!r}")
+        fused_path = dest.with_name(f"fused-{dest.name}")
+        fused.save_model_to_file(str(fused_path), use_external_data_format=external)
+        source = fused_path
     options = ort.SessionOptions()
     options.graph_optimization_level = _GRAPH_LEVELS[level]
     options.optimized_model_filepath = str(dest)
+    if external:  # the optimized graph keeps its weights beside it, as its source did
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         f"{dest.name}.data")  # fmt: skip
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     options.log_severity_level = 3
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     return {"level": level, "transformer": transformer} if transformer else {"level": level}
@@ -83,7 +91,7 @@ def quantize_dynamic(source: Path, dest: Path, params: dict[str, Any], calibrati
     check_params(params, {"per_channel", "weight_type", "nodes_to_exclude", "nodes_to_quantize"}, "quantize_dynamic")
     weight_type = params.get("weight_type", "QInt8")
     ort_quantize_dynamic(
-        str(source), str(dest),
+        str(source), str(dest), use_external_data_format=uses_external_data(source),
         per_channel=bool(params.get("per_channel", False)),
         weight_type=QuantType[weight_type],
         nodes_to_exclude=list(params.get("nodes_to_exclude", [])),
@@ -118,7 +126,7 @@ def quantize_static(source: Path, dest: Path, params: dict[str, Any], calibratio
     samples = int(params.get("calibration_samples", 128))
     subset = {k: v[:samples] for k, v in calibration.items()}
     ort_quantize_static(
-        str(source), str(dest), _Reader(subset),
+        str(source), str(dest), _Reader(subset), use_external_data_format=uses_external_data(source),
         quant_format=QuantFormat.QDQ,
         per_channel=bool(params.get("per_channel", True)),
         activation_type=QuantType.QUInt8,
@@ -142,7 +150,7 @@ def fp16(source: Path, dest: Path, params: dict[str, Any], calibration: Calibrat
     keep = bool(params.get("keep_io_types", True))
     converted = OnnxModel(convert_float_to_float16(onnx.load(str(source)), keep_io_types=keep))
     converted.topological_sort()  # the converter appends the input casts after their consumers
-    onnx.save(converted.model, str(dest))
+    save_graph(converted.model, dest, external=uses_external_data(source))
     return {"keep_io_types": keep}
 
 
@@ -166,7 +174,7 @@ def weight_only(source: Path, dest: Path, params: dict[str, Any], calibration: C
         nodes_to_include=list(params.get("nodes_to_quantize", [])) or None,
     )  # fmt: skip
     quantizer.process()
-    quantizer.model.save_model_to_file(str(dest), use_external_data_format=False)
+    quantizer.model.save_model_to_file(str(dest), use_external_data_format=uses_external_data(source))
     return {"bits": bits, "block_size": block, "symmetric": bool(params.get("symmetric", True)),
             "accuracy_level": level, "nodes_to_exclude": list(params.get("nodes_to_exclude", []))}  # fmt: skip
 
