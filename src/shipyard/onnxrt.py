@@ -7,7 +7,7 @@ the same options, threads and providers.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -122,13 +122,23 @@ def providers(preferred: list[str] | None) -> list[str]:
     return chosen or ["CPUExecutionProvider"]
 
 
-def session(source: str | Path | bytes, threads: int = 1, preferred: list[str] | None = None) -> ort.InferenceSession:
+def session(
+    source: str | Path | bytes,
+    threads: int = 1,
+    preferred: list[str] | None = None,
+    side_files: Mapping[str, bytearray] | None = None,
+) -> ort.InferenceSession:
     """An ONNX Runtime session from a path or model bytes, with `threads` intra-op threads and one inter-op
-    thread (so timings are comparable), on the preferred providers this machine has (default: CPU)."""
+    thread (so timings are comparable), on the preferred providers this machine has (default: CPU).
+    `side_files`: weight files the graph references, by name, from memory (a decrypted model's)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if side_files:
+        names = list(side_files)
+        buffers = [side_files[n] for n in names]
+        options.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
     try:
         return ort.InferenceSession(
             source if isinstance(source, bytes) else str(source), options, providers=providers(preferred)

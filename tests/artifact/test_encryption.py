@@ -11,11 +11,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
+from shipyard import onnxrt
+from shipyard.artifact import encryption
 from shipyard.artifact.encryption import generate_key, model_source
 from shipyard.errors import IntegrityError, InvalidInputError, UnavailableError
+from shipyard.onnxrt import session
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from shipyard.registry import remote as remote_storage
@@ -59,8 +63,9 @@ def test_sealed_at_build_verifiable_without_the_key_and_opened_with_it(
     with pytest.raises(Exception, match=r"(?i)protobuf|load"):  # ONNX Runtime's own error: not a model
         ort.InferenceSession(str(stored), providers=["CPUExecutionProvider"])
     opened = model_source(registry.path("mlp:1"), manifest, _key(key_file))
-    assert isinstance(opened, bytes)
-    session = ort.InferenceSession(opened, providers=["CPUExecutionProvider"])
+    assert isinstance(opened.model, bytes)
+    assert opened.side_files == {}
+    session = ort.InferenceSession(opened.model, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": X})[0], _plain(source), rtol=1e-6)
     registry.manifest("mlp:1", verify=True)  # hashes cover the ciphertext: no key needed to verify
     with pytest.raises(UnavailableError, match="is encrypted"):
@@ -77,7 +82,7 @@ def test_a_wrong_key_and_a_modified_file_are_refused(key_file: Path, registry: L
     data = bytearray((folder / "model.onnx").read_bytes())
     data[-3] ^= 0x10
     (folder / "model.onnx").write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="wrong key or modified file"):
+    with pytest.raises(IntegrityError, match="wrong key, or a modified, truncated or reordered file"):
         model_source(folder, manifest, _key(key_file))
 
 
@@ -116,3 +121,63 @@ def test_archives_stay_encrypted_and_the_server_opens_them_with_the_key(
     assert keyless.returncode == 9  # nothing it was asked for can be served: it says why and exits
     assert "is encrypted" in keyless.stderr
     assert "Traceback" not in keyless.stderr
+
+
+def test_chunks_cut_off_or_reordered_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encryption, "CHUNK", 1000)
+    key = b"k" * 32
+    path = tmp_path / "weights.bin"
+    plain = np.random.default_rng(0).bytes(4500)  # five chunks, the last one short
+    path.write_bytes(plain)
+    encryption.seal(path, key)
+    sealed = path.read_bytes()
+    assert encryption.open_sealed(path, key) == plain
+    header, piece = len(b"SHIPYARD-AESGCM2") + 8 + 4, 1000 + 16
+    chunks = [sealed[header + i * piece : header + (i + 1) * piece] for i in range(5)]
+    damaged = {
+        "cut at a chunk boundary": sealed[: header + 3 * piece],
+        "cut inside a chunk": sealed[:-7],
+        "two chunks swapped": sealed[:header] + chunks[1] + chunks[0] + b"".join(chunks[2:]),
+        "a chunk repeated": sealed[:header] + chunks[0] + chunks[0] + b"".join(chunks[2:]),
+        "a byte changed": sealed[:-1] + bytes([sealed[-1] ^ 1]),
+    }
+    for what, data in damaged.items():
+        path.write_bytes(data)
+        with pytest.raises(IntegrityError, match="modified, truncated or reordered"):
+            encryption.open_sealed(path, key)
+        assert what  # each case is refused, not decrypted to something
+
+
+def test_files_sealed_whole_by_earlier_versions_still_open(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key, path = b"k" * 32, tmp_path / "model.onnx"
+    nonce = b"n" * 12
+    path.write_bytes(b"SHIPYARD-AESGCM1" + nonce + AESGCM(key).encrypt(nonce, b"the model", b"model.onnx"))
+    assert encryption.open_sealed(path, key) == b"the model"
+
+
+def test_a_model_with_external_weights_is_sealed_whole_and_served_from_memory(
+    key_file: Path, registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path of models over 2 GB (the single-file limit lowered here): graph and weight file are both
+    sealed; opening them decrypts into memory and writes no plaintext."""
+    monkeypatch.setattr(onnxrt, "_SINGLE_FILE_LIMIT", 10_000)
+    monkeypatch.setattr(encryption, "CHUNK", 64 << 10)
+    source = make_mlp_onnx(tmp_path / "mlp.onnx", sizes=(16, 256, 256, 4))  # 290 kB of weights: 5 chunks
+    beside = tmp_path / "beside" / "mlp.onnx"  # as an exporter of a big model writes it
+    beside.parent.mkdir()
+    onnx.save_model(onnx.load(str(source)), str(beside), save_as_external_data=True, location="mlp.onnx.data")
+    manifest = import_onnx(beside, "big", registry, encryption_key=_key(key_file))
+    folder = registry.path("big:1")
+    assert manifest.encryption is not None
+    assert manifest.encryption["side_file"] == "model.onnx.data"
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (folder / name).read_bytes().startswith(b"SHIPYARD-AESGCM2")
+    registry.manifest("big:1", verify=True)
+    before = sorted(p.name for p in folder.iterdir())
+    opened = model_source(folder, manifest, _key(key_file))
+    assert list(opened.side_files) == ["model.onnx.data"]
+    got = session(opened.model, side_files=opened.side_files).run(None, {"x": X})[0]
+    np.testing.assert_allclose(got, _plain(source), rtol=1e-5)
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing decrypted to disk

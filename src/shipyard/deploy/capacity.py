@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shipyard.artifact.encryption import model_source
+from shipyard.artifact.encryption import ModelSource, model_source
 from shipyard.errors import ConflictError, InvalidInputError
 from shipyard.onnxrt import is_batchable, random_feeds, session
 from shipyard.registry.local import LocalRegistry
@@ -67,9 +67,9 @@ class CapacityPlan:
 
 
 def _time(
-    signature: SignatureSpec, model: str | bytes, batch: int, concurrency: int, seconds: float, sequence: int
+    signature: SignatureSpec, model: ModelSource, batch: int, concurrency: int, seconds: float, sequence: int
 ) -> Point:
-    sessions = [session(model) for _ in range(concurrency)]
+    sessions = [session(model.model, side_files=model.side_files) for _ in range(concurrency)]
     feeds = random_feeds(signature, batch, other_dims=sequence)
     for sess in sessions:
         sess.run(None, feeds)
@@ -102,13 +102,14 @@ def peak_rss_mib(
         "import base64, json, resource, sys, numpy as np\n"
         "import shipyard.serve.app\n"
         "from pathlib import Path\n"
-        "from shipyard.artifact.encryption import model_source\n"
+        "from shipyard.artifact.encryption import ModelSource, model_source\n"
         "from shipyard.artifact.layout import read_manifest\n"
         "from shipyard.onnxrt import session\n"
         "args = json.loads(sys.stdin.read())\n"
         "folder = Path(args['folder'])\n"
         "key = base64.b64decode(args['key']) if args['key'] else None\n"
-        "s = session(model_source(folder, read_manifest(folder), key))\n"
+        "source = model_source(folder, read_manifest(folder), key)\n"
+        "s = session(source.model, side_files=source.side_files)\n"
         "s.run(None, {k: np.asarray(v, dtype=args['dtypes'][k]) for k, v in args['feeds'].items()})\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )

@@ -84,7 +84,8 @@ def validate(
         raise EvaluationError(f"{record.ref} was built without an evaluation: nothing to re-validate")
     text = artifact_encoder(registry.path(record), manifest)
     data = load_dataset(evaluation.dataset, manifest.signature, base_dir, evaluation.max_samples, text)
-    sess = session(model_source(registry.path(record), manifest, encryption_key))
+    source = model_source(registry.path(record), manifest, encryption_key)
+    sess = session(source.model, side_files=source.side_files)
     pred = run_in_chunks(ort_predict(sess), data.inputs, manifest.signature)[
         output_index(evaluation, manifest.signature)
     ]

@@ -55,7 +55,8 @@ def replay(logs: list[Path], registry: LocalRegistry, ref: str, encryption_key: 
     """Run the logged requests of the candidate's model name through the candidate and compare."""
     record = registry.resolve(ref)
     manifest = registry.manifest(record, verify=True)
-    sess = session(model_source(registry.path(record), manifest, encryption_key))
+    source = model_source(registry.path(record), manifest, encryption_key)
+    sess = session(source.model, side_files=source.side_files)
     text = artifact_encoder(registry.path(record), manifest)
     agreed = compared = skipped = 0
     worst, times, logged_ms, served = 0.0, [], [], set()

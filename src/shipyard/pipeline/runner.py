@@ -14,7 +14,7 @@ from shipyard.artifact.encryption import ALGORITHM, key_id, seal
 from shipyard.artifact.hashing import sha256_file
 from shipyard.artifact.layout import create_manifest
 from shipyard.artifact.manifest import LineageStep, Manifest
-from shipyard.errors import InvalidInputError
+from shipyard.onnxrt import model_files
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.convert import ConvertStep
 from shipyard.pipeline.evaluate import EvaluateStep
@@ -89,10 +89,14 @@ def build(
             )
         model_path, signature = ctx.require_model()
         key = encryption_key
+        sealed: dict[str, str] | None = None
         if key is not None:  # sealed last: every step above worked on the plain model
-            if (model_path.parent / f"{model_path.name}.data").exists():
-                raise InvalidInputError("encrypting models with external weights (> 2 GB) is not supported yet")
-            seal(model_path, key)
+            files = model_files(model_path)
+            for file in files:
+                seal(file, key)
+            sealed = {"algorithm": ALGORITHM, "key_id": key_id(key)}
+            if len(files) > 1:  # the weights live beside the graph (models over 2 GB)
+                sealed["side_file"] = files[1].relative_to(staged).as_posix()
         create_manifest(
             staged,
             name=spec.name,
@@ -102,7 +106,7 @@ def build(
             metrics=ctx.metrics,
             lineage=ctx.lineage,
             spec=spec.model_dump(mode="json"),
-            encryption=None if key is None else {"algorithm": ALGORITHM, "key_id": key_id(key)},
+            encryption=sealed,
             tokenizer=None if ctx.text is None else ctx.text.record,
             generation=ctx.generation,
         )

@@ -63,7 +63,7 @@ class OrtRuntime:
         source = model_source(self.folder, self.manifest, self._key)  # a path, or decrypted bytes in memory only
         for _ in range(self.settings.instances):
             threads = self.settings.threads(self.manifest.generation is not None)
-            created = session(source, threads, self.settings.execution_providers)
+            created = session(source.model, threads, self.settings.execution_providers, source.side_files)
             self._sessions.put(created)
         self.providers = created.get_providers()
 
