@@ -29,10 +29,10 @@ def project(tmp_path: Path) -> Project:
     folder = tmp_path / "project"
     folder.mkdir()
 
-    def make(**deploy: Any) -> LoadedSpec:
+    def make(serve: dict[str, Any] | None = None, **deploy: Any) -> LoadedSpec:
         ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
         spec = {"name": "mlp", "model": {"format": "onnx", "path": str(tmp_path / "mlp.onnx")},
-                "deploy": {"ports": ports, **deploy}}  # fmt: skip
+                "serve": serve or {}, "deploy": {"ports": ports, **deploy}}  # fmt: skip
         return load_spec(write_spec(folder, spec))
 
     return make

@@ -118,6 +118,38 @@ def test_dockerfile_is_non_root_exec_form_with_a_healthcheck(
     assert "torch" not in names  # serving never needs it
 
 
+def test_a_gpu_spec_renders_gpu_requests_images_and_requirements(
+    project: Project, registry: LocalRegistry, tmp_path: Path
+) -> None:
+    import jsonschema
+    from dockerfile_parse import DockerfileParser
+
+    gpu = project(serve={"device": "cuda"}, image=IMAGE, resources={"gpu": 2})
+    plain = _documents(render(gpu, registry, "kubernetes").files["kubernetes/manifests.yaml"])
+    deployment = next(d for d in plain if d["kind"] == "Deployment")
+    _validate_kubernetes(deployment)
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    (service,) = _documents(render(gpu, registry, "kserve").files["kserve/inferenceservice.yaml"])
+    jsonschema.Draft7Validator(_crd_schema()).validate(service)
+    assert service["spec"]["predictor"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    docker = render(gpu, registry, "docker").files
+    requirements = {line.split("==")[0] for line in docker["docker/requirements.txt"].splitlines()}
+    assert "onnxruntime-gpu" in requirements
+    assert "onnxruntime" not in requirements
+    parser = DockerfileParser(str(tmp_path / "Dockerfile"))
+    parser.content = docker["docker/Dockerfile"]
+    assert parser.baseimage.startswith("nvidia/cuda:12")
+    ray = yaml.safe_load(render(gpu, registry, "ray").files["ray/serve_config.yaml"])
+    assert ray["applications"][0]["args"]["num_gpus"] == 2
+    # The CPU default asks for no GPU anywhere.
+    cpu = _documents(render(project(image=IMAGE), registry, "kubernetes").files["kubernetes/manifests.yaml"])
+    cpu_pod = next(d for d in cpu if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert "tolerations" not in cpu_pod
+    assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
+
+
 @pytest.mark.parametrize(
     ("deploy", "target", "message"),
     [
@@ -140,3 +172,20 @@ def test_bad_deploy_settings_give_clear_errors_and_write_nothing(
         apply(project(**deploy), registry, target)
     assert not (tmp_path / "project" / ".shipyard").exists()
     assert not (tmp_path / "project" / "deploy").exists()
+
+
+def test_a_gpu_model_is_refused_where_there_is_no_gpu_rather_than_run_on_the_cpu(
+    project: Project, registry: LocalRegistry, tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    from shipyard.pipeline import build
+    from tests.serve.conftest import serve_until_exit
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    build(project(serve={"device": "cuda"}), registry)  # registered as mlp:2
+    refused = serve_until_exit(registry, "mlp:2")
+    assert refused.returncode != 0
+    assert "needs CUDAExecutionProvider (serve.device: cuda)" in refused.stderr + refused.stdout
+    assert "Traceback" not in refused.stderr

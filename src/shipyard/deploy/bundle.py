@@ -42,6 +42,15 @@ class Bundle:
     files: dict[str, str] = field(default_factory=dict)
 
 
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def gpus(loaded: LoadedSpec) -> int:
+    """NVIDIA GPUs per replica: the resources' count, at least one when the model is served on a GPU."""
+    count = loaded.spec.deploy.resources.gpu
+    return max(count, 1) if loaded.spec.serve.device != "cpu" else count
+
+
 def pin_models(loaded: LoadedSpec, registry: LocalRegistry) -> list[PinnedModel]:
     """Resolve `deploy.models` (default: the spec's model, latest version) to concrete versions."""
     refs = loaded.spec.deploy.models or [loaded.spec.name]

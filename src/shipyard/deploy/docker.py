@@ -24,6 +24,9 @@ from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec
 
 BASE_IMAGE = "python:3.11-slim-bookworm"
+# GPU targets: NVIDIA's CUDA 12 runtime with cuDNN 9 (what onnxruntime-gpu's CUDA 12 build links against),
+# and Python from the distribution in a virtual environment.
+GPU_BASE_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04"
 USER_ID = 10001
 CONTEXT = "docker"
 
@@ -34,9 +37,10 @@ def serving_extras(loaded: LoadedSpec) -> tuple[str, ...]:
     return ("s3",) if uri is not None and uri.startswith("s3://") else ()
 
 
-def pinned_requirements(distribution: str = "shipyard", extras: tuple[str, ...] = ()) -> list[str]:
+def pinned_requirements(distribution: str = "shipyard", extras: tuple[str, ...] = (), gpu: bool = False) -> list[str]:
     """`name==version` for every package the serving install needs, with the named extras (the serving
-    extras never include torch)."""
+    extras never include torch); with `gpu`, ONNX Runtime's GPU build at the same version as the CPU one
+    installed here."""
     pins: dict[str, str] = {}
     # Each requirement with the extra it is considered under ("" for the plain install).
     pending = [
@@ -57,6 +61,8 @@ def pinned_requirements(distribution: str = "shipyard", extras: tuple[str, ...] 
             ) from None
         for text in importlib.metadata.requires(requirement.name) or []:
             pending += [(Requirement(text), wanted) for wanted in ("", *requirement.extras)]
+    if gpu:
+        pins["onnxruntime-gpu"] = pins.pop("onnxruntime")
     return [f"{name}=={version}" for name, version in sorted(pins.items())]
 
 
@@ -72,10 +78,20 @@ def dockerfile(loaded: LoadedSpec, bundle: Bundle) -> str:
         "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + "
         "os.environ['SHIPYARD_HTTP_PORT'] + '/v2/health/ready', timeout=2)"
     )
+    gpu = loaded.spec.serve.device != "cpu"
     lines = [
         f"# Rendered by shipyard {__version__} for {loaded.spec.name}; build it from this folder:",
         f"#   docker build -t {image_name(loaded)} .",
-        f"FROM {BASE_IMAGE}",
+        f"FROM {GPU_BASE_IMAGE if gpu else BASE_IMAGE}",
+    ]
+    if gpu:  # the CUDA image has no Python of its own: the distribution's, in a virtual environment
+        lines += [
+            "RUN apt-get update && apt-get install --yes --no-install-recommends python3 python3-venv \\",
+            "    && rm -rf /var/lib/apt/lists/* && python3 -m venv /opt/venv",
+            "ENV PATH=/opt/venv/bin:$PATH",
+        ]
+        env["NVIDIA_VISIBLE_DEVICES"] = "all"
+    lines += [
         "ENV " + " \\\n    ".join(f"{k}={v}" for k, v in env.items()),
         f"RUN groupadd --system --gid {USER_ID} shipyard \\",
         f"    && useradd --system --uid {USER_ID} --gid shipyard --home-dir /var/lib/shipyard --create-home shipyard",
@@ -108,7 +124,8 @@ def image_name(loaded: LoadedSpec) -> str:
 def render(loaded: LoadedSpec, bundle: Bundle) -> None:
     """Add the build context's text files to `bundle` under docker/."""
     bundle.files[f"{CONTEXT}/Dockerfile"] = dockerfile(loaded, bundle)
-    bundle.files[f"{CONTEXT}/requirements.txt"] = "\n".join(pinned_requirements(extras=serving_extras(loaded))) + "\n"
+    requirements = pinned_requirements(extras=serving_extras(loaded), gpu=loaded.spec.serve.device != "cpu")
+    bundle.files[f"{CONTEXT}/requirements.txt"] = "\n".join(requirements) + "\n"
     bundle.files[f"{CONTEXT}/.dockerignore"] = "**/__pycache__\n*.pyc\n"
 
 

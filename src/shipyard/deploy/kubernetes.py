@@ -6,7 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from shipyard.deploy import docker
-from shipyard.deploy.bundle import REGISTRY_IN_CONTAINER, Bundle, serve_args, server_env, to_yaml
+from shipyard.deploy.bundle import (
+    GPU_TOLERATION,
+    REGISTRY_IN_CONTAINER,
+    Bundle,
+    gpus,
+    serve_args,
+    server_env,
+    to_yaml,
+)
 from shipyard.spec.loader import LoadedSpec
 
 FOLDER = "kubernetes"
@@ -30,10 +38,17 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
 
 def resources(loaded: LoadedSpec) -> dict[str, Any]:
     spec = loaded.spec.deploy.resources
-    limits = {"memory": spec.memory_limit or spec.memory}
+    limits: dict[str, Any] = {"memory": spec.memory_limit or spec.memory}
     if spec.cpu_limit is not None:
         limits["cpu"] = spec.cpu_limit
+    if gpus(loaded):  # an extended resource: the limit is the request (the NVIDIA device plugin's)
+        limits["nvidia.com/gpu"] = gpus(loaded)
     return {"requests": {"cpu": spec.cpu, "memory": spec.memory}, "limits": limits}
+
+
+def gpu_scheduling(loaded: LoadedSpec) -> dict[str, Any]:
+    """Pod fields that let a GPU replica onto GPU nodes, which clusters usually taint."""
+    return {"tolerations": [GPU_TOLERATION]} if gpus(loaded) else {}
 
 
 def container(loaded: LoadedSpec, bundle: Bundle, name: str = "shipyard") -> dict[str, Any]:
@@ -72,6 +87,7 @@ def objects(loaded: LoadedSpec, bundle: Bundle) -> dict[str, dict[str, Any]]:
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [container(loaded, bundle)],
             "terminationGracePeriodSeconds": 30,  # the server drains in-flight requests on SIGTERM
+            **gpu_scheduling(loaded),
         },
     }  # fmt: skip
     result: dict[str, dict[str, Any]] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shipyard.deploy.bundle import Bundle, pull_uris, to_yaml
+from shipyard.deploy.bundle import Bundle, gpus, pull_uris, to_yaml
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec
 from shipyard.spec.models import quantity
@@ -21,6 +21,7 @@ def app_args(loaded: LoadedSpec, bundle: Bundle, registry: LocalRegistry) -> dic
         "registry": None if pull else str(registry.root),
         "pull": pull,
         "num_cpus": quantity(deploy.resources.cpu),
+        "num_gpus": gpus(loaded),
         "autoscaling": {
             "min_replicas": deploy.min_replicas,
             "max_replicas": deploy.max_replicas,

@@ -49,7 +49,7 @@ def build_app(args: dict[str, Any]) -> Application:
     """The application for `args` (models, registry, pull, num_cpus, autoscaling) from the rendered config."""
     deployment = SHIPYARD_DEPLOYMENT.options(
         autoscaling_config=args["autoscaling"],
-        ray_actor_options={"num_cpus": float(args["num_cpus"])},
+        ray_actor_options={"num_cpus": float(args["num_cpus"]), "num_gpus": float(args.get("num_gpus", 0))},
     )
     app: Application = deployment.bind(list(args["models"]), args.get("registry"), list(args.get("pull", [])))
     return app

@@ -374,6 +374,13 @@ class OptimizeSpec(_Spec):
         return self
 
 
+DEVICE_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
 class ServeSpec(_Spec):
     """Serving settings used by `shipyard serve`."""
 
@@ -400,8 +407,17 @@ class ServeSpec(_Spec):
     inline_max_ms: float = Field(default=5.0, ge=0)
     """Models whose largest batch runs faster than this (timed at warm-up) run on the event-loop thread,
     saving a thread hop per batch; 0 always uses worker threads."""
-    execution_providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    """Providers in order of preference; those not available on the machine are skipped."""
+    device: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    """Where the model runs: the CPU, or an NVIDIA GPU through ONNX Runtime's CUDA or TensorRT provider. It
+    decides the providers (unless `execution_providers` names them), the rendered image (`onnxruntime-gpu`
+    on a CUDA base image), the GPU requests of the Kubernetes, KServe and Ray targets; the server refuses to
+    load the model where that provider is missing rather than run it on the CPU."""
+    execution_providers: list[str] | None = None
+    """Providers in order of preference (those not available on the machine are skipped); by default the
+    device's: CPU; CUDA then CPU; TensorRT, CUDA, then CPU."""
+
+    def providers(self) -> list[str]:
+        return self.execution_providers or DEVICE_PROVIDERS[self.device]
 
     @model_validator(mode="after")
     def _preferred_fit(self) -> ServeSpec:
@@ -434,6 +450,8 @@ class ResourcesSpec(_Spec):
     """CPU limit (none by default: throttling hurts tail latency more than sharing)."""
     memory_limit: str | None = Field(default=None, pattern=_QUANTITY)
     """Memory limit; the memory request when not given."""
+    gpu: int = Field(default=0, ge=0, le=16)
+    """NVIDIA GPUs per replica (`nvidia.com/gpu`, Ray `num_gpus`); 1 when `serve.device` is a GPU and this is 0."""
 
     @model_validator(mode="after")
     def _possible(self) -> ResourcesSpec:

@@ -63,9 +63,16 @@ class OrtRuntime:
         source = model_source(self.folder, self.manifest, self._key)  # a path, or decrypted bytes in memory only
         for _ in range(self.settings.instances):
             threads = self.settings.threads(self.manifest.generation is not None)
-            created = session(source.model, threads, self.settings.execution_providers, source.side_files)
+            created = session(source.model, threads, self.settings.providers(), source.side_files)
             self._sessions.put(created)
         self.providers = created.get_providers()
+        wanted = self.settings.providers()[0]
+        if self.settings.device != "cpu" and wanted not in self.providers:
+            raise UnavailableError(
+                f"{self.manifest.name}:{self.manifest.version} needs {wanted} (serve.device: {self.settings.device}), "
+                f"which this machine's onnxruntime does not offer (it has {', '.join(self.providers)}): install "
+                "onnxruntime-gpu on a machine with an NVIDIA GPU, or set serve.device: cpu"
+            )
 
     async def load(self) -> None:
         self._executor = ThreadPoolExecutor(
