@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
@@ -53,6 +54,12 @@ def serve(
     max_elements: int = typer.Option(
         defaults.MAX_ELEMENTS, "--max-elements", help="Largest input tensor, in elements (413 above)."
     ),
+    memory_limit: str | None = typer.Option(
+        None,
+        "--memory-limit",
+        help="Memory budget, e.g. 2Gi: a version estimated above it is not loaded "
+        "(default: what the machine or container has free).",
+    ),
     canary: list[str] = typer.Option([], "--canary", help="NAME:VERSION=PERCENT of versionless requests; repeatable."),
     shadow: list[str] = typer.Option([], "--shadow", help="NAME:VERSION=PERCENT mirrored, compared, not returned."),
     drift_sample: float = typer.Option(0.1, "--drift-sample", help="Share of requests binned for drift (0: off)."),
@@ -92,9 +99,21 @@ def serve(
         tokens_file=tokens, allow_management=allow_management, open_health=not auth_health, rate_limit=rate_limit,
         rate_burst=rate_burst, tls_cert=tls_cert, tls_key=tls_key, request_timeout_s=request_timeout or None,
         body_timeout_s=body_timeout,
-        max_elements=max_elements, canary=parse_rules(canary, "canary"), shadow=parse_rules(shadow, "shadow"),
+        max_elements=max_elements, memory_limit_bytes=_memory_limit(memory_limit),
+        canary=parse_rules(canary, "canary"), shadow=parse_rules(shadow, "shadow"),
         drift_sample=drift_sample, log_dir=log_requests, log_sample=log_sample,
         log_max_bytes=int(log_max_mb * (1 << 20)), log_redact=log_redact, report_file=report_file,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvloop.run(run(settings, reg))
+
+
+def _memory_limit(text: str | None) -> int | None:
+    """A Kubernetes-style quantity (512Mi, 2Gi, 1e9) as bytes; InvalidInputError for anything else."""
+    if text is None:
+        return None
+    from shipyard.spec.models import QUANTITY_PATTERN, quantity
+
+    if not re.fullmatch(QUANTITY_PATTERN, text):
+        raise InvalidInputError(f"--memory-limit {text!r} is not a quantity like 512Mi or 2Gi")
+    return int(quantity(text))

@@ -40,7 +40,8 @@ class Server:
 def compose(settings: ServeSettings, registry: LocalRegistry) -> Server:
     """Build every component from the settings; nothing is loaded or listening yet."""
     metrics = ServerMetrics()
-    repository = ModelRepository(registry, metrics, settings.trusted_key, settings.encryption_key)
+    repository = ModelRepository(registry, metrics, settings.trusted_key, settings.encryption_key,
+                                 settings.memory_limit_bytes)  # fmt: skip
     rollout = Rollout(canary=settings.canary, shadow=settings.shadow, counts=metrics.shadow)
     request_log = None
     if settings.log_dir is not None:

@@ -427,7 +427,7 @@ class ServeSpec(_Spec):
         return self
 
 
-_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 _UNITS = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
@@ -442,13 +442,13 @@ def quantity(value: str) -> float:
 class ResourcesSpec(_Spec):
     """Kubernetes-style resource quantities for one replica (requests; limits default to the same)."""
 
-    cpu: str = Field(default="1", pattern=_QUANTITY)
+    cpu: str = Field(default="1", pattern=QUANTITY_PATTERN)
     """CPU request, e.g. `500m` or `2`."""
-    memory: str = Field(default="1Gi", pattern=_QUANTITY)
+    memory: str = Field(default="1Gi", pattern=QUANTITY_PATTERN)
     """Memory request, e.g. `512Mi`."""
-    cpu_limit: str | None = Field(default=None, pattern=_QUANTITY)
+    cpu_limit: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
     """CPU limit (none by default: throttling hurts tail latency more than sharing)."""
-    memory_limit: str | None = Field(default=None, pattern=_QUANTITY)
+    memory_limit: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
     """Memory limit; the memory request when not given."""
     gpu: int = Field(default=0, ge=0, le=16)
     """NVIDIA GPUs per replica (`nvidia.com/gpu`, Ray `num_gpus`); 1 when `serve.device` is a GPU and this is 0."""

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from shipyard import memory
 from shipyard.artifact.manifest import Manifest
 from shipyard.artifact.reference import read_reference
 from shipyard.artifact.signing import verify_signature
@@ -97,12 +98,13 @@ class ModelRepository:
 
     def __init__(
         self, registry: LocalRegistry, metrics: ServerMetrics, trusted_key: Path | None = None,
-        encryption_key: bytes | None = None,
+        encryption_key: bytes | None = None, memory_limit_bytes: int | None = None,
     ) -> None:  # fmt: skip
         self.registry = registry
         self.metrics = metrics
         self.trusted_key = trusted_key  # when set, only versions signed with its private half are served
         self.encryption_key = encryption_key  # opens sealed model files
+        self.memory_limit_bytes = memory_limit_bytes  # a configured budget; else what the machine has free
         self._models: dict[str, dict[int, ModelHandle]] = {}
         self._lock = asyncio.Lock()  # serializes load/unload; inference never takes it
         self._failed: dict[tuple[str, int], str] = {}  # versions that failed to load -> why (for the index)
@@ -135,6 +137,7 @@ class ModelRepository:
         if self.trusted_key is not None:  # hashes every file: off the event loop
             await asyncio.to_thread(verify_signature, folder, self.trusted_key)
         settings = serve_settings(manifest)
+        self._check_memory(folder, manifest, settings)
         runtime = OrtRuntime(folder, manifest, settings, self.encryption_key)
         stats = ModelStats(record.name, record.version, self.metrics)
         batchable = is_batchable(manifest.served_signature)
@@ -172,6 +175,20 @@ class ModelRepository:
             ", ".join(runtime.providers), slowest * 1000, "inline" if batcher.inline else "worker threads",
         )  # fmt: skip
         return handle
+
+    def _check_memory(self, folder: Path, manifest: Manifest, settings: ServeSpec) -> None:
+        """Refuse a version that would not fit (memory.py's estimate against the budget or what is free):
+        a clear error now rather than the process killed half-way through loading."""
+        needed = memory.estimate(folder, manifest, settings.instances)
+        room = self.memory_limit_bytes if self.memory_limit_bytes is not None else memory.available()
+        if room is not None and needed > room:
+            where = "the --memory-limit" if self.memory_limit_bytes is not None else "free memory here"
+            raise UnavailableError(
+                f"{manifest.name}:{manifest.version} needs about {memory.mib(needed)} ("
+                f"{memory.mib(memory.weight_bytes(folder, manifest))} of weights x {settings.instances} instance(s), "
+                f"ONNX Runtime's working memory, {memory.mib(memory.cache_bytes(manifest))} of key/value cache), "
+                f"more than {where} ({memory.mib(room)})"
+            )
 
     def resolve_all(self, refs: list[str]) -> list[VersionRecord]:
         """The registered version each reference names; NotFoundError for one that names nothing (a typo must
