@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from shipyard.deploy.capacity import plan_capacity, save_plan
+from shipyard.deploy.capacity import misfit, plan_capacity, save_plan
 from shipyard.deploy.releases import render
 from shipyard.errors import ConflictError, InvalidInputError
 from shipyard.pipeline import build
@@ -71,6 +71,17 @@ def test_a_saved_plan_sizes_kubernetes_unless_the_spec_says_otherwise(
     assert explicit["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {
         "cpu": "2", "memory": "3Gi",
     }  # fmt: skip
+
+
+def test_a_replica_too_small_for_the_model_is_named(project: Project, registry: LocalRegistry) -> None:
+    plan = plan_capacity(registry, "mlp", qps=500, p99_ms=50, max_batch=2, seconds=0.05)
+    assert misfit(plan, project()) is None  # no resources in the spec: the plan sizes them
+    roomy = project(resources={"cpu": "1", "memory": "64Gi"})
+    assert misfit(plan, roomy) is None
+    small = project(resources={"cpu": "1", "memory": "128Mi"})
+    problem = misfit(plan, small)
+    assert problem is not None
+    assert f"memory limit is 128Mi, the plan needs {plan.memory}" in problem
 
 
 def test_capacity_command_prints_json(registry: LocalRegistry, cli: Callable[..., Any]) -> None:

@@ -175,7 +175,7 @@ def capacity(
     """Measure the model here (batch sizes x concurrency) and size replicas, CPU, memory and batching."""
     from rich.table import Table
 
-    from shipyard.deploy.capacity import plan_capacity, save_plan
+    from shipyard.deploy.capacity import misfit, plan_capacity, save_plan
     from shipyard.spec import load_spec
 
     loaded = load_spec(spec) if spec is not None else None
@@ -185,6 +185,9 @@ def capacity(
                                encryption_key=env.encryption_key(), sequence=sequence)  # fmt: skip
     if loaded is not None:
         err.print(f"saved the plan to {save_plan(result, loaded)}: apply sizes resources and replicas from it")
+        problem = misfit(result, loaded)
+        if problem is not None:
+            err.print(f"[yellow]warning:[/] {escape(problem)}")
     if as_json:
         print_json(result.to_dict())
         return

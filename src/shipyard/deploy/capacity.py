@@ -28,7 +28,7 @@ from shipyard.errors import ConflictError, InvalidInputError
 from shipyard.onnxrt import is_batchable, random_feeds, session
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec
-from shipyard.spec.models import ResourcesSpec, SignatureSpec
+from shipyard.spec.models import ResourcesSpec, SignatureSpec, quantity
 
 _MI = 1 << 20
 
@@ -174,6 +174,20 @@ def plan_capacity(
         replicas=replicas, cpu="1", memory=_quantity_mib(peak * 1.5), peak_rss_mib=round(peak, 1),
         expected_p99_ms=round(2 * best.p99_ms, 3), headroom=replicas * best.samples_per_s / qps - 1, inputs=timed,
     )  # fmt: skip
+
+
+def misfit(result: CapacityPlan, loaded: LoadedSpec) -> str | None:
+    """Why the spec's own replica size cannot hold the model (its memory limit under the plan's), or None."""
+    deploy = loaded.spec.deploy
+    if "resources" not in deploy.model_fields_set:
+        return None  # apply sizes the replicas from the plan
+    limit = deploy.resources.memory_limit or deploy.resources.memory
+    if quantity(limit) >= quantity(result.memory):
+        return None
+    return (
+        f"{result.model} does not fit the spec's replicas: their memory limit is {limit}, the plan needs "
+        f"{result.memory} (peak RSS measured {result.peak_rss_mib:.0f} MiB, with 50 % margin)"
+    )
 
 
 def plan_file(loaded: LoadedSpec) -> Path:
