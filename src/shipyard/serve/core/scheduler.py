@@ -76,7 +76,8 @@ class Sequence:
 
 @dataclass
 class SchedulerStats:
-    """Written by the scheduler thread only, read by the metrics collector (each update is one store)."""
+    """Written by the scheduler thread (`waiting` by `submit` too), read by the metrics collector; each update
+    is one store."""
 
     running: int = 0
     waiting: int = 0
@@ -124,17 +125,17 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self._iterate()
-            except Exception:  # the graph failed: end every sequence rather than leave clients waiting
+            except Exception:  # the graph failed: end the sequences in it rather than leave their clients waiting
                 logger.exception("language model step failed")
-                self._end_all("error")
-        self._end_all("unloaded")
+                self._end_all("error", waiting=False)
+        self._end_all("unloaded", waiting=True)
 
-    def _end_all(self, reason: Finished) -> None:
-        """End every running, prefilling and waiting sequence with `reason`."""
-        waiting = []
-        while not self._waiting.empty():
-            waiting.append(self._waiting.get_nowait())
-        current = [*self._running, *([self._prefilling] if self._prefilling else []), *waiting]
+    def _end_all(self, reason: Finished, waiting: bool) -> None:
+        """End the running and prefilling sequences, and with `waiting` the queued ones too, with `reason`."""
+        queued = []
+        while waiting and not self._waiting.empty():
+            queued.append(self._waiting.get_nowait())
+        current = [*self._running, *([self._prefilling] if self._prefilling else []), *queued]
         self._deliver([(sequence, reason) for sequence in current])
         self._running, self._prefilling = [], None
 
