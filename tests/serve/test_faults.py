@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -151,17 +152,33 @@ def test_request_timeout_and_element_limit(registry: LocalRegistry, tmp_path: Pa
         stop_server(server)
 
 
+def _read_response(conn: socket.socket) -> str:
+    """One whole HTTP response: the server may send its head and its body in separate writes."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
+
+
+def _content_length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
 def test_a_body_shorter_than_its_content_length_gets_408(model_registry: LocalRegistry, tmp_path: Path) -> None:
     """It used to hold the connection (and a slot) for as long as the client liked."""
-    import socket
-
     server = start_server(model_registry, tmp_path / "server.log", "mlp:1", extra_args=("--body-timeout", "1"))
     try:
         with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as conn:
             conn.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 1000\r\n\r\n{\"inputs\": [")  # fmt: skip
             start = time.monotonic()
-            answer = conn.recv(4096).decode()
+            answer = _read_response(conn)
             waited = time.monotonic() - start
         assert answer.startswith("HTTP/1.1 408"), answer
         assert "did not arrive within 1 s" in answer
