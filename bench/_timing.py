@@ -1,11 +1,15 @@
-"""The in-process ONNX Runtime timing loop every benchmark shares (the floor servers are compared with), on
-sessions made by shipyard.onnxrt.session: the server's own session setup."""
+"""What the benchmarks share: the in-process ONNX Runtime timing loop (the floor servers are compared with),
+on sessions made by shipyard.onnxrt.session (the server's own session setup), and starting a server."""
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 
@@ -26,3 +30,17 @@ def time_runs(session: ort.InferenceSession, feeds: dict[str, np.ndarray], secon
         "p99_ms": float(np.percentile(times, 99)) * 1e3,
         "per_s": batch * len(times) / sum(times),
     }
+
+
+def start_server(registry: Path, name: str, http: int, grpc: int) -> subprocess.Popen[bytes]:
+    """`shipyard serve NAME` on loopback, returned once it is ready (within a minute); the caller stops it."""
+    cmd = [sys.executable, "-m", "shipyard", "serve", name, "--registry", str(registry), "--http-port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", "0"]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return server

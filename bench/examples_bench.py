@@ -34,6 +34,9 @@ from shipyard.serve.core.repository import serve_settings
 from shipyard.serve.core.runtime import OrtRuntime
 from shipyard.spec.models import SignatureSpec
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import start_server
+
 EXAMPLES = {  # example → the specs its training script prepares, in build order
     "digits": ["shipyard.yaml"], "wine": ["shipyard.yaml"], "sensors": ["shipyard.yaml"],
     "recsys": ["shipyard.yaml"], "segmentation": ["shipyard.yaml"], "chat": ["shipyard.yaml"],
@@ -108,16 +111,8 @@ def in_process(folder: Path, manifest: Any, count: int) -> tuple[float, float]:
 
 def served(registry: LocalRegistry, name: str, manifest: Any, count: int) -> tuple[float, float]:
     http, grpc = 18600, 18601
-    cmd = [sys.executable, "-m", "shipyard", "serve", name, "--registry", str(registry.root), "--http-port",
-           str(http), "--grpc-port", str(grpc), "--metrics-port", "0"]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_server(registry.root, name, http, grpc)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         if manifest.generation is not None:
             with httpx.Client() as client:
                 body = {"text_input": PROMPT, "max_tokens": 32}

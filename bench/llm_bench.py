@@ -17,14 +17,12 @@ import asyncio
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import yaml
 
@@ -35,6 +33,9 @@ from shipyard.serve.core.decoder import Decoder, Options
 from shipyard.serve.core.repository import serve_settings
 from shipyard.serve.core.runtime import OrtRuntime
 from shipyard.spec import load_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import start_server
 
 PROMPT_TOKENS, NEW_TOKENS, VOCAB = 128, 128, 8192
 VARIANTS = {
@@ -162,16 +163,8 @@ def served(
     import openai
 
     port = 18700
-    cmd = [sys.executable, "-m", "shipyard", "serve", name, "--registry", str(registry.root), "--http-port", str(port),
-           "--grpc-port", str(port + 1), "--metrics-port", "0"]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_server(registry.root, name, port, port + 1)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
 
         async def run(streams: int) -> dict[str, float]:
             async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none") as client:
