@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shipyard.artifact.manifest import Manifest
+from shipyard.onnxrt import model_bytes
 
 WORKING_SHARE, WORKING_FLOOR = 0.5, 128 << 20  # ONNX Runtime's working memory: half the weights + 128 MiB
 _CGROUP = Path("/sys/fs/cgroup")
@@ -24,9 +25,7 @@ _CGROUP = Path("/sys/fs/cgroup")
 
 def weight_bytes(folder: Path, manifest: Manifest) -> int:
     """The model file and its weight file, as stored."""
-    model = folder / manifest.model_file
-    data = model.with_name(f"{model.name}.data")
-    return model.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return model_bytes(folder / manifest.model_file)
 
 
 def cache_bytes(manifest: Manifest) -> int:

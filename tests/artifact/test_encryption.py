@@ -141,11 +141,10 @@ def test_chunks_cut_off_or_reordered_are_refused(tmp_path: Path, monkeypatch: py
         "a chunk repeated": sealed[:header] + chunks[0] + chunks[0] + b"".join(chunks[2:]),
         "a byte changed": sealed[:-1] + bytes([sealed[-1] ^ 1]),
     }
-    for what, data in damaged.items():
+    for data in damaged.values():
         path.write_bytes(data)
         with pytest.raises(IntegrityError, match="modified, truncated or reordered"):
             encryption.open_sealed(path, key)
-        assert what  # each case is refused, not decrypted to something
 
 
 def test_files_sealed_whole_by_earlier_versions_still_open(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shipyard.artifact.manifest import GenerationRecord
 from shipyard.errors import OverloadedError, UnavailableError
 from shipyard.kvcache import CacheSlots, StepRunner
 from shipyard.onnxrt import session
@@ -81,17 +82,19 @@ def test_unloading_mid_generation_ends_it_as_unavailable(decoder: Decoder) -> No
         asyncio.run(run())
 
 
-def test_a_full_waiting_queue_refuses_at_once(built: tuple[Path, LocalRegistry]) -> None:
-    registry = built[1]
+def _runner(registry: LocalRegistry, slots: int) -> tuple[StepRunner, GenerationRecord]:
+    """The built model's graph over a fresh cache of `slots` slots, and its generation record."""
     record = registry.resolve("lm")
-    manifest = registry.manifest(record)
-    assert manifest.generation is not None
-    cache = CacheSlots(manifest.generation, 1, np.dtype(np.float32))
-    idle = Scheduler(
-        StepRunner(session(registry.path(record) / "model.onnx"), cache, np.dtype(np.int64)), manifest.generation
-    )  # fmt: skip  (not started: nothing leaves the queue)
+    generation = registry.manifest(record).generation
+    assert generation is not None
+    cache = CacheSlots(generation, slots, np.dtype(np.float32))
+    return StepRunner(session(registry.path(record) / "model.onnx"), cache, np.dtype(np.int64)), generation
 
-    places = manifest.generation.max_waiting
+
+def test_a_full_waiting_queue_refuses_at_once(built: tuple[Path, LocalRegistry]) -> None:
+    runner, generation = _runner(built[1], 1)
+    idle = Scheduler(runner, generation)  # not started: nothing leaves the queue
+    places = generation.max_waiting
 
     async def fill() -> None:
         loop = asyncio.get_running_loop()
@@ -105,12 +108,8 @@ def test_a_full_waiting_queue_refuses_at_once(built: tuple[Path, LocalRegistry])
 
 def test_the_cache_is_written_in_place(built: tuple[Path, LocalRegistry]) -> None:
     """A step's present keys and values land in the preallocated arrays: the next step reads them there."""
-    registry = built[1]
-    record = registry.resolve("lm")
-    manifest = registry.manifest(record)
-    assert manifest.generation is not None
-    cache = CacheSlots(manifest.generation, 2, np.dtype(np.float32))
-    runner = StepRunner(session(registry.path(record) / "model.onnx"), cache, np.dtype(np.int64))
+    runner, _ = _runner(built[1], 2)
+    cache = runner.cache
     addresses = [a.ctypes.data for a in cache.arrays]
     runner.run(1, np.array([[2, 3, 4]]), [3])
     assert [a.ctypes.data for a in cache.arrays] == addresses

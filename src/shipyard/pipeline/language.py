@@ -364,7 +364,7 @@ def _trial(
     check = check_perplexity(lm.nll, nll, optimize)
     agreement = float((greedy == lm.greedy).mean())
     p50 = float(np.percentile(Scorer(candidate, lm.record).decode_ms(DECODE_TIMING_STEPS), 50))
-    measured = {"latency": p50, "size": _size(candidate)}
+    measured = {"latency": p50, "size": float(model_bytes(candidate))}
     if optimize.objective == "memory":
         measured["memory"] = _memory(candidate, lm.record)
     cost = measured[optimize.objective]
@@ -381,10 +381,6 @@ def _trial(
         "memory_bytes": measured.get("memory"), "reason": "; ".join(reasons) or f"{optimize.objective} improved",
     }  # fmt: skip
     return record, cost, check.value, agreement, p50
-
-
-def _size(model: Path) -> float:
-    return float(model_bytes(model))
 
 
 BETTER = {"latency": "faster", "size": "smaller", "memory": "lighter"}
@@ -420,7 +416,7 @@ def _memory(model: Path, record: GenerationRecord) -> float:
 
 def _cost(model: Path, record: GenerationRecord, objective: str) -> float:
     if objective == "size":
-        return _size(model)
+        return float(model_bytes(model))
     if objective == "memory":
         return _memory(model, record)
     return float(np.percentile(Scorer(model, record).decode_ms(DECODE_TIMING_STEPS), 50))
