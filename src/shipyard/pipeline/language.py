@@ -360,10 +360,11 @@ def _trial(
     assert lm.greedy is not None
     with transforms.quiet_root_logger():
         params = STEPS[step.step](base, candidate, dict(step.params), {})
-    nll, greedy = Scorer(candidate, lm.record).score(lm.windows)
+    scorer = Scorer(candidate, lm.record)  # one session for the perplexity and the decode timing
+    nll, greedy = scorer.score(lm.windows)
     check = check_perplexity(lm.nll, nll, optimize)
     agreement = float((greedy == lm.greedy).mean())
-    p50 = float(np.percentile(Scorer(candidate, lm.record).decode_ms(DECODE_TIMING_STEPS), 50))
+    p50 = float(np.percentile(scorer.decode_ms(DECODE_TIMING_STEPS), 50))
     measured = {"latency": p50, "size": float(model_bytes(candidate))}
     if optimize.objective == "memory":
         measured["memory"] = _memory(candidate, lm.record)
