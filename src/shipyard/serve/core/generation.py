@@ -33,22 +33,18 @@ class TextGeneration:
 
     def decoder(self, name: str, version: str | None) -> Decoder:
         """The language model that answers a request for `name` (the rollout rules pick a versionless one)."""
-        handle = answering(self.repository, self.rollout, name, version, draw=True)
-        if handle.decoder is None:
-            raise InvalidInputError(f"{handle.name}:{handle.version} is not a language model: use infer")
-        return handle.decoder
+        return _decoder_of(answering(self.repository, self.rollout, name, version, draw=True))
 
     def start(self, name: str, version: str | None, request: InferRequest) -> Generation:
         """A checked generation from a V2 request (`text_input`, parameters); nothing runs until it is streamed."""
         return self.start_on(answering(self.repository, self.rollout, name, version, draw=True), request)
 
     def start_on(self, handle: ModelHandle, request: InferRequest) -> Generation:
-        if handle.decoder is None:
-            raise InvalidInputError(f"{handle.name}:{handle.version} is not a language model: use infer")
+        decoder = _decoder_of(handle)
         check_outputs(handle, request)
         feeds, _ = feeds_of(handle, request, self.max_elements)
         prompt = as_text("text_input", feeds["text_input"])
-        return handle.decoder.start(str(prompt.reshape(-1)[0]), options_of(request.parameters))
+        return decoder.start(str(prompt.reshape(-1)[0]), options_of(request.parameters))
 
     def admit(self, generation: Generation) -> None:
         """Queue a generation now, under the request timeout: a full queue is refused (OverloadedError) before
@@ -80,3 +76,9 @@ class TextGeneration:
         output = Tensor("text_output", "BYTES", [1], np.array([text.encode()], dtype=object))
         decoder = generation.decoder
         return InferResponse(decoder.name, decoder.version, [output], request.id, generation.usage.parameters())
+
+
+def _decoder_of(handle: ModelHandle) -> Decoder:
+    if handle.decoder is None:
+        raise InvalidInputError(f"{handle.name}:{handle.version} is not a language model: use infer")
+    return handle.decoder
