@@ -1,9 +1,9 @@
 """Serving benchmark: perf_analyzer against `shipyard serve` on the reference MLP, versus in-process ONNX Runtime.
 
-Run:  .venv/bin/python bench/serve_bench.py [--passes 3] [--window-ms 5000] [--concurrency 1 4 16]
+Run:  .venv/bin/python bench/serve_bench.py [--passes 3] [--window-ms 5000] [--concurrency 1 4 16] [--workers 1 2]
 
-Prints a markdown table: throughput (inferences/s) and p50/p99 latency per protocol and concurrency,
-each throughput also as a ratio to the in-process batch-1 floor measured in the same run.
+Prints a markdown table: throughput (inferences/s) and p50/p99 latency per worker count, protocol and
+concurrency, each throughput also as a ratio to the in-process batch-1 floor measured in the same run.
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def in_process_floor(model: Path, seconds: float) -> dict[str, float]:
     return result
 
 
-def start_server(registry: Path, http: int, grpc: int) -> subprocess.Popen[bytes]:
+def start_server(registry: Path, http: int, grpc: int, workers: int = 1) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "shipyard", "serve", "mlp", "--registry", str(registry),
-           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", "0"]  # fmt: skip
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", "0",
+           "--workers", str(workers)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--window-ms", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="server worker processes to compare")
     args = parser.parse_args()
     tool = subprocess.run(["bash", str(HERE / "fetch_perf_analyzer.sh")], capture_output=True, text=True, check=True)
     perf_tool = tool.stdout.strip().splitlines()[-1]
@@ -113,22 +115,25 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "shipyard", "build", str(work / "shipyard.yaml")], env=env,
                        check=True, capture_output=True)  # fmt: skip
         floor = in_process_floor(work / "mlp.onnx", seconds=args.window_ms / 1000)
-        http, grpc = free_port(), free_port()
-        server = start_server(work / "registry", http, grpc)
-        try:
-            rows = run_matrix(
-                perf_tool, [("http", http), ("grpc", grpc)], args.concurrency, args.passes, args.window_ms
-            )
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+        rows = []
+        for workers in args.workers:
+            http, grpc = free_port(), free_port()
+            server = start_server(work / "registry", http, grpc, workers)
+            try:
+                matrix = run_matrix(
+                    perf_tool, [("http", http), ("grpc", grpc)], args.concurrency, args.passes, args.window_ms
+                )
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+            rows += [(workers, *row) for row in matrix]
 
     print(f"In-process ONNX Runtime floor (1 thread): batch 1 {floor['b1_per_s']:,.0f} inf/s "
           f"(p50 {floor['b1_p50_us']:.0f} µs); batch 64 {floor['b64_per_s']:,.0f} samples/s\n")  # fmt: skip
-    print("| protocol | concurrency | throughput (inf/s) | ratio to batch-1 floor | p50 (ms) | p99 (ms) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for protocol, concurrency, m in rows:
-        print(f"| {protocol} | {concurrency} | {m['per_s']:,.0f} | {m['per_s'] / floor['b1_per_s']:.2f}x | "
+    print("| workers | protocol | concurrency | throughput (inf/s) | ratio to batch-1 floor | p50 (ms) | p99 (ms) |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for workers, protocol, concurrency, m in rows:
+        print(f"| {workers} | {protocol} | {concurrency} | {m['per_s']:,.0f} | {m['per_s'] / floor['b1_per_s']:.2f}x | "
               f"{m['p50_us'] / 1000:.3f} | {m['p99_us'] / 1000:.3f} |")  # fmt: skip
 
 

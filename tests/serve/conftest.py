@@ -23,6 +23,8 @@ from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from tests._helpers import free_port, make_identity_onnx, make_mlp_onnx
 
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
 
 @dataclasses.dataclass
 class RunningServer:
@@ -135,6 +137,14 @@ def start_server(
         time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"server not ready in 60 s: {log.read_text()}")
+
+
+def perf_analyzer_binary() -> str:
+    """The perf_analyzer of bench/fetch_perf_analyzer.sh (fetched once, then cached)."""
+    fetched = subprocess.run(["bash", str(BENCH / "fetch_perf_analyzer.sh")], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert fetched.returncode == 0, fetched.stderr
+    return fetched.stdout.strip().splitlines()[-1]
 
 
 def stop_server(server: RunningServer) -> int:

@@ -19,9 +19,14 @@ import tritonclient.http as httpclient
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from tests._helpers import make_mlp_onnx, make_slow_onnx
-from tests.serve.conftest import Load, RunningServer, serve_until_exit, start_server, stop_server
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.serve.conftest import (
+    Load,
+    RunningServer,
+    perf_analyzer_binary,
+    serve_until_exit,
+    start_server,
+    stop_server,
+)
 
 
 @pytest.fixture
@@ -143,10 +148,7 @@ def test_a_server_that_can_load_nothing_exits(tmp_path: Path) -> None:
 
 def test_perf_analyzer_smoke(private_server: RunningServer) -> None:
     """The standard load generator runs against both protocols (a short window; figures live in bench/)."""
-    fetched = subprocess.run(["bash", str(BENCH / "fetch_perf_analyzer.sh")], capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
-    assert fetched.returncode == 0, fetched.stderr
-    tool = fetched.stdout.strip().splitlines()[-1]
+    tool = perf_analyzer_binary()
     for protocol, url in (("http", private_server.http_url), ("grpc", private_server.grpc_url)):
         run = subprocess.run(
             [tool, "-m", "mlp", "-u", url, "-i", protocol, "--concurrency-range", "2:2",

@@ -30,7 +30,7 @@ def monitoring_export(
 
 @app.command()
 def replay(
-    logs: list[Path] = typer.Argument(..., help="Request log files (requests.jsonl*) from serve --log-requests."),
+    logs: list[Path] = typer.Argument(..., help="Request log files (requests*.jsonl*) from serve --log-requests."),
     against: str = typer.Option(..., "--against", help="Candidate NAME:VERSION to replay the traffic on."),
     min_agreement: float = typer.Option(0.99, "--min-agreement", help="Exit non-zero below this agreement."),
     registry: str | None = RegistryOption,

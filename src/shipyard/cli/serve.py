@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -11,6 +12,7 @@ from shipyard import settings as defaults
 from shipyard.cli._common import RegistryOption, environment, err, registry_at
 from shipyard.errors import InvalidInputError, NotFoundError
 from shipyard.registry import remote as remote_storage
+from shipyard.registry.refs import parse_ref
 
 app = typer.Typer()
 
@@ -67,6 +69,13 @@ def serve(
     log_sample: float = typer.Option(0.01, "--log-sample", help="Share of requests logged."),
     log_max_mb: float = typer.Option(10, "--log-max-mb", help="Rotate the log file at this size."),
     log_redact: bool = typer.Option(False, "--log-redact", help="Log shapes and hashes only, no tensor values."),
+    workers: str = typer.Option(
+        "1",
+        "--workers",
+        envvar="SHIPYARD_WORKERS",
+        help="Worker processes answering on the same ports, each with every model (auto: one per usable CPU, "
+        "as many as fit in memory).",
+    ),
     report_file: Path | None = typer.Option(
         None, "--report-file", hidden=True, help="For supervisors: written when ready."
     ),
@@ -105,7 +114,25 @@ def serve(
         log_max_bytes=int(log_max_mb * (1 << 20)), log_redact=log_redact, report_file=report_file,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    count = _workers(workers)
+    if count != 1:
+        from shipyard.serve.fleet.supervisor import Supervisor, worker_count
+
+        records = [reg.resolve(parse_ref(ref)) for ref in refs]  # a name that does not exist stops it here
+        settings = replace(settings, workers=worker_count(count, records, reg, settings.memory_limit_bytes))
+        if settings.workers > 1:
+            uvloop.run(Supervisor(settings, reg).run())
+            return
     uvloop.run(run(settings, reg))
+
+
+def _workers(text: str) -> int | None:
+    """--workers: a positive count, or None for auto."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidInputError(f"--workers {text!r}: write a positive number or auto")
+    return int(text)
 
 
 def _memory_limit(text: str | None) -> int | None:

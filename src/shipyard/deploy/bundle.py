@@ -82,6 +82,7 @@ def server_env(loaded: LoadedSpec, host: str) -> dict[str, str]:
         "SHIPYARD_HTTP_PORT": str(ports.http),
         "SHIPYARD_GRPC_PORT": str(ports.grpc),
         "SHIPYARD_METRICS_PORT": str(ports.metrics),
+        "SHIPYARD_WORKERS": str(loaded.spec.serve.workers),
     }
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,13 +21,15 @@ from prometheus_client import start_http_server
 from shipyard.errors import UnavailableError
 from shipyard.registry import LocalRegistry
 from shipyard.serve.app import compose
+from shipyard.serve.fleet.link import Link
+from shipyard.serve.policy.rate_limit import Buckets
 from shipyard.serve.settings import ServeSettings
 from shipyard.serve.transports.grpc import add_servicer
 
 logger = logging.getLogger(__name__)
 
 
-def _listen(host: str, port: int, what: str) -> socket.socket:
+def listen(host: str, port: int, what: str) -> socket.socket:
     """Bind the REST socket here, so a taken port is a clear error rather than uvicorn's sys.exit."""
     try:
         sock = socket.create_server((host, port), reuse_port=False, backlog=2048)
@@ -44,12 +47,27 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes a server one worker of several (serve/fleet): the supervisor's listening REST socket, its
+    link, the shared rate buckets; gRPC joins the others on the same port with SO_REUSEPORT."""
+
+    index: int
+    link: Link
+    http_socket: socket.socket
+    buckets: Buckets | None
+
+
 class ShipyardServer:
     """REST (uvicorn), gRPC (grpc.aio) and Prometheus listeners over one data plane."""
 
-    def __init__(self, settings: ServeSettings, registry: LocalRegistry) -> None:
+    def __init__(self, settings: ServeSettings, registry: LocalRegistry, role: WorkerRole | None = None) -> None:
         self.settings = settings
-        self.parts = compose(settings, registry)
+        self.role = role
+        if role is None:
+            self.parts = compose(settings, registry)
+        else:
+            self.parts = compose(settings, registry, role.link.join, role.buckets, role.index)
         self.repository = self.parts.repository
         self.dataplane = self.parts.services.dataplane
         self._stop = asyncio.Event()
@@ -64,7 +82,7 @@ class ShipyardServer:
         """Open the listeners (live at once), then load and warm every model (ready after)."""
         s = self.settings
         self.repository.resolve_all(s.models)  # a name that does not exist stops the server before it listens
-        http_socket = _listen(s.host, s.http_port, "REST")
+        http_socket = listen(s.host, s.http_port, "REST") if self.role is None else self.role.http_socket
         if s.metrics_port:
             try:
                 self._metrics_server, _ = start_http_server(
@@ -79,7 +97,7 @@ class ShipyardServer:
             options=[
                 ("grpc.max_receive_message_length", s.max_body_bytes),
                 ("grpc.max_send_message_length", 1 << 30),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(self.role is not None)),
             ]
         )
         add_servicer(self.grpc, self.parts.services, self.parts.access)

@@ -39,4 +39,5 @@ class ServeSettings:
     log_sample: float = 0.01
     log_max_bytes: int = 10 << 20
     log_redact: bool = False
+    workers: int = 1  # processes answering on the same addresses (serve/fleet): each loads every model
     report_file: Path | None = None  # {"pid", "http_port"} once ready, removed at shutdown: a supervisor's proof

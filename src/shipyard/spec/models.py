@@ -399,6 +399,11 @@ class ServeSpec(_Spec):
     for models served through the dynamic batcher (instances run in parallel instead) and 0 for language
     models (one decode step at a time, on every core)."""
 
+    workers: Annotated[int, Field(ge=1, le=512)] | Literal["auto"] = 1
+    """Processes of `shipyard serve` answering on the same ports (`--workers`, rendered into the local, Docker,
+    Kubernetes and KServe targets): each loads every model with its own sessions, batchers and key/value
+    cache. `auto`: one per usable CPU, as many as fit in memory. Ray scales replicas instead."""
+
     def threads(self, generates: bool) -> int:
         if self.intra_op_threads is not None:
             return self.intra_op_threads

@@ -98,13 +98,14 @@ class ModelRepository:
 
     def __init__(
         self, registry: LocalRegistry, metrics: ServerMetrics, trusted_key: Path | None = None,
-        encryption_key: bytes | None = None, memory_limit_bytes: int | None = None,
+        encryption_key: bytes | None = None, memory_limit_bytes: int | None = None, workers: int = 1,
     ) -> None:  # fmt: skip
         self.registry = registry
         self.metrics = metrics
         self.trusted_key = trusted_key  # when set, only versions signed with its private half are served
         self.encryption_key = encryption_key  # opens sealed model files
         self.memory_limit_bytes = memory_limit_bytes  # a configured budget; else what the machine has free
+        self.workers = workers  # processes of this server sharing the cores (and the budget)
         self._models: dict[str, dict[int, ModelHandle]] = {}
         self._lock = asyncio.Lock()  # serializes load/unload; inference never takes it
         self._failed: dict[tuple[str, int], str] = {}  # versions that failed to load -> why (for the index)
@@ -138,7 +139,7 @@ class ModelRepository:
             await asyncio.to_thread(verify_signature, folder, self.trusted_key)
         settings = serve_settings(manifest)
         self._check_memory(folder, manifest, settings)
-        runtime = OrtRuntime(folder, manifest, settings, self.encryption_key)
+        runtime = OrtRuntime(folder, manifest, settings, self.encryption_key, self.workers)
         stats = ModelStats(record.name, record.version, self.metrics)
         batchable = is_batchable(manifest.served_signature)
         batcher = Batcher(
@@ -180,9 +181,13 @@ class ModelRepository:
         """Refuse a version that would not fit (memory.py's estimate against the budget or what is free):
         a clear error now rather than the process killed half-way through loading."""
         needed = memory.estimate(folder, manifest, settings.instances)
-        room = self.memory_limit_bytes if self.memory_limit_bytes is not None else memory.available()
+        # A budget is the whole server's: each worker process loads every model into its share of it.
+        limit = self.memory_limit_bytes
+        room = limit // self.workers if limit is not None else memory.available()
         if room is not None and needed > room:
-            where = "the --memory-limit" if self.memory_limit_bytes is not None else "free memory here"
+            where = "free memory here" if limit is None else "the --memory-limit"
+            if limit is not None and self.workers > 1:
+                where = f"one worker's share (1/{self.workers}) of the --memory-limit"
             raise UnavailableError(
                 f"{manifest.name}:{manifest.version} needs about {memory.mib(needed)} ("
                 f"{memory.mib(memory.weight_bytes(folder, manifest))} of weights x {settings.instances} instance(s), "

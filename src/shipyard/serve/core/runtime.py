@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from shipyard import cpus
 from shipyard.artifact.encryption import model_source
 from shipyard.artifact.layout import verify_artifact
 from shipyard.artifact.manifest import Manifest
@@ -42,8 +43,11 @@ def _as_bytes(array: np.ndarray) -> np.ndarray:
 class OrtRuntime:
     """`instances` ONNX Runtime sessions, each used by one worker thread at a time."""
 
-    def __init__(self, folder: Path, manifest: Manifest, settings: ServeSpec, encryption_key: bytes | None) -> None:
+    def __init__(
+        self, folder: Path, manifest: Manifest, settings: ServeSpec, encryption_key: bytes | None, workers: int = 1
+    ) -> None:
         self.folder = folder
+        self.workers = workers  # processes of the server, each with its own sessions
         self.manifest = manifest
         self.settings = settings
         self._key = encryption_key
@@ -61,8 +65,10 @@ class OrtRuntime:
         verify_artifact(self.folder)  # refuse tampered files before any of them is parsed
         self._text = artifact_encoder(self.folder, self.manifest)
         source = model_source(self.folder, self.manifest, self._key)  # a path, or decrypted bytes in memory only
+        threads = self.settings.threads(self.manifest.generation is not None)
+        if threads == 0 and self.workers > 1:  # "every core" is shared by the workers
+            threads = max(1, cpus.usable() // self.workers)
         for _ in range(self.settings.instances):
-            threads = self.settings.threads(self.manifest.generation is not None)
             created = session(source.model, threads, self.settings.providers(), source.side_files)
             self._sessions.put(created)
         self.providers = created.get_providers()

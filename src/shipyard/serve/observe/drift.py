@@ -7,6 +7,7 @@ the request path only pays for a few `np.digitize` calls on the sampled requests
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,18 +42,39 @@ class DriftMonitor:
         self._pos = (self._pos + count) % self.window
         self.seen += count
 
-    def report(self) -> dict[str, Any]:
-        """PSI per input feature and for the predictions over the samples in the window."""
+    def counts(self) -> DriftCounts:
+        """The window as bin counts: what the workers of one server add up before PSI is taken."""
         filled = min(self.seen, self.window)
-        out: dict[str, Any] = {"window_samples": filled, "inputs": {}, "prediction_psi": 0.0}
-        if filled == 0:
-            return out
-        for name, bins in self.reference["inputs"].items():
-            ring = self._inputs[name][:filled]
-            out["inputs"][name] = [
-                psi(b["fractions"], np.bincount(ring[:, j], minlength=len(b["fractions"]))) for j, b in enumerate(bins)
-            ]
-        expected = self.reference["prediction"]["fractions"]
-        observed = np.bincount(self._pred[:filled], minlength=len(expected))[: len(expected)]
-        out["prediction_psi"] = psi(expected, observed)
+        inputs = {
+            name: [np.bincount(ring[:, j], minlength=len(b["fractions"])) for j, b in enumerate(bins)]
+            for name, bins in self.reference["inputs"].items()
+            for ring in [self._inputs[name][:filled]]
+        }
+        expected = len(self.reference["prediction"]["fractions"])
+        return DriftCounts(filled, inputs, np.bincount(self._pred[:filled], minlength=expected)[:expected])
+
+    def report(self) -> dict[str, Any]:
+        return report_of(self.reference, self.counts())
+
+
+@dataclass
+class DriftCounts:
+    samples: int
+    inputs: dict[str, list[np.ndarray]]  # per input tensor, per feature: samples in each reference bin
+    prediction: np.ndarray
+
+    def __add__(self, other: DriftCounts) -> DriftCounts:
+        inputs = {name: [a + b for a, b in zip(bins, other.inputs[name], strict=True)]
+                  for name, bins in self.inputs.items()}  # fmt: skip
+        return DriftCounts(self.samples + other.samples, inputs, self.prediction + other.prediction)
+
+
+def report_of(reference: dict[str, Any], counts: DriftCounts) -> dict[str, Any]:
+    """PSI per input feature and for the predictions over the counted samples."""
+    out: dict[str, Any] = {"window_samples": counts.samples, "inputs": {}, "prediction_psi": 0.0}
+    if counts.samples == 0:
         return out
+    for name, bins in reference["inputs"].items():
+        out["inputs"][name] = [psi(b["fractions"], counts.inputs[name][j]) for j, b in enumerate(bins)]
+    out["prediction_psi"] = psi(reference["prediction"]["fractions"], counts.prediction)
+    return out

@@ -29,6 +29,9 @@ class OnlineMetric:
     def value(self) -> float | None:
         return self.total / self.count if self.count else None
 
+    def __add__(self, other: OnlineMetric) -> OnlineMetric:
+        return OnlineMetric(self.metric, self.built, self.count + other.count, self.total + other.total)
+
 
 class FeedbackStore:
     def __init__(self, metric: str, built: float | None, capacity: int = 10_000) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from shipyard.errors import InvalidInputError, NotFoundError
+from shipyard.errors import NotFoundError
 from shipyard.serve.core.repository import ModelHandle, ModelRepository
-from shipyard.serve.observe.feedback import FeedbackStore
+from shipyard.serve.observe.drift import DriftCounts
+from shipyard.serve.observe.feedback import FeedbackStore, OnlineMetric
 
 
 def _store(handle: ModelHandle) -> FeedbackStore:
@@ -15,19 +16,12 @@ def _store(handle: ModelHandle) -> FeedbackStore:
 
 
 class QualityMonitor:
-    """Feedback scoring and drift reports for loaded versions (REST extensions of the protocol)."""
+    """One worker's part of the feedback and drift extensions (serverwide.py combines every worker's)."""
 
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
 
-    def feedback(self, name: str, version: str | None, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Score posted labels ({"id", "label"}) against the predictions remembered for those request ids, each
-        by the version that answered it (under a canary, a versionless call spans versions)."""
-        for item in items:
-            if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "label" not in item:
-                raise InvalidInputError('feedback items are {"id": "<request id>", "label": <value>}')
-        if len({item["id"] for item in items}) != len(items):
-            raise InvalidInputError("each request id may appear once per feedback call")
+    def _scorable(self, name: str, version: str | None) -> list[ModelHandle]:
         if version:
             handles = [self.repository.get(name, version)]
         else:
@@ -37,26 +31,28 @@ class QualityMonitor:
         scorable = [h for h in handles if h.feedback is not None]
         if not scorable:
             raise NotFoundError(f"{name}: no online metric (the build had no scorable evaluation)")
-        owners = []
+        return scorable
+
+    def score(self, name: str, version: str | None, items: list[dict[str, Any]]) -> list[tuple[int, float] | None]:
+        """For each posted label ({"id", "label"}): (version, score) from the version here that answered that
+        request id, or None when none here did. Changes nothing; InvalidInputError for a label that does not fit."""
+        scorable = self._scorable(name, version)
+        scores: list[tuple[int, float] | None] = []
         for item in items:
             owner = next((h for h in scorable if _store(h).knows(item["id"])), None)
-            if owner is None:
-                raise NotFoundError(f"no remembered prediction for request id {item['id']!r} (unknown or too old)")
-            owners.append(owner)
-        # Every label is scored before any is counted: a bad item leaves every online metric unchanged.
-        scores = [_store(h).evaluate(item["id"], item["label"]) for h, item in zip(owners, items, strict=True)]
-        for owner, item, score in zip(owners, items, scores, strict=True):
-            _store(owner).record(item["id"], score)
-        versions = []
-        for handle in sorted({id(h): h for h in owners}.values(), key=lambda h: h.version):
-            online = _store(handle).online
-            versions.append({"version": str(handle.version), "scored": sum(o is handle for o in owners),
-                             "online": online.value, "count": online.count, "build": online.built})  # fmt: skip
-        return {"name": name, "metric": _store(scorable[0]).online.metric, "scored": len(scores), "versions": versions}
+            scores.append(None if owner is None else (owner.version, _store(owner).evaluate(item["id"], item["label"])))
+        return scores
 
-    def drift(self, name: str, version: str | None) -> dict[str, Any]:
-        """Input and prediction PSI against the build's reference."""
+    def record(self, name: str, scores: list[tuple[int, str, float]]) -> dict[int, OnlineMetric]:
+        """Count scored labels ((version, request id, score)) into the versions' online metrics; every scorable
+        version's metric afterwards."""
+        for version, request_id, value in scores:
+            _store(self.repository.get(name, str(version))).record(request_id, value)
+        return {h.version: _store(h).online for h in self._scorable(name, None)}
+
+    def drift_counts(self, name: str, version: str | None) -> tuple[int, DriftCounts]:
+        """The answering version's drift window as bin counts."""
         handle = self.repository.get(name, version)
         if handle.drift is None:
             raise NotFoundError(f"{name}:{handle.version} has no reference distributions (built without evaluation)")
-        return {"name": name, "version": str(handle.version), **handle.drift.report()}
+        return handle.version, handle.drift.counts()

@@ -2,7 +2,8 @@
 
 Each record holds the model and version, the request id, the server-side latency and the tensors
 (datatype, shape, data). With redaction, tensors keep their shape, datatype and a sha256 of their
-bytes, and no values. Files rotate with logging's RotatingFileHandler (requests.jsonl, .1, .2, ...).
+bytes, and no values. Files rotate with logging's RotatingFileHandler (requests.jsonl, .1, .2, ...); each worker
+process of a server with several writes its own (requests-0.jsonl, requests-1.jsonl, ...).
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ def _tensor(array: np.ndarray, redact: bool) -> dict[str, Any]:
 
 class RequestLog:
     def __init__(
-        self, folder: Path, sample: float, max_bytes: int = 10 << 20, backups: int = 5, redact: bool = False
-    ) -> None:
+        self, folder: Path, sample: float, max_bytes: int = 10 << 20, backups: int = 5, redact: bool = False,
+        file_name: str = "requests.jsonl",
+    ) -> None:  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
         self.sample, self.redact = sample, redact
         self._rng = random.Random()
         self._logger = logging.getLogger(f"shipyard.requests.{id(self)}")
         self._logger.propagate = False  # records go to the file only, never to the server log
         self._logger.setLevel(logging.INFO)
-        handler = logging.handlers.RotatingFileHandler(folder / "requests.jsonl", maxBytes=max_bytes,
+        handler = logging.handlers.RotatingFileHandler(folder / file_name, maxBytes=max_bytes,
                                                        backupCount=backups, encoding="utf-8")  # fmt: skip
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._handler = handler

@@ -56,6 +56,10 @@ class ShadowCounts:
     error: int = 0
     skipped: int = 0
 
+    def __add__(self, other: ShadowCounts) -> ShadowCounts:
+        return ShadowCounts(self.agree + other.agree, self.disagree + other.disagree, self.error + other.error,
+                            self.skipped + other.skipped)  # fmt: skip
+
 
 @dataclass
 class Rollout:

@@ -100,6 +100,9 @@ class Duration:
     count: int
     ns: int
 
+    def __add__(self, other: Duration) -> Duration:
+        return Duration(self.count + other.count, self.ns + other.ns)
+
 
 @dataclass(frozen=True, slots=True)
 class BatchStatistics:
@@ -125,6 +128,23 @@ class ModelStatistics:
     compute_infer: Duration
     compute_output: Duration
     batches: list[BatchStatistics]
+
+    def __add__(self, other: ModelStatistics) -> ModelStatistics:
+        """The same version's counters on two workers, added up."""
+        batches = {b.batch_size: b for b in self.batches}
+        for b in other.batches:
+            mine = batches.get(b.batch_size)
+            batches[b.batch_size] = b if mine is None else BatchStatistics(
+                b.batch_size, mine.compute_input + b.compute_input, mine.compute_infer + b.compute_infer,
+                mine.compute_output + b.compute_output,
+            )  # fmt: skip
+        return ModelStatistics(
+            self.name, self.version, max(self.last_inference_ms, other.last_inference_ms),
+            self.inference_count + other.inference_count, self.execution_count + other.execution_count,
+            self.success + other.success, self.fail + other.fail, self.queue + other.queue,
+            self.compute_input + other.compute_input, self.compute_infer + other.compute_infer,
+            self.compute_output + other.compute_output, [batches[size] for size in sorted(batches)],
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,7 +161,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
-            return service_pb2.ServerReadyResponse(ready=self.dataplane.ready())
+            return service_pb2.ServerReadyResponse(ready=await self.services.wide.ready())
 
         return await self._call(context, run, "health", None)
 
@@ -175,7 +175,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
             return service_pb2.ModelReadyResponse(
-                ready=self.dataplane.model_ready(request.name, request.version or None)
+                ready=await self.services.wide.model_ready(request.name, request.version or None)
             )
 
         return await self._call(context, run, "read", request.name)
@@ -202,7 +202,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
-            return encode_statistics(self.dataplane.model_statistics(request.name or None, request.version or None))
+            return encode_statistics(await self.services.wide.statistics(request.name or None, request.version or None))
 
         return await self._call(context, run, "read" if request.name else "index", request.name or None)
 
@@ -218,14 +218,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
-            await self.services.management.load(request.model_name, _parameters(request.parameters))
+            await self.services.wide.load(request.model_name, _parameters(request.parameters))
             return service_pb2.RepositoryModelLoadResponse()
 
         return await self._call(context, run, "admin", None)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def run() -> Any:
-            await self.services.management.unload(request.model_name, _parameters(request.parameters))
+            await self.services.wide.unload(request.model_name, _parameters(request.parameters))
             return service_pb2.RepositoryModelUnloadResponse()
 
         return await self._call(context, run, "admin", None)

@@ -324,33 +324,33 @@ class RestApp:
         return _json({"live": True}, 200 if self.dataplane.live() else 400)
 
     async def ready(self, call: Call) -> Answer:
-        ok = self.dataplane.ready()
+        ok = await self.services.wide.ready()
         return _json({"ready": ok}, 200 if ok else 400)
 
     async def all_statistics(self, call: Call) -> Answer:
-        return _json(codec.statistics(self.dataplane.model_statistics(None, None)))
+        return _json(codec.statistics(await self.services.wide.statistics(None, None)))
 
     async def model_metadata(self, call: Call) -> Answer:
         return _json(codec.model_metadata(self.dataplane.model_metadata(str(call.name), call.version)))
 
     async def model_ready(self, call: Call) -> Answer:
-        ready = self.dataplane.model_ready(str(call.name), call.version)
+        ready = await self.services.wide.model_ready(str(call.name), call.version)
         return _json({"name": call.name, "ready": ready}, 200 if ready else 400)
 
     async def model_config(self, call: Call) -> Answer:
         return _json(codec.model_config(self.dataplane.model_config(str(call.name), call.version)))
 
     async def model_statistics(self, call: Call) -> Answer:
-        return _json(codec.statistics(self.dataplane.model_statistics(call.name, call.version)))
+        return _json(codec.statistics(await self.services.wide.statistics(call.name, call.version)))
 
     async def drift(self, call: Call) -> Answer:
-        return _json(self.services.quality.drift(str(call.name), call.version))
+        return _json(await self.services.wide.drift(str(call.name), call.version))
 
     async def feedback(self, call: Call) -> Answer:
         body = codec.decode_object(await self.body(call))
         items = body.get("items", [body])
-        return _json(self.services.quality.feedback(str(call.name), call.version,
-                                                    items if isinstance(items, list) else [items]))  # fmt: skip
+        return _json(await self.services.wide.feedback(str(call.name), call.version,
+                                                       items if isinstance(items, list) else [items]))  # fmt: skip
 
     async def infer(self, call: Call) -> Answer:
         body = await self.body(call)
@@ -394,11 +394,11 @@ class RestApp:
         return _json(codec.repository_index(self.services.management.index()))
 
     async def load(self, call: Call) -> Answer:
-        await self.services.management.load(str(call.name), codec.decode_parameters(await self.body(call)))
+        await self.services.wide.load(str(call.name), codec.decode_parameters(await self.body(call)))
         return _json({})
 
     async def unload(self, call: Call) -> Answer:
-        await self.services.management.unload(str(call.name), codec.decode_parameters(await self.body(call)))
+        await self.services.wide.unload(str(call.name), codec.decode_parameters(await self.body(call)))
         return _json({})
 
 
