@@ -48,10 +48,12 @@ def in_process_floor(model: Path, seconds: float) -> dict[str, float]:
     return result
 
 
-def start_server(registry: Path, http: int, grpc: int, workers: int = 1) -> subprocess.Popen[bytes]:
+def start_server(
+    registry: Path, http: int, grpc: int, workers: int = 1, frontend: str = "auto"
+) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "shipyard", "serve", "mlp", "--registry", str(registry),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", "0",
-           "--workers", str(workers)]  # fmt: skip
+           "--workers", str(workers), "--grpc-frontend", frontend]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -100,6 +102,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-queue-delay-ms", type=float, default=0.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="server worker processes to compare")
+    parser.add_argument(
+        "--grpc-frontends",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "native", "python"],
+        help="gRPC front ends to compare (HTTP is measured with the first)",
+    )
     args = parser.parse_args()
     tool = subprocess.run(["bash", str(HERE / "fetch_perf_analyzer.sh")], capture_output=True, text=True, check=True)
     perf_tool = tool.stdout.strip().splitlines()[-1]
@@ -117,23 +126,27 @@ def main() -> None:
         floor = in_process_floor(work / "mlp.onnx", seconds=args.window_ms / 1000)
         rows = []
         for workers in args.workers:
-            http, grpc = free_port(), free_port()
-            server = start_server(work / "registry", http, grpc, workers)
-            try:
-                matrix = run_matrix(
-                    perf_tool, [("http", http), ("grpc", grpc)], args.concurrency, args.passes, args.window_ms
-                )
-            finally:
-                server.terminate()
-                server.wait(timeout=60)
-            rows += [(workers, *row) for row in matrix]
+            for i, frontend in enumerate(args.grpc_frontends):
+                http, grpc = free_port(), free_port()
+                server = start_server(work / "registry", http, grpc, workers, frontend)
+                targets = [("http", http)] if i == 0 else []
+                try:
+                    matrix = run_matrix(
+                        perf_tool, [*targets, ("grpc", grpc)], args.concurrency, args.passes, args.window_ms
+                    )
+                finally:
+                    server.terminate()
+                    server.wait(timeout=60)
+                rows += [(workers, "" if protocol == "http" else f" ({frontend})", protocol, c, m)
+                         for protocol, c, m in matrix]  # fmt: skip
 
     print(f"In-process ONNX Runtime floor (1 thread): batch 1 {floor['b1_per_s']:,.0f} inf/s "
           f"(p50 {floor['b1_p50_us']:.0f} µs); batch 64 {floor['b64_per_s']:,.0f} samples/s\n")  # fmt: skip
     print("| workers | protocol | concurrency | throughput (inf/s) | ratio to batch-1 floor | p50 (ms) | p99 (ms) |")
     print("|---:|---|---:|---:|---:|---:|---:|")
-    for workers, protocol, concurrency, m in rows:
-        print(f"| {workers} | {protocol} | {concurrency} | {m['per_s']:,.0f} | {m['per_s'] / floor['b1_per_s']:.2f}x | "
+    for workers, frontend, protocol, concurrency, m in rows:
+        ratio = m["per_s"] / floor["b1_per_s"]
+        print(f"| {workers} | {protocol}{frontend} | {concurrency} | {m['per_s']:,.0f} | {ratio:.2f}x | "
               f"{m['p50_us'] / 1000:.3f} | {m['p99_us'] / 1000:.3f} |")  # fmt: skip
 
 

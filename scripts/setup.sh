@@ -10,6 +10,7 @@ stamp="$VENV/.shipyard-installed"
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   SHIPYARD_VENV="$VENV" bash scripts/fetch_promtool.sh
+  bash scripts/build_native.sh
   exit 0
 fi
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
@@ -19,4 +20,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[all,dev]"
 "$VENV/bin/python" -c "import shipyard, torch, onnxruntime, sklearn, skl2onnx" # fail loudly if an install failed
 SHIPYARD_VENV="$VENV" bash scripts/fetch_promtool.sh
+bash scripts/build_native.sh
 echo "$want" > "$stamp"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -76,6 +77,12 @@ def serve(
         help="Worker processes answering on the same ports, each with every model (auto: one per usable CPU, "
         "as many as fit in memory).",
     ),
+    grpc_frontend: str = typer.Option(
+        "auto",
+        "--grpc-frontend",
+        help="gRPC server: native (C++, built by scripts/setup.sh where libgrpc++ is installed), python "
+        "(grpc.aio), or auto (native when built).",
+    ),
     report_file: Path | None = typer.Option(
         None, "--report-file", hidden=True, help="For supervisors: written when ready."
     ),
@@ -112,6 +119,7 @@ def serve(
         canary=parse_rules(canary, "canary"), shadow=parse_rules(shadow, "shadow"),
         drift_sample=drift_sample, log_dir=log_requests, log_sample=log_sample,
         log_max_bytes=int(log_max_mb * (1 << 20)), log_redact=log_redact, report_file=report_file,
+        grpc_frontend=_choice(grpc_frontend, "--grpc-frontend", ("auto", "native", "python")),
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     count = _workers(workers)
@@ -124,6 +132,12 @@ def serve(
             uvloop.run(Supervisor(settings, reg).run())
             return
     uvloop.run(run(settings, reg))
+
+
+def _choice(text: str, flag: str, choices: tuple[str, ...]) -> Any:
+    if text not in choices:
+        raise InvalidInputError(f"{flag} {text!r}: choose one of {', '.join(choices)}")
+    return text
 
 
 def _workers(text: str) -> int | None:

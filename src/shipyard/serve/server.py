@@ -24,7 +24,8 @@ from shipyard.serve.app import compose
 from shipyard.serve.fleet.link import Link
 from shipyard.serve.policy.rate_limit import Buckets
 from shipyard.serve.settings import ServeSettings
-from shipyard.serve.transports.grpc import add_servicer
+from shipyard.serve.transports import grpc_native
+from shipyard.serve.transports.grpc import add_servicer, methods
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class ShipyardServer:
         self.dataplane = self.parts.services.dataplane
         self._stop = asyncio.Event()
         self.http: _Uvicorn | None = None
-        self.grpc: grpc.aio.Server | None = None
+        self.grpc: grpc.aio.Server | grpc_native.NativeGrpc | None = None
         self._metrics_server: Any = None
 
     def request_stop(self) -> None:
@@ -93,26 +94,11 @@ class ShipyardServer:
                 raise UnavailableError(
                     f"cannot listen on {s.host}:{s.metrics_port} (metrics): {exc.strerror}"
                 ) from None
-        self.grpc = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", s.max_body_bytes),
-                ("grpc.max_send_message_length", 1 << 30),
-                ("grpc.so_reuseport", int(self.role is not None)),
-            ]
-        )
-        add_servicer(self.grpc, self.parts.services, self.parts.access)
         try:
-            if s.tls_cert is not None and s.tls_key is not None:
-                pair = [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())]
-                self.grpc.add_secure_port(f"{s.host}:{s.grpc_port}", grpc.ssl_server_credentials(pair))
-            else:
-                self.grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
-        except RuntimeError:
+            await self._start_grpc()
+        except BaseException:
             http_socket.close()
-            raise UnavailableError(
-                f"cannot listen on {s.host}:{s.grpc_port} (gRPC): address in use or not local"
-            ) from None
-        await self.grpc.start()
+            raise
         config = uvicorn.Config(
             self.parts.rest, host=s.host, port=s.http_port, http="httptools", loop="none", lifespan="off",
             access_log=False, log_level="warning", timeout_graceful_shutdown=int(s.drain_seconds), proxy_headers=False,
@@ -130,6 +116,41 @@ class ShipyardServer:
             partial = s.report_file.with_suffix(".partial")
             partial.write_text(json.dumps({"pid": os.getpid(), "http_port": s.http_port}))
             partial.replace(s.report_file)
+
+    async def _start_grpc(self) -> None:
+        """The native front end when it is built (or asked for), else grpc.aio; either way the same methods."""
+        s = self.settings
+        native = s.grpc_frontend == "native" or (s.grpc_frontend == "auto" and grpc_native.available())
+        tls = None if s.tls_cert is None or s.tls_key is None else (s.tls_key.read_bytes(), s.tls_cert.read_bytes())
+        address = f"{s.host}:{s.grpc_port}"
+        if native:
+            if not grpc_native.available():
+                raise UnavailableError(
+                    "--grpc-frontend native: the native gRPC front end is not built here (scripts/setup.sh builds "
+                    "it where gRPC's C++ library, Debian's libgrpc++-dev, is installed)"
+                )
+            self.grpc = grpc_native.NativeGrpc(
+                methods(self.parts.services, self.parts.access), address=address, max_receive=s.max_body_bytes,
+                reuse_port=self.role is not None, tls=tls,
+            )  # fmt: skip
+            return
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.max_body_bytes),
+                ("grpc.max_send_message_length", 1 << 30),
+                ("grpc.so_reuseport", int(self.role is not None)),
+            ]
+        )
+        add_servicer(server, self.parts.services, self.parts.access)
+        try:
+            if tls is not None:
+                server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+            else:
+                server.add_insecure_port(address)
+        except RuntimeError:
+            raise UnavailableError(f"cannot listen on {address} (gRPC): address in use or not local") from None
+        await server.start()
+        self.grpc = server
 
     async def serve_forever(self) -> None:
         await self._stop.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from shipyard import settings as defaults
 
@@ -39,5 +40,6 @@ class ServeSettings:
     log_sample: float = 0.01
     log_max_bytes: int = 10 << 20
     log_redact: bool = False
+    grpc_frontend: Literal["auto", "native", "python"] = "auto"  # auto: native when it is built
     workers: int = 1  # processes answering on the same addresses (serve/fleet): each loads every model
     report_file: Path | None = None  # {"pid", "http_port"} once ready, removed at shutdown: a supervisor's proof

@@ -7,6 +7,7 @@ error kinds become gRPC status codes here, through edge.py.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -323,21 +324,38 @@ def _streaming(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[An
     return handle
 
 
-def add_servicer(server: grpc.aio.Server, services: Services, access: AccessControl) -> None:
-    """Register every method of the service from its descriptor, with requests parsed leniently."""
+@dataclass(frozen=True)
+class Method:
+    """One RPC of the service: its handler with requests parsed leniently (None when malformed)."""
+
+    behaviour: Callable[[Any, Any], Any]  # (request or request iterator, context) -> response or response iterator
+    parse: Callable[[bytes], Any]
+    serialize: Callable[[Any], bytes]
+    streaming: bool
+
+
+def methods(services: Services, access: AccessControl) -> dict[str, Method]:
+    """Every method of the service by its path ("/inference.GRPCInferenceService/ModelInfer"), from its
+    descriptor: what grpc.aio registers and what the native front end (grpc_native.py) dispatches to."""
     servicer = InferenceServicer(services, access)
     service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    handlers = {}
+    table = {}
     for method in service.methods:
         request_class = getattr(service_pb2, method.input_type.name)
         response_class = getattr(service_pb2, method.output_type.name)
         behaviour = getattr(servicer, method.name)
-        if method.client_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _streaming(behaviour), _lenient(request_class), response_class.SerializeToString
-            )
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(behaviour), _lenient(request_class), response_class.SerializeToString
-            )
+        wrapped = _streaming(behaviour) if method.client_streaming else _unary(behaviour)
+        table[f"/{service.full_name}/{method.name}"] = Method(
+            wrapped, _lenient(request_class), response_class.SerializeToString, method.client_streaming
+        )
+    return table
+
+
+def add_servicer(server: grpc.aio.Server, services: Services, access: AccessControl) -> None:
+    """Register every method of the service on a grpc.aio server."""
+    handlers = {}
+    for path, method in methods(services, access).items():
+        kind = grpc.stream_stream_rpc_method_handler if method.streaming else grpc.unary_unary_rpc_method_handler
+        handlers[path.rsplit("/", 1)[1]] = kind(method.behaviour, method.parse, method.serialize)
+    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
