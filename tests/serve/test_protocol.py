@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import queue
+from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -15,8 +17,10 @@ import tritonclient.http.aio as httpaio
 from tritonclient.utils import InferenceServerException
 
 from shipyard.dtypes import BY_V2
+from shipyard.registry import LocalRegistry
+from shipyard.serve.transports import grpc_native
 from tests._helpers import sample_data
-from tests.serve.conftest import RunningServer
+from tests.serve.conftest import RunningServer, start_server, stop_server
 
 DATATYPES = sorted(BY_V2)
 
@@ -150,3 +154,37 @@ def test_requested_outputs_and_errors_through_tritonclient(server: RunningServer
     with pytest.raises(InferenceServerException, match=r"StatusCode\.INVALID_ARGUMENT.*does not match \[-1, 16\]"):
         grpc.infer("mlp", _inputs(grpcclient, sample_data("FP32", (1, 15)), "FP32"))
     assert client.is_server_live()
+
+
+@pytest.mark.parametrize("frontend", ["python", "native"])
+def test_each_grpc_front_end_answers_the_same(frontend: str, model_registry: LocalRegistry, tmp_path: Path) -> None:
+    """grpc.aio and the native front end serve one method table: answers, in-band stream errors, bad bytes."""
+    if frontend == "native" and not grpc_native.available():
+        pytest.fail("the native front end is not built: run scripts/build_native.sh (needs libgrpc++-dev)")
+    server = start_server(model_registry, tmp_path / "log", "mlp:1", extra_args=("--grpc-frontend", frontend))
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        x = sample_data("FP32", (3, 16))
+        got = client.infer("mlp", _inputs(grpcclient, x, "FP32")).as_numpy("logits")
+        session = ort.InferenceSession(str(model_registry.path("mlp:1") / "model.onnx"))
+        np.testing.assert_allclose(got, session.run(None, {"x": x})[0], rtol=1e-5)
+        results: queue.Queue[Any] = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        for name in ("mlp", "nope", "mlp"):
+            client.async_stream_infer(name, _inputs(grpcclient, x, "FP32"))
+        answers = [results.get(timeout=10) for _ in range(3)]
+        client.stop_stream()
+        assert [error is None for _, error in answers] == [True, False, True]
+        with grpc.insecure_channel(server.grpc_url) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            with pytest.raises(grpc.RpcError) as refused:
+                call(b"\xff\xff\xff")
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError) as unknown:
+                channel.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")(b"")
+            assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        assert stop_server(server) == 0
+    log = server.log.read_text()
+    assert ("native front end" if frontend == "native" else "(grpc.aio)") in log
+    assert "Traceback" not in log

@@ -206,3 +206,38 @@ def test_a_rate_limit_holds_across_workers(fleet_registry: LocalRegistry, tmp_pa
     assert set(statuses) == {200, 429}
     # One bucket for the caller, whichever worker answers: a bucket per worker would let 2 x 10 through.
     assert statuses.count(200) <= 10 + elapsed * 1 + 1
+
+
+def _versionless(server: RunningServer, count: int) -> list[str]:
+    """The version that answered each of `count` versionless requests (fresh connections: both workers)."""
+
+    def version(_: int) -> str:
+        reply = httpx.post(f"{server.base()}/v2/models/mlp/infer", json=_body(), timeout=10)
+        return str(reply.json()["model_version"])
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(version, range(count)))
+
+
+@pytest.mark.parametrize("rule", ["--canary", "--shadow"])
+def test_canary_and_shadow_shares_hold_across_workers(rule: str, fleet_registry: LocalRegistry, tmp_path: Path) -> None:
+    # --canary mlp:1=30: 30 % of versionless requests answered by version 1 instead of 2 (the newest);
+    # --shadow mlp:2=30: all answered by 1, 30 % mirrored to 2, counted by outcome in /metrics.
+    target = "mlp:1=30" if rule == "--canary" else "mlp:2=30"
+    server = start_server(
+        fleet_registry, tmp_path / "log", "mlp:1", "mlp:2", extra_args=("--workers", "2", rule, target)
+    )
+    try:
+        versions = _versionless(server, 400)
+        time.sleep(0.5)  # the last shadow copies finish
+        metrics = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
+    finally:
+        stop_server(server)
+    # Each worker draws for its own requests: 30 % of each is 30 % of the whole (one draw's sd: 2.3 %).
+    if rule == "--canary":
+        assert 0.2 < versions.count("1") / 400 < 0.4
+        return
+    assert set(versions) == {"1"}
+    mirrored = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith('shipyard_shadow_requests_total{model="mlp"'))  # fmt: skip
+    assert 0.2 < mirrored / 400 < 0.4  # both workers' counts, added up

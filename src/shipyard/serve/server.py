@@ -1,5 +1,6 @@
-"""The listeners: REST (uvicorn), gRPC (grpc.aio) and Prometheus over the parts app.compose builds, with
-start-up (live at once, ready once every model is loaded and warm) and a draining shutdown."""
+"""The listeners: REST (uvicorn), gRPC (transports/grpc_native.py or grpc.aio) and Prometheus over the parts
+app.compose builds, with start-up (live at once, ready once every model is loaded and warm) and a draining
+shutdown."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class WorkerRole:
 
 
 class ShipyardServer:
-    """REST (uvicorn), gRPC (grpc.aio) and Prometheus listeners over one data plane."""
+    """REST (uvicorn), gRPC (the native front end or grpc.aio) and Prometheus listeners over one data plane."""
 
     def __init__(self, settings: ServeSettings, registry: LocalRegistry, role: WorkerRole | None = None) -> None:
         self.settings = settings
@@ -75,6 +76,10 @@ class ShipyardServer:
         self.http: _Uvicorn | None = None
         self.grpc: grpc.aio.Server | grpc_native.NativeGrpc | None = None
         self._metrics_server: Any = None
+
+    @property
+    def grpc_frontend(self) -> str:
+        return "native front end" if isinstance(self.grpc, grpc_native.NativeGrpc) else "grpc.aio"
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -184,8 +189,8 @@ async def run(settings: ServeSettings, registry: LocalRegistry) -> None:
         await server.shutdown()  # close the listeners already open before the error reaches the user
         raise
     logger.info(
-        "serving %d model version(s): HTTP %s:%d, gRPC %s:%d, metrics :%d",
+        "serving %d model version(s): HTTP %s:%d, gRPC %s:%d (%s), metrics :%d",
         len(server.repository.handles()), settings.host, settings.http_port, settings.host, settings.grpc_port,
-        settings.metrics_port,
+        server.grpc_frontend, settings.metrics_port,
     )  # fmt: skip
     await server.serve_forever()

@@ -9,6 +9,7 @@ the answers. `Alone` is the cluster of a single process; serve/fleet/link.py rea
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ from shipyard.serve.core.management import Management
 from shipyard.serve.observe.metrics import ServerMetrics, Snapshot
 from shipyard.serve.observe.quality import QualityMonitor
 
+logger = logging.getLogger(__name__)
 Outcome = tuple[bool, Any]  # (True, value) or (False, packed error): what crosses a process boundary
 
 
@@ -87,11 +89,14 @@ class LocalOps:
         return await self._table[op](*args)
 
     async def run(self, op: str, args: tuple[Any, ...]) -> Outcome:
-        """The operation's value, or its ShipyardError packed (others propagate: they are bugs)."""
+        """The operation's value, or its error packed: the asking worker is always answered."""
         try:
             return True, await self.call(op, args)
         except ShipyardError as exc:
             return False, pack(exc)
+        except Exception:
+            logger.exception("server-wide operation %s failed on this worker", op)
+            return False, pack(ShipyardError("internal error (see the server log)"))
 
 
 class Alone:

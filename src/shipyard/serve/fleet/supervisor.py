@@ -293,8 +293,10 @@ class Supervisor:
             if len(self.workers) == self.settings.workers and all(w.ready for w in self.workers.values()):
                 return
             self.changed.clear()
-            await asyncio.wait([asyncio.ensure_future(self.changed.wait()), asyncio.ensure_future(self.stop.wait())],
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            waits = [asyncio.ensure_future(self.changed.wait()), asyncio.ensure_future(self.stop.wait())]
+            _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for wait in pending:
+                wait.cancel()
 
     def _report(self) -> None:
         s = self.settings

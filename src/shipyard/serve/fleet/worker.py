@@ -51,5 +51,6 @@ async def _serve(
         await server.shutdown()
         raise
     link.ready()
+    logging.getLogger(__name__).info("ready (gRPC: %s)", server.grpc_frontend)
     await stop.wait()
     await server.shutdown()

@@ -13,7 +13,7 @@ import bisect
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -76,6 +76,7 @@ _HISTOGRAM_HELP = {
     "shipyard_inter_token_latency_seconds": "Language models: time between consecutive tokens of a request.",
 }
 Key = tuple[str, int]  # (model, version)
+K = TypeVar("K")
 
 
 @dataclass
@@ -95,8 +96,7 @@ class ModelFigures:
     schedulers: int = 0
 
     def __add__(self, other: ModelFigures) -> ModelFigures:
-        histograms = {name: h + other.histograms[name] if name in other.histograms else h
-                      for name, h in self.histograms.items()}  # fmt: skip
+        histograms = _add(self.histograms, other.histograms)
         schedulers = self.schedulers + other.schedulers
         return ModelFigures(
             self.success + other.success, self.failure + other.failure, self.queue_depth + other.queue_depth,
@@ -106,7 +106,8 @@ class ModelFigures:
         )  # fmt: skip
 
 
-def _add(a: dict[Key, Any], b: dict[Key, Any]) -> dict[Key, Any]:
+def _add(a: dict[K, Any], b: dict[K, Any]) -> dict[K, Any]:
+    """Values under the same key added up; the others kept."""
     return {key: a[key] + b[key] if key in a and key in b else a.get(key, b.get(key)) for key in {**a, **b}}
 
 

@@ -76,7 +76,7 @@ def _library() -> tuple[ctypes.CDLL, ctypes.PyDLL]:
 
 class NativeGrpc:
     def __init__(self, table: dict[str, Method], *, address: str, max_receive: int, reuse_port: bool,
-                 tls: tuple[bytes, bytes] | None = None, threads: int = 2) -> None:  # fmt: skip
+                 tls: tuple[bytes, bytes] | None = None, threads: int = 1) -> None:  # fmt: skip
         self.table = table
         self._blocking, self._quick = _library()
         streaming = "\n".join(path for path, m in table.items() if m.streaming).encode()
