@@ -126,3 +126,14 @@ def test_dataset_that_does_not_fit_the_model(mlp_onnx: Path, registry: LocalRegi
     with pytest.raises(EvaluationError, match=r"samples of shape \[5\] cannot become \[16\]"):
         build(load_spec(spec), registry)
     assert registry.all_versions() == []
+
+
+def test_evaluation_times_on_the_served_device_or_says_it_could_not(mlp_onnx: Path, registry: LocalRegistry) -> None:
+    spec = {"name": "m", "model": {"format": "onnx", "path": "mlp.onnx"}, "serve": {"device": "cuda"}}
+    manifest = build(load_spec(write_spec(mlp_onnx.parent, spec)), registry)
+    evaluate = next(s.params for s in manifest.lineage if s.step == "evaluate")
+    # CUDA where onnxruntime-gpu has it; this CPU-only machine times it on the CPU and the lineage says so.
+    wanted = (
+        "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
+    )
+    assert evaluate["provider"] == wanted

@@ -27,6 +27,7 @@ from shipyard.artifact.encryption import ModelSource, model_source
 from shipyard.errors import ConflictError, InvalidInputError
 from shipyard.onnxrt import is_batchable, random_feeds, session
 from shipyard.registry.local import LocalRegistry
+from shipyard.serve.core.repository import serve_settings
 from shipyard.spec.loader import LoadedSpec
 from shipyard.spec.models import ResourcesSpec, SignatureSpec, quantity
 
@@ -67,9 +68,10 @@ class CapacityPlan:
 
 
 def _time(
-    signature: SignatureSpec, model: ModelSource, batch: int, concurrency: int, seconds: float, sequence: int
-) -> Point:
-    sessions = [session(model.model, side_files=model.side_files) for _ in range(concurrency)]
+    signature: SignatureSpec, model: ModelSource, batch: int, concurrency: int, seconds: float, sequence: int,
+    providers: list[str],
+) -> Point:  # fmt: skip
+    sessions = [session(model.model, preferred=providers, side_files=model.side_files) for _ in range(concurrency)]
     feeds = random_feeds(signature, batch, other_dims=sequence)
     for sess in sessions:
         sess.run(None, feeds)
@@ -157,7 +159,8 @@ def plan_capacity(
         raise InvalidInputError("--sequence must be at least 1")
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch] if is_batchable(signature) else [1]
     cores = os.cpu_count() or 1
-    curve = [_time(signature, model, b, c, seconds, sequence) for b in batches for c in sorted({1, cores})]
+    providers = serve_settings(manifest).providers()  # timed where it will be served (the CPU if that is absent)
+    curve = [_time(signature, model, b, c, seconds, sequence, providers) for b in batches for c in sorted({1, cores})]
     alone = [p for p in curve if p.concurrency == 1]
     usable = [p for p in alone if 2 * p.p99_ms <= p99_ms]
     if not usable:

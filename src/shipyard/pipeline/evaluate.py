@@ -76,8 +76,9 @@ class EvaluateStep:
         model_path, signature = ctx.require_model()
         evaluation = ctx.loaded.spec.evaluation
         latency = evaluation.latency if evaluation is not None else LatencySpec()
-        sess = session(model_path, threads=latency.threads)
-        params: dict[str, Any] = {"threads": latency.threads}
+        # Timed where it will be served: the spec's device's providers, those this machine has (else the CPU).
+        sess = session(model_path, threads=latency.threads, preferred=ctx.loaded.spec.serve.providers())
+        params: dict[str, Any] = {"threads": latency.threads, "provider": sess.get_providers()[0]}
         if evaluation is not None and ctx.eval_data is not None and ctx.source is not None:
             index = output_index(evaluation, signature)
             feeds, target = ctx.eval_data.inputs, ctx.eval_data.target

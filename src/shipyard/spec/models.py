@@ -415,8 +415,10 @@ class ServeSpec(_Spec):
     device: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     """Where the model runs: the CPU, or an NVIDIA GPU through ONNX Runtime's CUDA or TensorRT provider. It
     decides the providers (unless `execution_providers` names them), the rendered image (`onnxruntime-gpu`
-    on a CUDA base image), the GPU requests of the Kubernetes, KServe and Ray targets; the server refuses to
-    load the model where that provider is missing rather than run it on the CPU."""
+    on a CUDA base image), the GPU requests of the Kubernetes, KServe and Ray targets, and where the build's
+    evaluation, the optimization search and `shipyard capacity` time the model (on the CPU when the machine
+    building it lacks the provider; the lineage records which); the server refuses to load the model where
+    that provider is missing rather than run it on the CPU."""
     execution_providers: list[str] | None = None
     """Providers in order of preference (those not available on the machine are skipped); by default the
     device's: CPU; CUDA then CPU; TensorRT, CUDA, then CPU."""

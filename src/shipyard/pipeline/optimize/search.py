@@ -123,6 +123,7 @@ class _Search:
         assert evaluation is not None  # checked by OptimizeStep.run
         model_path, self.signature = ctx.require_model()
         self.spec, self.metric, self.data, self.work = spec, metric, data, work
+        self.providers = ctx.loaded.spec.serve.providers()  # candidates are timed where they will be served
         self.index = output_index(evaluation, self.signature)
         self.base = self.best = _named_copy(model_path, work / "base.onnx")
         self.base_pred = self.predict(self.base)
@@ -230,7 +231,8 @@ class _Search:
             candidate.reason = (f"{metric.name} loss up to {check.drop_bound:.4g} "
                                 f"({spec.confidence:.0%} bound) exceeds the budget {check.budget:.4g}")  # fmt: skip
             return
-        parent_ms, ms = paired_p50_ms(session(self.best), session(model), self.single)
+        parent_ms, ms = paired_p50_ms(session(self.best, preferred=self.providers),
+                                      session(model, preferred=self.providers), self.single)  # fmt: skip
         candidate.p50_ms, candidate.parent_p50_ms = ms, parent_ms
         if ms > parent_ms * (1 - spec.min_speedup):
             candidate.failed_guard = "speed"
@@ -290,6 +292,6 @@ class OptimizeStep:
         ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
         evaluation = ctx.loaded.spec.evaluation
         latency = evaluation.latency if evaluation is not None else LatencySpec()
-        sess = session(model_path, threads=latency.threads)
+        sess = session(model_path, threads=latency.threads, preferred=ctx.loaded.spec.serve.providers())
         timed = measure_latency(lambda f: sess.run(None, f), signature, latency, NullProgress(), ctx.eval_data)
         ctx.metrics.update(timed)
