@@ -75,6 +75,8 @@ def _library() -> tuple[ctypes.CDLL, ctypes.PyDLL]:
 
 
 class NativeGrpc:
+    """The gRPC listener: started when made (on the running loop), stopped with `stop`."""
+
     def __init__(self, table: dict[str, Method], *, address: str, max_receive: int, reuse_port: bool,
                  tls: tuple[bytes, bytes] | None = None, threads: int = 1) -> None:  # fmt: skip
         self.table = table
