@@ -184,9 +184,12 @@ def test_perf_analyzer_on_both_protocols(fleet: RunningServer, tmp_path: Path) -
 
 def test_sigterm_drains_every_worker(fleet_registry: LocalRegistry, tmp_path: Path) -> None:
     server = start_server(fleet_registry, tmp_path / "log", "mlp:1", extra_args=("--workers", "2"))
-    workers = _workers(server)
+    try:
+        workers = _workers(server)
+    finally:
+        code = stop_server(server)
     assert len(workers) == 2
-    assert stop_server(server) == 0
+    assert code == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     assert "Traceback" not in server.log.read_text()
 

@@ -34,7 +34,7 @@ from prometheus_client.core import Metric
 from shipyard import cpus, memory
 from shipyard.errors import UnavailableError
 from shipyard.registry import LocalRegistry, VersionRecord
-from shipyard.serve.core.cluster import Outcome
+from shipyard.serve.core.cluster import Outcome, Replies
 from shipyard.serve.core.repository import serve_settings
 from shipyard.serve.fleet import worker as worker_process
 from shipyard.serve.observe.metrics import Snapshot, families
@@ -173,13 +173,13 @@ class Supervisor:
                 with contextlib.suppress(OSError):  # the asker is dying
                     asker.conn.send(("answer", ask, outcomes, job.missing))
 
-    async def each(self, op: str, *args: Any) -> tuple[list[Any], int]:
-        """The supervisor's own operation on every worker: the values that came back, and how many are missing."""
+    async def each(self, op: str, *args: Any) -> Replies:
+        """The supervisor's own operation on every worker; a worker that failed it counts as missing."""
         assert self._loop is not None
         done: asyncio.Future[tuple[list[Outcome], int]] = self._loop.create_future()
         self._fan_out(None, op, args, done)
         outcomes, missing = await done
-        return [value for ok, value in outcomes if ok], missing + sum(not ok for ok, _ in outcomes)
+        return Replies([value for ok, value in outcomes if ok], missing + sum(not ok for ok, _ in outcomes))
 
     # --- the processes ---------------------------------------------------------------------------
 
@@ -231,14 +231,14 @@ class Supervisor:
             self._spawn(index, http_socket, buckets)
 
     async def _refresh_refs(self) -> None:
-        loaded, _ = await self.each("loaded")
+        loaded = (await self.each("loaded")).values
         if loaded:
             self.refs = loaded[0]
 
     # --- metrics ---------------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
-        snapshots, _ = await self.each("observe")
+        snapshots = (await self.each("observe")).values
         return functools.reduce(operator.add, snapshots, Snapshot(worker_restarts=self.restarts))
 
     def collect(self) -> Iterator[Metric]:

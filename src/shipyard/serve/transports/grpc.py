@@ -324,6 +324,9 @@ def _streaming(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[An
     return handle
 
 
+_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+
+
 @dataclass(frozen=True)
 class Method:
     """One RPC of the service: its handler with requests parsed leniently (None when malformed)."""
@@ -338,14 +341,13 @@ def methods(services: Services, access: AccessControl) -> dict[str, Method]:
     """Every method of the service by its path ("/inference.GRPCInferenceService/ModelInfer"), from its
     descriptor: what grpc.aio registers and what the native front end (grpc_native.py) dispatches to."""
     servicer = InferenceServicer(services, access)
-    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     table = {}
-    for method in service.methods:
+    for method in _SERVICE.methods:
         request_class = getattr(service_pb2, method.input_type.name)
         response_class = getattr(service_pb2, method.output_type.name)
         behaviour = getattr(servicer, method.name)
         wrapped = _streaming(behaviour) if method.client_streaming else _unary(behaviour)
-        table[f"/{service.full_name}/{method.name}"] = Method(
+        table[f"/{_SERVICE.full_name}/{method.name}"] = Method(
             wrapped, _lenient(request_class), response_class.SerializeToString, method.client_streaming
         )
     return table
@@ -357,5 +359,4 @@ def add_servicer(server: grpc.aio.Server, services: Services, access: AccessCont
     for path, method in methods(services, access).items():
         kind = grpc.stream_stream_rpc_method_handler if method.streaming else grpc.unary_unary_rpc_method_handler
         handlers[path.rsplit("/", 1)[1]] = kind(method.behaviour, method.parse, method.serialize)
-    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
