@@ -162,7 +162,7 @@ def test_a_killed_worker_is_replaced_and_new_connections_are_not_lost(fleet: Run
     assert len(_workers(fleet)) == 2
     after = [outcome for start, _, outcome in results if start > killed + 0.05]
     assert after
-    assert all(outcome == 200 for outcome in after)  # nothing that had not reached it was lost
+    assert [outcome for outcome in after if outcome != 200] == []  # nothing that had not reached it was lost
     assert all(end - start < 10 for start, end, _ in results)  # and nothing hung
     metrics = httpx.get(f"http://127.0.0.1:{fleet.metrics_port}/metrics").text
     assert "shipyard_worker_restarts_total 1.0" in metrics

@@ -52,12 +52,14 @@ class _Uvicorn(uvicorn.Server):
 @dataclass(frozen=True)
 class WorkerRole:
     """What makes a server one worker of several (serve/fleet): the supervisor's listening REST socket, its
-    link, the shared rate buckets; gRPC joins the others on the same port with SO_REUSEPORT."""
+    link, the shared rate buckets; gRPC joins the others on the same port with SO_REUSEPORT. A replacement
+    joins while the others serve, so it takes connections only once it can answer them."""
 
     index: int
     link: Link
     http_socket: socket.socket
     buckets: Buckets | None
+    replacement: bool
 
 
 class ShipyardServer:
@@ -85,9 +87,12 @@ class ShipyardServer:
         self._stop.set()
 
     async def start(self) -> None:
-        """Open the listeners (live at once), then load and warm every model (ready after)."""
+        """Open the listeners (live at once), then load and warm every model (ready after). A replacement
+        worker loads first: the accept queue and the reuse-port group it joins are the live workers' too."""
         s = self.settings
         self.repository.resolve_all(s.models)  # a name that does not exist stops the server before it listens
+        if self.role is not None and self.role.replacement:
+            await self._load()
         http_socket = listen(s.host, s.http_port, "REST") if self.role is None else self.role.http_socket
         if s.metrics_port:
             try:
@@ -115,6 +120,11 @@ class ShipyardServer:
             if self._http_task.done():
                 raise UnavailableError(f"the REST server stopped during start-up on {s.host}:{s.http_port}")
             await asyncio.sleep(0.01)
+        if self.role is None or not self.role.replacement:
+            await self._load()
+
+    async def _load(self) -> None:
+        s = self.settings
         await self.repository.load_all(s.models)
         self.dataplane.loading_done = True
         if s.report_file is not None:  # this process, not whatever else may answer on the port, is ready

@@ -183,13 +183,15 @@ class Supervisor:
 
     # --- the processes ---------------------------------------------------------------------------
 
-    def _spawn(self, index: int, http_socket: socket.socket, buckets: SharedBuckets | None) -> None:
+    def _spawn(
+        self, index: int, http_socket: socket.socket, buckets: SharedBuckets | None, replacement: bool = False
+    ) -> None:
         assert self._loop is not None
         mine, theirs = self.context.Pipe()
         settings = replace(self.settings, models=self.refs, metrics_port=0, report_file=None)
         process = self.context.Process(
             target=worker_process.main, name=f"shipyard-worker-{index}",
-            args=(index, settings, self.registry.root, http_socket, theirs, buckets),
+            args=(index, settings, self.registry.root, http_socket, theirs, buckets, replacement),
         )  # fmt: skip
         process.start()
         theirs.close()
@@ -228,7 +230,7 @@ class Supervisor:
     async def _replace(self, index: int, http_socket: socket.socket, buckets: SharedBuckets | None) -> None:
         await self._refresh_refs()
         if not self.stopping:
-            self._spawn(index, http_socket, buckets)
+            self._spawn(index, http_socket, buckets, replacement=True)
 
     async def _refresh_refs(self) -> None:
         loaded = (await self.each("loaded")).values

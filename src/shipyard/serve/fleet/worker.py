@@ -20,7 +20,7 @@ from shipyard.serve.settings import ServeSettings
 
 def main(
     index: int, settings: ServeSettings, registry: Path, http_socket: socket.socket, conn: Connection,
-    buckets: Buckets | None,
+    buckets: Buckets | None, replacement: bool,
 ) -> None:  # fmt: skip
     """The spawned process's entry point (arguments pickled by multiprocessing; the socket passed as a handle)."""
     import uvloop
@@ -28,16 +28,16 @@ def main(
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker {index}: %(message)s")
     # Ctrl-C reaches the whole process group: the supervisor turns it into SIGTERM for each worker, once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    uvloop.run(_serve(index, settings, LocalRegistry(registry), http_socket, conn, buckets))
+    uvloop.run(_serve(index, settings, LocalRegistry(registry), http_socket, conn, buckets, replacement))
 
 
 async def _serve(
     index: int, settings: ServeSettings, registry: LocalRegistry, http_socket: socket.socket, conn: Connection,
-    buckets: Buckets | None,
+    buckets: Buckets | None, replacement: bool,
 ) -> None:  # fmt: skip
     stop = asyncio.Event()
     link = Link(conn, stop.set)
-    server = ShipyardServer(settings, registry, WorkerRole(index, link, http_socket, buckets))
+    server = ShipyardServer(settings, registry, WorkerRole(index, link, http_socket, buckets, replacement))
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     link.start()
     try:
