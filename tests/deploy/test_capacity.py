@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from shipyard.deploy.capacity import misfit, plan_capacity, save_plan
+from shipyard.deploy.capacity import machine_fit, misfit, plan_capacity, save_plan
 from shipyard.deploy.releases import render
 from shipyard.errors import ConflictError, InvalidInputError
 from shipyard.pipeline import build
@@ -82,6 +82,47 @@ def test_a_replica_too_small_for_the_model_is_named(project: Project, registry: 
     problem = misfit(plan, small)
     assert problem is not None
     assert f"memory limit is 128Mi, the plan needs {plan.memory}" in problem
+
+
+def test_the_plan_says_how_many_replicas_a_machine_type_holds_or_that_none_fits(
+    project: Project, registry: LocalRegistry, cli: Callable[..., Any]
+) -> None:
+    plan = plan_capacity(registry, "mlp", qps=500_000, p99_ms=50, max_batch=2, seconds=0.05)
+    assert plan.estimate_mib >= 128  # the server's own check: weights, working memory (128 MiB floor)
+    assert int(plan.memory[:-2]) >= plan.estimate_mib  # a replica sized by the plan passes that check
+    assert machine_fit(plan, project()) is None
+
+    def capacity(loaded: Any, *extra: str) -> Any:  # the project fixture rewrites one spec file: use it at once
+        result = cli("capacity", "mlp", "--qps", "500", "--p99", "50ms", "--max-batch", "2", "--spec",
+                     str(loaded.path), "-r", str(registry.root), *extra)  # fmt: skip
+        assert result.code == 0, result.err
+        return result
+
+    big = project(machine={"type": "c7i.2xlarge", "cpu": "8", "memory": "64Gi"})
+    fit = machine_fit(plan, big)
+    assert fit is not None
+    assert (fit.per_machine, fit.bound, fit.needs) == (8, "cpu", "1 of 8")  # one CPU per replica (the plan's)
+    assert fit.machines == math.ceil(plan.replicas / 8)
+    shown = json.loads(capacity(big, "--json").out)
+    assert shown["machine"]["machine"] == "c7i.2xlarge (8 CPU, 64Gi)"
+    assert (shown["machine"]["per_machine"], shown["machine"]["machines"]) == (8, math.ceil(shown["replicas"] / 8))
+
+    small = project(resources={"cpu": "1", "memory": "4Gi"}, machine={"type": "t3.medium", "cpu": "2", "memory": "3Gi"})
+    none = machine_fit(plan, small)
+    assert none is not None
+    assert (none.per_machine, none.machines, none.bound, none.needs) == (0, 0, "memory", "4Gi of 3Gi")
+    warned = " ".join(capacity(small).err.split())
+    assert "mlp:1 does not fit t3.medium (2 CPU, 3Gi): one replica needs memory 4Gi of 3Gi" in warned
+
+    gpu = project(serve={"device": "cuda"}, machine={"cpu": "32", "memory": "256Gi", "gpus": 4, "gpu_memory": "1Gi"})
+    on_gpus = machine_fit(plan, gpu)
+    assert on_gpus is not None
+    assert (on_gpus.per_machine, on_gpus.bound) == (4, "gpus")  # one GPU per replica by default
+    tiny = project(serve={"device": "cuda"}, machine={"cpu": "32", "memory": "256Gi", "gpus": 4, "gpu_memory": "64Mi"})
+    refused = machine_fit(plan, tiny)
+    assert refused is not None
+    assert (refused.per_machine, refused.bound) == (0, "gpu memory")
+    assert refused.needs == f"{math.ceil(plan.estimate_mib)}Mi of 1 x 64Mi"
 
 
 def test_capacity_command_prints_json(registry: LocalRegistry, cli: Callable[..., Any]) -> None:

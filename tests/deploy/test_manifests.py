@@ -124,16 +124,19 @@ def test_a_gpu_spec_renders_gpu_requests_images_and_requirements(
     import jsonschema
     from dockerfile_parse import DockerfileParser
 
-    gpu = project(serve={"device": "cuda"}, image=IMAGE, resources={"gpu": 2})
+    machine = {"type": "g6e.xlarge", "cpu": "4", "memory": "30Gi", "gpus": 1, "gpu_memory": "48Gi"}
+    gpu = project(serve={"device": "cuda"}, image=IMAGE, resources={"gpu": 2}, machine=machine)
     plain = _documents(render(gpu, registry, "kubernetes").files["kubernetes/manifests.yaml"])
     deployment = next(d for d in plain if d["kind"] == "Deployment")
     _validate_kubernetes(deployment)
     pod = deployment["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "g6e.xlarge"}  # the named machine type
     (service,) = _documents(render(gpu, registry, "kserve").files["kserve/inferenceservice.yaml"])
     jsonschema.Draft7Validator(_crd_schema()).validate(service)
     assert service["spec"]["predictor"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert service["spec"]["predictor"]["nodeSelector"] == {"node.kubernetes.io/instance-type": "g6e.xlarge"}
     docker = render(gpu, registry, "docker").files
     requirements = {line.split("==")[0] for line in docker["docker/requirements.txt"].splitlines()}
     assert "onnxruntime-gpu" in requirements
@@ -147,6 +150,7 @@ def test_a_gpu_spec_renders_gpu_requests_images_and_requirements(
     cpu = _documents(render(project(image=IMAGE), registry, "kubernetes").files["kubernetes/manifests.yaml"])
     cpu_pod = next(d for d in cpu if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     assert "tolerations" not in cpu_pod
+    assert "nodeSelector" not in cpu_pod  # no machine type named: any node
     assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
 
 

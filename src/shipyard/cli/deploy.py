@@ -173,9 +173,11 @@ def capacity(
     as_json: bool = JsonOption,
 ) -> None:
     """Measure the model here (batch sizes x concurrency) and size replicas, CPU, memory and batching."""
+    from dataclasses import asdict
+
     from rich.table import Table
 
-    from shipyard.deploy.capacity import misfit, plan_capacity, save_plan
+    from shipyard.deploy.capacity import machine_fit, misfit, plan_capacity, save_plan
     from shipyard.spec import load_spec
 
     loaded = load_spec(spec) if spec is not None else None
@@ -188,8 +190,12 @@ def capacity(
         problem = misfit(result, loaded)
         if problem is not None:
             err.print(f"[yellow]warning:[/] {escape(problem)}")
+    fit = machine_fit(result, loaded) if loaded is not None else None
+    if fit is not None and not fit.per_machine:
+        err.print(f"[yellow]warning:[/] {escape(result.model)} does not fit {escape(fit.machine)}: one replica needs "
+                  f"{fit.bound} {escape(fit.needs)}")  # fmt: skip
     if as_json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), "machine": asdict(fit) if fit is not None else None})
         return
     shapes = ", ".join(f"{name} [{', '.join(map(str, shape))}]" for name, shape in result.inputs.items())
     table = Table(title=escape(f"{result.model} on this machine (ONNX Runtime, 1 thread per session; inputs {shapes})"))
@@ -201,12 +207,16 @@ def capacity(
     out.print(table)
     out.print(
         f"for {result.qps:g} QPS at p99 ≤ {result.p99_target_ms:g} ms: [bold]{result.replicas} replica(s)[/], "
-        f"cpu {result.cpu}, memory {result.memory} each (peak RSS measured {result.peak_rss_mib:.0f} MiB)\n"
+        f"cpu {result.cpu}, memory {result.memory} each (peak RSS measured {result.peak_rss_mib:.0f} MiB, "
+        f"the server's estimate {result.estimate_mib:.0f} MiB)\n"
         f"batching: max_batch_size {result.batch}, max_queue_delay_ms {result.max_queue_delay_ms:g}; "
         f"one replica does {result.per_replica_qps:,.0f} samples/s, expected p99 {result.expected_p99_ms:g} ms "
         f"(model time: queue + batch)\nheadroom: {result.headroom:.0%} over the target at "
         f"{result.utilization:.0%} planned utilisation (the rest absorbs transport cost and bursts)"
     )
+    if fit is not None and fit.per_machine:
+        out.print(f"on {escape(fit.machine)}: {fit.per_machine} replica(s) per machine (bound by {fit.bound}: "
+                  f"{escape(fit.needs)}), {fit.machines} machine(s) for {result.replicas} replica(s)")  # fmt: skip
 
 
 def _report(folder: Path, outcome: Outcome) -> None:

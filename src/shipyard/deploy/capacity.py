@@ -23,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from shipyard import memory
 from shipyard.artifact.encryption import ModelSource, model_source
+from shipyard.deploy.bundle import gpus
 from shipyard.errors import ConflictError, InvalidInputError
 from shipyard.onnxrt import is_batchable, random_feeds, session
 from shipyard.registry.local import LocalRegistry
 from shipyard.serve.core.repository import serve_settings
 from shipyard.spec.loader import LoadedSpec
-from shipyard.spec.models import ResourcesSpec, SignatureSpec, quantity
+from shipyard.spec.models import MachineSpec, ResourcesSpec, SignatureSpec, quantity
 
 _MI = 1 << 20
 
@@ -59,6 +61,7 @@ class CapacityPlan:
     cpu: str
     memory: str
     peak_rss_mib: float
+    estimate_mib: float  # what the server checks against its memory limit before it loads the version
     expected_p99_ms: float
     headroom: float  # spare capacity at the recommended replicas: 0.5 = 50 % more QPS than asked
     inputs: dict[str, list[int | str]]  # the input shapes timed: "batch" for the batch dimension
@@ -169,14 +172,61 @@ def plan_capacity(
     best = max(usable, key=lambda p: p.samples_per_s)
     replicas = max(1, math.ceil(qps / (best.samples_per_s * utilization)))
     peak = peak_rss_mib(folder, signature, best.batch, encryption_key, sequence)
+    # The replica's limit must also pass the server's own check, or it would refuse to load the version.
+    estimate = memory.estimate(folder, manifest, serve_settings(manifest).instances) / _MI
     timed = {t.name: [d if isinstance(d, int) else ("batch" if i == 0 and is_batchable(signature) else sequence)
                       for i, d in enumerate(t.shape)] for t in signature.inputs}  # fmt: skip
     return CapacityPlan(
         model=record.ref, qps=qps, p99_target_ms=p99_ms, utilization=utilization, curve=curve,
         batch=best.batch, max_queue_delay_ms=round(best.p50_ms, 3), per_replica_qps=best.samples_per_s,
-        replicas=replicas, cpu="1", memory=_quantity_mib(peak * 1.5), peak_rss_mib=round(peak, 1),
+        replicas=replicas, cpu="1", memory=_quantity_mib(max(peak * 1.5, estimate)), peak_rss_mib=round(peak, 1),
+        estimate_mib=round(estimate, 1),
         expected_p99_ms=round(2 * best.p99_ms, 3), headroom=replicas * best.samples_per_s / qps - 1, inputs=timed,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MachineFit:
+    """How the plan's replicas land on the spec's machine type."""
+
+    machine: str  # its type and what it offers
+    per_machine: int  # replicas one machine holds (0: not even one)
+    machines: int  # machines the plan's replicas need
+    bound: str  # what limits per_machine: cpu, memory, gpus or gpu memory
+    needs: str  # one replica's request of that resource, against the machine's
+
+
+def machine_fit(result: CapacityPlan, loaded: LoadedSpec) -> MachineFit | None:
+    """Replicas per machine of `deploy.machine` and machines needed for the plan (None without one). A
+    replica asks for the spec's resources when it sets them (else the plan's) and its GPUs; on a GPU its
+    estimate must also fit the memory of those GPUs."""
+    deploy = loaded.spec.deploy
+    machine = deploy.machine
+    if machine is None:
+        return None
+    own = "resources" in deploy.model_fields_set
+    cpu, mem = (deploy.resources.cpu, deploy.resources.memory) if own else (result.cpu, result.memory)
+    per_gpu = gpus(loaded)
+    asked = {"cpu": (cpu, machine.cpu), "memory": (mem, machine.memory)}
+    if per_gpu:
+        asked["gpus"] = (str(per_gpu), str(machine.gpus))
+    counts = {name: math.floor(quantity(have) / quantity(need) + 1e-9) for name, (need, have) in asked.items()}
+    if per_gpu and machine.gpu_memory is not None:
+        on_gpus = per_gpu * quantity(machine.gpu_memory)
+        asked["gpu memory"] = (f"{math.ceil(result.estimate_mib)}Mi", f"{per_gpu} x {machine.gpu_memory}")
+        counts["gpu memory"] = counts["gpus"] if result.estimate_mib * _MI <= on_gpus else 0
+    bound = min(counts, key=lambda name: counts[name])
+    per_machine = counts[bound]
+    return MachineFit(
+        machine=_describe(machine), per_machine=per_machine,
+        machines=math.ceil(result.replicas / per_machine) if per_machine else 0, bound=bound,
+        needs=f"{asked[bound][0]} of {asked[bound][1]}",
+    )  # fmt: skip
+
+
+def _describe(machine: MachineSpec) -> str:
+    gpu = f", {machine.gpus} GPU" + (f" of {machine.gpu_memory}" if machine.gpu_memory else "") if machine.gpus else ""
+    return f"{machine.type or 'the machine type'} ({machine.cpu} CPU, {machine.memory}{gpu})"
 
 
 def misfit(result: CapacityPlan, loaded: LoadedSpec) -> str | None:

@@ -21,7 +21,7 @@ def inference_service(loaded: LoadedSpec, bundle: Bundle) -> dict[str, Any]:
         "maxReplicas": deploy.max_replicas,
         "securityContext": {"runAsNonRoot": True, "runAsUser": docker.USER_ID, "fsGroup": docker.USER_ID},
         "containers": [container],
-        **kubernetes.gpu_scheduling(loaded),
+        **kubernetes.scheduling(loaded),
     }
     if deploy.canary_percent is not None:
         predictor["canaryTrafficPercent"] = deploy.canary_percent

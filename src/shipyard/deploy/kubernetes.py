@@ -46,9 +46,14 @@ def resources(loaded: LoadedSpec) -> dict[str, Any]:
     return {"requests": {"cpu": spec.cpu, "memory": spec.memory}, "limits": limits}
 
 
-def gpu_scheduling(loaded: LoadedSpec) -> dict[str, Any]:
-    """Pod fields that let a GPU replica onto GPU nodes, which clusters usually taint."""
-    return {"tolerations": [GPU_TOLERATION]} if gpus(loaded) else {}
+def scheduling(loaded: LoadedSpec) -> dict[str, Any]:
+    """Pod fields that place a replica: onto the spec's machine type (the well-known instance-type label),
+    and for a GPU replica onto GPU nodes, which clusters usually taint."""
+    fields: dict[str, Any] = {"tolerations": [GPU_TOLERATION]} if gpus(loaded) else {}
+    machine = loaded.spec.deploy.machine
+    if machine is not None and machine.type is not None:
+        fields["nodeSelector"] = {"node.kubernetes.io/instance-type": machine.type}
+    return fields
 
 
 def container(loaded: LoadedSpec, bundle: Bundle, name: str = "shipyard") -> dict[str, Any]:
@@ -87,7 +92,7 @@ def objects(loaded: LoadedSpec, bundle: Bundle) -> dict[str, dict[str, Any]]:
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [container(loaded, bundle)],
             "terminationGracePeriodSeconds": 30,  # the server drains in-flight requests on SIGTERM
-            **gpu_scheduling(loaded),
+            **scheduling(loaded),
         },
     }  # fmt: skip
     result: dict[str, dict[str, Any]] = {

@@ -473,6 +473,22 @@ class ResourcesSpec(_Spec):
         return self
 
 
+class MachineSpec(_Spec):
+    """The machine type replicas run on: what one node offers to pods (its allocatable resources)."""
+
+    type: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Its name, e.g. `m7i.2xlarge`: the plan names it, and the Kubernetes and KServe targets schedule onto
+    it (node selector `node.kubernetes.io/instance-type`)."""
+    cpu: str = Field(pattern=QUANTITY_PATTERN)
+    """CPUs one node offers to pods."""
+    memory: str = Field(pattern=QUANTITY_PATTERN)
+    """Memory one node offers to pods."""
+    gpus: int = Field(default=0, ge=0, le=64)
+    """NVIDIA GPUs per node."""
+    gpu_memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN)
+    """Memory of one of its GPUs."""
+
+
 class PortsSpec(_Spec):
     """Ports the server listens on inside a container or on the local machine."""
 
@@ -513,6 +529,9 @@ class DeploySpec(_Spec):
     """KServe: share of traffic the new release gets while the previous one keeps the rest."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """Per-replica resources."""
+    machine: MachineSpec | None = None
+    """The machine type the replicas run on: `shipyard capacity --spec` says how many replicas one holds and
+    how many machines the plan needs, or that a replica does not fit it."""
     ports: PortsSpec = Field(default_factory=PortsSpec)
     """Server ports."""
     image: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._/:@-]*$")
