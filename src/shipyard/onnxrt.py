@@ -6,8 +6,11 @@ the same options, threads and providers.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,15 +125,53 @@ def providers(preferred: list[str] | None) -> list[str]:
     return chosen or ["CPUExecutionProvider"]
 
 
+TENSORRT = "TensorrtExecutionProvider"
+TENSORRT_FILE = "tensorrt.json"  # in an artifact: the TensorRT options its optimize search chose
+
+
+@dataclass(frozen=True)
+class TensorrtRun:
+    """How the TensorRT provider runs a model: engines built in FP16 or not, kept in `cache` so that only
+    the first session on a machine spends the minutes TensorRT takes to build them."""
+
+    cache: Path
+    fp16: bool = False
+
+    def options(self) -> dict[str, str]:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        return {
+            "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(self.cache),
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(self.cache),
+            "trt_fp16_enable": str(self.fp16),
+        }  # fmt: skip
+
+
+def artifact_tensorrt(folder: Path, content_hash: str) -> TensorrtRun:
+    """How the artifact in `folder` runs on TensorRT: FP16 when its search chose it (`tensorrt.json`, hashed
+    and signed with the other files), engines cached per artifact under $SHIPYARD_TENSORRT_CACHE (default
+    ~/.cache/shipyard/tensorrt), since an engine belongs to one graph, GPU and TensorRT version."""
+    root = Path(os.environ.get("SHIPYARD_TENSORRT_CACHE") or Path.home() / ".cache" / "shipyard" / "tensorrt")
+    chosen = folder / TENSORRT_FILE
+    fp16 = bool(json.loads(chosen.read_text())["fp16"]) if chosen.exists() else False
+    return TensorrtRun(root / content_hash.replace(":", "-")[:23], fp16)
+
+
+def provider_list(chosen: list[str], tensorrt: TensorrtRun | None) -> list[str | tuple[str, dict[str, str]]]:
+    """What InferenceSession takes: the chosen providers, TensorRT's with its options when it is among them."""
+    return [(p, tensorrt.options()) if p == TENSORRT and tensorrt is not None else p for p in chosen]
+
+
 def session(
     source: str | Path | bytes,
     threads: int = 1,
     preferred: list[str] | None = None,
     side_files: Mapping[str, bytearray] | None = None,
+    tensorrt: TensorrtRun | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session from a path or model bytes, with `threads` intra-op threads and one inter-op
     thread (so timings are comparable), on the preferred providers this machine has (default: CPU).
-    `side_files`: weight files the graph references, by name, from memory (a decrypted model's)."""
+    `side_files`: weight files the graph references, by name, from memory (a decrypted model's); `tensorrt`:
+    the TensorRT provider's options when it is used."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -141,8 +182,9 @@ def session(
         options.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
     try:
         return ort.InferenceSession(
-            source if isinstance(source, bytes) else str(source), options, providers=providers(preferred)
-        )
+            source if isinstance(source, bytes) else str(source), options,
+            providers=provider_list(providers(preferred), tensorrt),
+        )  # fmt: skip
     except Exception as exc:  # onnxruntime raises its own unexported exception classes
         where = "the model" if isinstance(source, bytes) else source
         raise ModelLoadError(f"{where}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None

@@ -246,3 +246,58 @@ def test_a_missing_calibration_range_is_explained_in_the_spec_s_terms() -> None:
     assert reason.startswith("static INT8 found no calibration range for tensor '/stem/stem.2/Relu_output_0'")
     assert "list quantize_static before graph in optimize.steps" in reason
     assert explain("quantize_dynamic", ValueError("boom")) == "ValueError: boom"
+
+
+def test_the_tensorrt_step_is_tried_only_where_tensorrt_is_and_the_build_goes_on(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    model = make_mlp_onnx(tmp_path / "m.onnx", sizes=(256, 64, 10))
+    steps = [{"step": "graph"}, {"step": "tensorrt", "params": {"fp16": True}}]
+    spec = _project(tmp_path, model, {"steps": steps, "min_speedup": 0.0, "max_drop": 1.0})
+    text = spec.read_text().replace("optimize:", "serve: {device: tensorrt}\noptimize:", 1)
+    spec.write_text(text)
+    manifest = build(load_spec(spec), registry)
+    trt = manifest.lineage[-1].params["candidates"][-1]
+    folder = registry.path(f"opt:{manifest.version}")
+    if "TensorrtExecutionProvider" in ort.get_available_providers():  # a GPU machine with TensorRT
+        assert trt["failed_guard"] in (None, "metric", "speed")
+        assert (folder / "tensorrt.json").exists() == trt["accepted"]
+        return
+    assert trt["failed_guard"] == "unavailable"
+    assert trt["reason"].startswith("not tried: this machine's onnxruntime has no TensorRT provider")
+    assert not (folder / "tensorrt.json").exists()  # nothing chosen: the server runs TensorRT's defaults there
+    registry.manifest(f"opt:{manifest.version}", verify=True)
+
+
+@pytest.mark.parametrize(
+    ("steps", "device"),
+    [([{"step": "tensorrt"}, {"step": "graph"}], "tensorrt"), ([{"step": "graph"}, {"step": "tensorrt"}], "cuda")],
+)
+def test_the_tensorrt_step_comes_last_and_with_the_tensorrt_device(steps: list[dict[str, Any]], device: str) -> None:
+    with pytest.raises(SpecError, match=r"list it last, with serve\.device: tensorrt"):
+        parse_spec({"name": "m", "model": {"format": "onnx", "path": "m.onnx"}, "serve": {"device": device},
+                    "evaluation": {"dataset": {"kind": "npz", "path": "e.npz"}, "metric": "accuracy"},
+                    "optimize": {"steps": steps}}, "s")  # fmt: skip
+
+
+def test_tensorrt_runs_with_an_engine_cache_per_artifact_and_the_chosen_precision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHIPYARD_TENSORRT_CACHE", str(tmp_path / "engines"))
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    default = onnxrt.artifact_tensorrt(artifact, "sha256:0123456789abcdef0123")
+    assert default == onnxrt.TensorrtRun(tmp_path / "engines" / "sha256-0123456789abcdef", fp16=False)
+    (artifact / onnxrt.TENSORRT_FILE).write_text('{"fp16": true}')
+    chosen = onnxrt.artifact_tensorrt(artifact, "sha256:0123456789abcdef0123")
+    assert chosen.fp16
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    listed = onnxrt.provider_list(gpu, chosen)
+    name, options = listed[0]
+    assert name == "TensorrtExecutionProvider"
+    assert options["trt_engine_cache_enable"] == "True"
+    assert options["trt_fp16_enable"] == "True"
+    assert options["trt_engine_cache_path"] == str(chosen.cache)
+    assert chosen.cache.is_dir()
+    assert listed[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnxrt.provider_list(["CPUExecutionProvider"], chosen) == ["CPUExecutionProvider"]

@@ -309,16 +309,20 @@ TORCH_STEPS = ("prune", "distill")
 class OptimizeStepSpec(_Spec):
     """One optimization step and its parameters."""
 
-    step: Literal["prune", "distill", "graph", "quantize_dynamic", "quantize_static", "weight_only", "fp16"]
+    step: Literal["prune", "distill", "graph", "quantize_dynamic", "quantize_static", "weight_only", "fp16", "tensorrt"]
     """prune: PyTorch magnitude pruning (`method: magnitude`, zeroed weights) or structured channel
     removal (`method: channels`, a smaller model); distill: train the `student` architecture on the
     teacher's soft targets; graph: ONNX Runtime offline graph optimization; quantize_dynamic /
     quantize_static: INT8 (static uses calibration data, QDQ format); weight_only: 4/8-bit MatMul weights
-    (MatMulNBits); fp16: half-precision weights and compute."""
+    (MatMulNBits); fp16: half-precision weights and compute; tensorrt (last, with `serve.device: tensorrt`):
+    the same graph run by TensorRT engines built in FP16 (`fp16: false`: FP32), tried only where the building
+    machine has the TensorRT provider; when accepted the artifact carries the choice and the server builds its
+    engines once per machine into an engine cache."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Step parameters (prune: method, amount, finetune_epochs, ignore; distill: student, epochs, lr,
     batch_size, temperature, alpha; graph: level, transformer; quantize_*: per_channel, weight_type,
-    nodes_to_exclude; static: method MinMax/Entropy/Percentile, calibration_samples; fp16: keep_io_types)."""
+    nodes_to_exclude; static: method MinMax/Entropy/Percentile, calibration_samples; fp16: keep_io_types;
+    tensorrt: fp16)."""
 
     @property
     def trains(self) -> bool:
@@ -580,6 +584,10 @@ class ShipyardSpec(_Spec):
         if self.optimize is not None and self.evaluation is not None:
             if any(s.step in TORCH_STEPS for s in self.optimize.steps) and self.model.format != "torch":
                 raise ValueError("prune and distill work on PyTorch models (model.format: torch)")
+            names = [s.step for s in self.optimize.steps]
+            if "tensorrt" in names and (names.index("tensorrt") != len(names) - 1 or self.serve.device != "tensorrt"):
+                raise ValueError("the tensorrt step chooses how TensorRT runs the final graph: list it last, "
+                                 "with serve.device: tensorrt")  # fmt: skip
             if self.optimize.train_data == self.evaluation.dataset:
                 raise ValueError("optimize.train_data is the evaluation set: train on other data than the guard")
             if self.optimize.objective != "latency" and not self.model.generates:

@@ -7,6 +7,7 @@ registers the best variant found (the unoptimized model if none passed).
 from __future__ import annotations
 
 import functools
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,10 +15,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from shipyard.artifact.layout import folder_size
 from shipyard.errors import ShipyardError
 from shipyard.onnxrt import (
+    TENSORRT,
+    TENSORRT_FILE,
+    TensorrtRun,
     check_onnx,
     is_batchable,
     model_bytes,
@@ -36,7 +41,7 @@ from shipyard.pipeline.evaluate import measure_latency, output_index
 from shipyard.pipeline.optimize.fallback import rank_nodes
 from shipyard.pipeline.optimize.guard import check_metric, paired_p50_ms
 from shipyard.pipeline.optimize.torch_steps import TorchSteps, Training
-from shipyard.pipeline.optimize.transforms import QUANTIZERS, TRANSFORMS, quiet_root_logger
+from shipyard.pipeline.optimize.transforms import QUANTIZERS, TRANSFORMS, check_params, quiet_root_logger
 from shipyard.pipeline.step import NullProgress, Progress
 from shipyard.spec.models import TORCH_STEPS, LatencySpec, MetricSpec, OptimizeSpec, OptimizeStepSpec
 
@@ -55,7 +60,7 @@ class Candidate:
     p50_ms: float | None = None
     parent_p50_ms: float | None = None
     size_bytes: int | None = None
-    failed_guard: str | None = None  # "metric", "speed" or "error"
+    failed_guard: str | None = None  # "metric", "speed", "error" or "unavailable" (needs what is not here)
     built_on: int | None = None  # the trial whose model this one transformed (None: the unoptimized model)
     fallback: list[str] = field(default_factory=list)  # nodes kept in float
     path: Path | None = None
@@ -140,8 +145,11 @@ class _Search:
         self.held: Candidate | None = None  # good enough, but not faster on its own: later steps may build on it
         self.started = time.monotonic()
 
-    def predict(self, path: Path) -> np.ndarray:
-        return run_in_chunks(ort_predict(session(path)), self.data.inputs, self.signature)[self.index]
+    def predict(self, path: Path, tensorrt: TensorrtRun | None = None) -> np.ndarray:
+        """The model's outputs on the evaluation set: on the CPU, or on TensorRT for a candidate that is a
+        way of running the graph there (its FP16 engines change the numbers the guard judges)."""
+        sess = session(path) if tensorrt is None else session(path, preferred=self.providers, tensorrt=tensorrt)
+        return run_in_chunks(ort_predict(sess), self.data.inputs, self.signature)[self.index]
 
     def spent(self) -> bool:
         return len(self.candidates) >= self.spec.max_trials or time.monotonic() - self.started > self.spec.timeout_s
@@ -204,6 +212,8 @@ class _Search:
             reason = (f"not tried on trial {quantized.trial}'s model: it is already quantized ({quantized.step}), "
                       "and quantizing twice is not supported")  # fmt: skip
             return Candidate(trial, step, params, False, reason, built_on=source.trial if source else None)
+        if step == "tensorrt":
+            return self._tensorrt(trial, params, source, parent)
         try:
             if self.torch is not None and step in TORCH_STEPS:
                 applied = self.torch.apply(step, params, None if source is None else source.trial, trial, dest)
@@ -221,7 +231,30 @@ class _Search:
         verdict.built_on = None if source is None else source.trial
         return verdict
 
-    def _judge(self, candidate: Candidate, pred: np.ndarray, model: Path) -> None:
+    def _tensorrt(self, trial: int, params: dict[str, Any], source: Candidate | None, graph: Path) -> Candidate:
+        """`graph` run by TensorRT engines (FP16 unless `fp16: false`): the same file, judged as it would be
+        served, against the best so far on the served providers without these options."""
+        built_on = None if source is None else source.trial
+        try:
+            check_params(params, {"fp16"}, "tensorrt")
+        except ShipyardError as exc:
+            return Candidate(trial, "tensorrt", params, False, f"failed: {exc}", failed_guard="error",
+                             built_on=built_on)  # fmt: skip
+        applied = {"fp16": bool(params.get("fp16", True))}
+        if TENSORRT not in ort.get_available_providers():
+            reason = ("not tried: this machine's onnxruntime has no TensorRT provider (onnxruntime-gpu with "
+                      "TensorRT's libraries, on an NVIDIA GPU)")  # fmt: skip
+            return Candidate(trial, "tensorrt", applied, False, reason, failed_guard="unavailable", built_on=built_on)
+        run = TensorrtRun(self.work / "tensorrt-engines", applied["fp16"])
+        verdict = Candidate(trial, "tensorrt", applied, False, "", size_bytes=model_bytes(graph), built_on=built_on)
+        try:
+            self._judge(verdict, self.predict(graph, run), graph, run)
+        except ShipyardError as exc:
+            verdict.reason, verdict.failed_guard = f"failed: {exc}", "error"
+        verdict.path = graph
+        return verdict
+
+    def _judge(self, candidate: Candidate, pred: np.ndarray, model: Path, tensorrt: TensorrtRun | None = None) -> None:
         """Fill in the verdict: the metric guard first (cheap to explain), then the speed guard against `best`."""
         spec, metric = self.spec, self.metric
         check = check_metric(metric, spec, self.base_pred, pred, self.data.target)
@@ -232,7 +265,8 @@ class _Search:
                                 f"({spec.confidence:.0%} bound) exceeds the budget {check.budget:.4g}")  # fmt: skip
             return
         parent_ms, ms = paired_p50_ms(session(self.best, preferred=self.providers),
-                                      session(model, preferred=self.providers), self.single)  # fmt: skip
+                                      session(model, preferred=self.providers, tensorrt=tensorrt),
+                                      self.single)  # fmt: skip
         candidate.p50_ms, candidate.parent_p50_ms = ms, parent_ms
         if ms > parent_ms * (1 - spec.min_speedup):
             candidate.failed_guard = "speed"
@@ -267,6 +301,8 @@ class OptimizeStep:
         chain = applied_chain(search.candidates, search.winner)
         if search.winner is not None:
             self._adopt(ctx, search.best, evaluation.metric.name, search.winner.metric)
+            if search.winner.step == "tensorrt":  # the server runs the graph as the search timed it
+                (ctx.artifact_dir / TENSORRT_FILE).write_text(json.dumps(search.winner.params))
         return {
             "applied": [{"step": c.step, "params": c.params} for c in chain],
             "candidates": [c.record() for c in search.candidates],

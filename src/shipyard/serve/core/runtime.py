@@ -21,7 +21,7 @@ from shipyard.artifact.encryption import model_source
 from shipyard.artifact.layout import verify_artifact
 from shipyard.artifact.manifest import Manifest
 from shipyard.errors import InvalidInputError, UnavailableError
-from shipyard.onnxrt import random_feeds, session
+from shipyard.onnxrt import TENSORRT, artifact_tensorrt, random_feeds, session
 from shipyard.spec.models import ServeSpec
 from shipyard.tokenizer import TextEncoder, artifact_encoder
 
@@ -68,14 +68,16 @@ class OrtRuntime:
         threads = self.settings.threads(self.manifest.generation is not None)
         if threads == 0 and self.workers > 1:  # "every core" is shared by the workers
             threads = max(1, cpus.usable() // self.workers)
+        wanted = self.settings.providers()
+        tensorrt = artifact_tensorrt(self.folder, self.manifest.content_hash) if TENSORRT in wanted else None
         for _ in range(self.settings.instances):
-            created = session(source.model, threads, self.settings.providers(), source.side_files)
+            created = session(source.model, threads, wanted, source.side_files, tensorrt)
             self._sessions.put(created)
         self.providers = created.get_providers()
-        wanted = self.settings.providers()[0]
-        if self.settings.device != "cpu" and wanted not in self.providers:
+        if self.settings.device != "cpu" and wanted[0] not in self.providers:
             raise UnavailableError(
-                f"{self.manifest.name}:{self.manifest.version} needs {wanted} (serve.device: {self.settings.device}), "
+                f"{self.manifest.name}:{self.manifest.version} needs {wanted[0]} "
+                f"(serve.device: {self.settings.device}), "
                 f"which this machine's onnxruntime does not offer (it has {', '.join(self.providers)}): install "
                 "onnxruntime-gpu on a machine with an NVIDIA GPU, or set serve.device: cpu"
             )
