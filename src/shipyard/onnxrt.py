@@ -7,7 +7,6 @@ the same options, threads and providers.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -146,11 +145,10 @@ class TensorrtRun:
         }  # fmt: skip
 
 
-def artifact_tensorrt(folder: Path, content_hash: str) -> TensorrtRun:
+def artifact_tensorrt(folder: Path, content_hash: str, root: Path) -> TensorrtRun:
     """How the artifact in `folder` runs on TensorRT: FP16 when its search chose it (`tensorrt.json`, hashed
-    and signed with the other files), engines cached per artifact under $SHIPYARD_TENSORRT_CACHE (default
-    ~/.cache/shipyard/tensorrt), since an engine belongs to one graph, GPU and TensorRT version."""
-    root = Path(os.environ.get("SHIPYARD_TENSORRT_CACHE") or Path.home() / ".cache" / "shipyard" / "tensorrt")
+    and signed with the other files), engines cached per artifact under `root` ($SHIPYARD_TENSORRT_CACHE),
+    since an engine belongs to one graph, GPU and TensorRT version."""
     chosen = folder / TENSORRT_FILE
     fp16 = bool(json.loads(chosen.read_text())["fp16"]) if chosen.exists() else False
     return TensorrtRun(root / content_hash.replace(":", "-")[:23], fp16)

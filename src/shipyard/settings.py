@@ -21,6 +21,8 @@ KEY_ENV = "SHIPYARD_ENCRYPTION_KEY"
 KEY_FILE_ENV = "SHIPYARD_ENCRYPTION_KEY_FILE"
 DEBUG_ENV = "SHIPYARD_DEBUG"
 SCHEMES_ENV = "SHIPYARD_STORAGE_SCHEMES"
+TENSORRT_CACHE_ENV = "SHIPYARD_TENSORRT_CACHE"
+DEFAULT_TENSORRT_CACHE = "~/.cache/shipyard/tensorrt"
 DEFAULT_REGISTRY = "~/.shipyard/registry"
 # Storage URIs reach only these fsspec protocols unless the user enables more ($SHIPYARD_STORAGE_SCHEMES):
 # fsspec also speaks http, ftp, sftp, github, memory, … and a spec or container argument must not reach them.
@@ -61,6 +63,8 @@ class Environment:
     storage_schemes: frozenset[str] = DEFAULT_STORAGE_SCHEMES
     """URI schemes push, pull, serve --pull, backup and restore may use: file and s3, plus $SHIPYARD_STORAGE_SCHEMES
     (comma-separated, e.g. `gcs,az`)."""
+    tensorrt_cache: Path = Path(DEFAULT_TENSORRT_CACHE)
+    """$SHIPYARD_TENSORRT_CACHE: where servers on TensorRT keep the engines they build, per artifact."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Environment:
@@ -73,6 +77,7 @@ class Environment:
             debug=bool(env.get(DEBUG_ENV)),
             storage_schemes=DEFAULT_STORAGE_SCHEMES
             | {s.strip().lower() for s in env.get(SCHEMES_ENV, "").split(",") if s.strip()},
+            tensorrt_cache=Path(env.get(TENSORRT_CACHE_ENV) or DEFAULT_TENSORRT_CACHE).expanduser(),
         )
 
     def encryption_key(self) -> bytes | None:

@@ -280,16 +280,17 @@ def test_the_tensorrt_step_comes_last_and_with_the_tensorrt_device(steps: list[d
                     "optimize": {"steps": steps}}, "s")  # fmt: skip
 
 
-def test_tensorrt_runs_with_an_engine_cache_per_artifact_and_the_chosen_precision(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SHIPYARD_TENSORRT_CACHE", str(tmp_path / "engines"))
+def test_tensorrt_runs_with_an_engine_cache_per_artifact_and_the_chosen_precision(tmp_path: Path) -> None:
+    from shipyard.settings import Environment
+
+    root = Environment.from_environ({"SHIPYARD_TENSORRT_CACHE": str(tmp_path / "engines")}).tensorrt_cache
+    assert Environment.from_environ({}).tensorrt_cache == Path("~/.cache/shipyard/tensorrt").expanduser()
     artifact = tmp_path / "artifact"
     artifact.mkdir()
-    default = onnxrt.artifact_tensorrt(artifact, "sha256:0123456789abcdef0123")
+    default = onnxrt.artifact_tensorrt(artifact, "sha256:0123456789abcdef0123", root)
     assert default == onnxrt.TensorrtRun(tmp_path / "engines" / "sha256-0123456789abcdef", fp16=False)
     (artifact / onnxrt.TENSORRT_FILE).write_text('{"fp16": true}')
-    chosen = onnxrt.artifact_tensorrt(artifact, "sha256:0123456789abcdef0123")
+    chosen = onnxrt.artifact_tensorrt(artifact, "sha256:0123456789abcdef0123", root)
     assert chosen.fp16
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     listed = onnxrt.provider_list(gpu, chosen)

@@ -111,7 +111,7 @@ def serve(
     settings = ServeSettings(
         models=refs, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
         max_body_bytes=int(max_body_mb * (1 << 20)), trusted_key=public_key if require_signed else None,
-        encryption_key=env.encryption_key(),
+        encryption_key=env.encryption_key(), tensorrt_cache=env.tensorrt_cache,
         tokens_file=tokens, allow_management=allow_management, open_health=not auth_health, rate_limit=rate_limit,
         rate_burst=rate_burst, tls_cert=tls_cert, tls_key=tls_key, request_timeout_s=request_timeout or None,
         body_timeout_s=body_timeout,

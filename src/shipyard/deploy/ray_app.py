@@ -34,7 +34,8 @@ class ShipyardReplica:
         local = open_registry(Path(registry) if registry else env.registry)
         pulled = [remote_storage.pull(local, uri, env.storage_schemes) for uri in pull]
         refs = [f"{m.name}:{m.version}" for m in pulled] if pulled else models
-        self.server = compose(ServeSettings(models=refs, encryption_key=env.encryption_key()), local)
+        settings = ServeSettings(models=refs, encryption_key=env.encryption_key(), tensorrt_cache=env.tensorrt_cache)
+        self.server = compose(settings, local)
         await self.server.repository.load_all(refs)
         self.server.services.dataplane.loading_done = True
 

@@ -48,7 +48,7 @@ def compose(
     several passes its index, how it `join`s the others (serve/fleet/link.py) and the shared rate buckets."""
     metrics = ServerMetrics()
     repository = ModelRepository(registry, metrics, settings.trusted_key, settings.encryption_key,
-                                 settings.memory_limit_bytes, settings.workers)  # fmt: skip
+                                 settings.memory_limit_bytes, settings.workers, settings.tensorrt_cache)  # fmt: skip
     rollout = Rollout(canary=settings.canary, shadow=settings.shadow, counts=metrics.shadow)
     request_log = None
     if settings.log_dir is not None:

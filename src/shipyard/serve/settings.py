@@ -33,6 +33,7 @@ class ServeSettings:
     body_timeout_s: float = defaults.BODY_TIMEOUT_S  # to receive a request body, from its first byte awaited
     max_elements: int | None = defaults.MAX_ELEMENTS  # per input tensor
     memory_limit_bytes: int | None = None  # refuse a version whose estimate exceeds this; None: what is free here
+    tensorrt_cache: Path | None = None  # where TensorRT's engines are kept, per artifact; None: built each start
     canary: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share of traffic}
     shadow: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> {version: share mirrored}
     drift_sample: float = 0.1  # share of requests binned for drift monitoring (0: off)

@@ -300,9 +300,11 @@ class OptimizeStep:
         progress.update(len(spec.steps), len(spec.steps))
         chain = applied_chain(search.candidates, search.winner)
         if search.winner is not None:
-            self._adopt(ctx, search.best, evaluation.metric.name, search.winner.metric)
+            tensorrt = None
             if search.winner.step == "tensorrt":  # the server runs the graph as the search timed it
                 (ctx.artifact_dir / TENSORRT_FILE).write_text(json.dumps(search.winner.params))
+                tensorrt = TensorrtRun(work / "tensorrt-engines", search.winner.params["fp16"])
+            self._adopt(ctx, search.best, evaluation.metric.name, search.winner.metric, tensorrt)
         return {
             "applied": [{"step": c.step, "params": c.params} for c in chain],
             "candidates": [c.record() for c in search.candidates],
@@ -315,7 +317,7 @@ class OptimizeStep:
         }
 
     @staticmethod
-    def _adopt(ctx: BuildContext, best: Path, metric: str, value: float | None) -> None:
+    def _adopt(ctx: BuildContext, best: Path, metric: str, value: float | None, tensorrt: TensorrtRun | None) -> None:
         """Make the winner the artifact's model and re-measure it; the old figures keep an _unoptimized suffix."""
         model_path, signature = ctx.require_model()
         for key in (metric, "latency_p50_ms", "latency_p99_ms", "throughput_sps", "size_bytes", "parameters"):
@@ -328,6 +330,6 @@ class OptimizeStep:
         ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
         evaluation = ctx.loaded.spec.evaluation
         latency = evaluation.latency if evaluation is not None else LatencySpec()
-        sess = session(model_path, threads=latency.threads, preferred=ctx.loaded.spec.serve.providers())
+        sess = session(model_path, latency.threads, ctx.loaded.spec.serve.providers(), tensorrt=tensorrt)
         timed = measure_latency(lambda f: sess.run(None, f), signature, latency, NullProgress(), ctx.eval_data)
         ctx.metrics.update(timed)

@@ -99,6 +99,7 @@ class ModelRepository:
     def __init__(
         self, registry: LocalRegistry, metrics: ServerMetrics, trusted_key: Path | None = None,
         encryption_key: bytes | None = None, memory_limit_bytes: int | None = None, workers: int = 1,
+        tensorrt_cache: Path | None = None,
     ) -> None:  # fmt: skip
         self.registry = registry
         self.metrics = metrics
@@ -106,6 +107,7 @@ class ModelRepository:
         self.encryption_key = encryption_key  # opens sealed model files
         self.memory_limit_bytes = memory_limit_bytes  # a configured budget; else what the machine has free
         self.workers = workers  # processes of this server sharing the cores (and the budget)
+        self.tensorrt_cache = tensorrt_cache  # engines built by the TensorRT provider, one folder per artifact
         self._models: dict[str, dict[int, ModelHandle]] = {}
         self._lock = asyncio.Lock()  # serializes load/unload; inference never takes it
         self._failed: dict[tuple[str, int], str] = {}  # versions that failed to load -> why (for the index)
@@ -139,7 +141,7 @@ class ModelRepository:
             await asyncio.to_thread(verify_signature, folder, self.trusted_key)
         settings = serve_settings(manifest)
         self._check_memory(folder, manifest, settings)
-        runtime = OrtRuntime(folder, manifest, settings, self.encryption_key, self.workers)
+        runtime = OrtRuntime(folder, manifest, settings, self.encryption_key, self.workers, self.tensorrt_cache)
         stats = ModelStats(record.name, record.version, self.metrics)
         batchable = is_batchable(manifest.served_signature)
         batcher = Batcher(

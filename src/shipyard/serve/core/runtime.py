@@ -44,9 +44,11 @@ class OrtRuntime:
     """`instances` ONNX Runtime sessions, each used by one worker thread at a time."""
 
     def __init__(
-        self, folder: Path, manifest: Manifest, settings: ServeSpec, encryption_key: bytes | None, workers: int = 1
-    ) -> None:
+        self, folder: Path, manifest: Manifest, settings: ServeSpec, encryption_key: bytes | None, workers: int = 1,
+        tensorrt_cache: Path | None = None,
+    ) -> None:  # fmt: skip
         self.folder = folder
+        self.tensorrt_cache = tensorrt_cache
         self.workers = workers  # processes of the server, each with its own sessions
         self.manifest = manifest
         self.settings = settings
@@ -69,7 +71,9 @@ class OrtRuntime:
         if threads == 0 and self.workers > 1:  # "every core" is shared by the workers
             threads = max(1, cpus.usable() // self.workers)
         wanted = self.settings.providers()
-        tensorrt = artifact_tensorrt(self.folder, self.manifest.content_hash) if TENSORRT in wanted else None
+        tensorrt = None
+        if TENSORRT in wanted and self.tensorrt_cache is not None:
+            tensorrt = artifact_tensorrt(self.folder, self.manifest.content_hash, self.tensorrt_cache)
         for _ in range(self.settings.instances):
             created = session(source.model, threads, wanted, source.side_files, tensorrt)
             self._sessions.put(created)
