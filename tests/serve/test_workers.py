@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
@@ -29,6 +30,13 @@ def _body(version_id: str | None = None, row: np.ndarray = ROW) -> dict[str, obj
     if version_id is not None:
         body["id"] = version_id
     return body
+
+
+def _successes(server: RunningServer) -> float:
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
+    samples = [s for f in text_string_to_metric_families(text) if f.name == "shipyard_inference_requests"
+               for s in f.samples if s.labels.get("outcome") == "success"]  # fmt: skip
+    return sum(s.value for s in samples)
 
 
 def _workers(server: RunningServer) -> list[int]:
@@ -145,6 +153,7 @@ def test_a_killed_worker_is_replaced_and_new_connections_are_not_lost(fleet: Run
     for t in threads:
         t.start()
     time.sleep(0.5)
+    counted = _successes(fleet)  # a scrape: what each worker had counted so far
     victim = _workers(fleet)[0]
     killed = time.monotonic()
     os.kill(victim, signal.SIGKILL)
@@ -164,6 +173,7 @@ def test_a_killed_worker_is_replaced_and_new_connections_are_not_lost(fleet: Run
     assert after
     assert [outcome for outcome in after if outcome != 200] == []  # nothing that had not reached it was lost
     assert all(end - start < 10 for start, end, _ in results)  # and nothing hung
+    assert _successes(fleet) >= counted + len(after)  # the dead worker's counts stay in the sum: no reset
     metrics = httpx.get(f"http://127.0.0.1:{fleet.metrics_port}/metrics").text
     assert "shipyard_worker_restarts_total 1.0" in metrics
     assert "died (exit -9); starting a replacement" in fleet.log.read_text()

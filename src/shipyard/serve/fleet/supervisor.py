@@ -89,6 +89,7 @@ class _Worker:
     up: bool = False  # reading its pipe: operations may be sent to it
     ready: bool = False
     failure: str | None = None
+    observed: Snapshot | None = None  # its answer to the last scrape
 
 
 @dataclass
@@ -96,6 +97,7 @@ class _Job:
     """One operation fanned out to every worker that is up; answered once each has replied or died."""
 
     origin: tuple[_Worker, int] | None  # the asking worker and its id; None: the supervisor's own
+    op: str
     pending: set[int]
     missing: int
     outcomes: dict[int, Outcome] = field(default_factory=dict)
@@ -111,6 +113,7 @@ class Supervisor:
         self.jobs: dict[int, _Job] = {}
         self.ids = itertools.count()
         self.restarts = 0
+        self.retired = Snapshot()  # what dead workers had counted at their last scrape
         self.refs = list(settings.models)  # what a replacement loads: the versions the others serve
         self.stop = asyncio.Event()
         self.changed = asyncio.Event()
@@ -145,6 +148,9 @@ class Supervisor:
             if job is not None and worker.index in job.pending:
                 job.pending.discard(worker.index)
                 job.outcomes[worker.index] = message[2]
+                ok, value = message[2]
+                if job.op == "observe" and ok:
+                    worker.observed = value
                 self._maybe_finish(message[1])
 
     def _fan_out(
@@ -153,7 +159,8 @@ class Supervisor:
     ) -> None:  # fmt: skip
         targets = [w for w in self.workers.values() if w.up]
         job_id = next(self.ids)
-        self.jobs[job_id] = _Job(origin, {w.index for w in targets}, self.settings.workers - len(targets), done=done)
+        self.jobs[job_id] = _Job(origin, op, {w.index for w in targets}, self.settings.workers - len(targets),
+                                 done=done)  # fmt: skip
         for target in targets:
             with contextlib.suppress(OSError):  # it is dying; its exit callback counts it missing
                 target.conn.send(("do", job_id, op, args))
@@ -221,6 +228,8 @@ class Supervisor:
             self.stop.set()
             return
         self.restarts += 1
+        if worker.observed is not None:  # else the summed counters would drop by what it had counted
+            self.retired = self.retired + worker.observed.counts()
         logger.warning("worker %d (pid %s) died (exit %s); starting a replacement (%d replaced so far)",
                        worker.index, worker.process.pid, worker.process.exitcode, self.restarts)  # fmt: skip
         task = self._loop.create_task(self._replace(worker.index, http_socket, buckets))
@@ -240,8 +249,9 @@ class Supervisor:
     # --- metrics ---------------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
-        snapshots = (await self.each("observe")).values
-        return functools.reduce(operator.add, snapshots, Snapshot(worker_restarts=self.restarts))
+        live = functools.reduce(operator.add, (await self.each("observe")).values, Snapshot())
+        self.retired = self.retired.within(live)
+        return self.retired + live + Snapshot(worker_restarts=self.restarts)
 
     def collect(self) -> Iterator[Metric]:
         """Prometheus's collector interface, called on its listener's thread."""

@@ -105,6 +105,11 @@ class ModelFigures:
             (self.cache_used * self.schedulers + other.cache_used * other.schedulers) / max(schedulers, 1), schedulers,
         )  # fmt: skip
 
+    def counts(self) -> ModelFigures:
+        """Only what accumulates (requests, tokens, histograms): the gauges of a worker that is gone are zero."""
+        return ModelFigures(self.success, self.failure, 0, self.histograms, self.language, self.generated_tokens,
+                            self.prompt_tokens)  # fmt: skip
+
 
 def _add(a: dict[K, Any], b: dict[K, Any]) -> dict[K, Any]:
     """Values under the same key added up; the others kept."""
@@ -128,6 +133,18 @@ class Snapshot:
             {**other.drift, **drift}, _add(self.feedback, other.feedback),
             self.worker_restarts + other.worker_restarts,
         )  # fmt: skip
+
+    def counts(self) -> Snapshot:
+        """What a worker had counted, to keep once it is gone so the summed counters never go back; its drift
+        window and gauges are not kept (they describe the present)."""
+        return Snapshot({key: m.counts() for key, m in self.models.items()}, dict(self.shadow), {}, dict(self.feedback))
+
+    def within(self, live: Snapshot) -> Snapshot:
+        """These counts, for the versions `live` still serves (an unloaded version's series go, as with one
+        process)."""
+        return Snapshot({k: m for k, m in self.models.items() if k in live.models},
+                        {k: c for k, c in self.shadow.items() if k in live.models}, {},
+                        {k: f for k, f in self.feedback.items() if k in live.models})  # fmt: skip
 
 
 class ServerMetrics:
