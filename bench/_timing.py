@@ -1,5 +1,6 @@
 """What the benchmarks share: the in-process ONNX Runtime timing loop (the floor servers are compared with),
-on sessions made by shipyard.onnxrt.session (the server's own session setup), and starting a server."""
+on sessions made by shipyard.onnxrt.session (the server's own session setup), starting a server, and a big
+model of a chosen size."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 
 def time_runs(session: ort.InferenceSession, feeds: dict[str, np.ndarray], seconds: float) -> dict[str, float]:
@@ -44,3 +47,23 @@ def start_server(registry: Path, name: str, http: int, grpc: int) -> subprocess.
         except httpx.HTTPError:
             time.sleep(0.1)
     return server
+
+
+def matmul_chain(path: Path, layers: int, width: int) -> None:
+    """A chain of `layers` width x width float32 MatMuls (random weights, scaled to keep activations near 1)
+    saved with its weights in a side file: a big model whose size is chosen by its layer count."""
+    rng = np.random.default_rng(0)
+    nodes, weights, current = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(width)).astype(np.float32)
+        weights.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [out]))
+        current = out
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], initializer=weights,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data")

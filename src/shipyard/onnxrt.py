@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from shipyard.spec.models import SignatureSpec, TensorSpec
 
 MODEL_FILE = "model.onnx"
 _SINGLE_FILE_LIMIT = 1_800_000_000  # below protobuf's 2 GiB message limit, with margin
+_COPY_CHUNK = 64 << 20
 
 
 def check_onnx(path: Path, runtime_ops: bool = False) -> onnx.ModelProto:
@@ -101,12 +102,69 @@ def remove_model(path: Path) -> None:
         file.unlink(missing_ok=True)
 
 
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph can keep weights in: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def _external(tensor: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
+    """Where an externally stored tensor's bytes are: file, offset, length; only files under `base`."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    file = (base / info.get("location", "")).resolve()
+    if not file.is_relative_to(base) or not file.is_file():
+        raise ModelLoadError(f"tensor {tensor.name!r}: its weights file {info.get('location')!r} is not a file "
+                             "in the model's folder")  # fmt: skip
+    offset = int(info.get("offset", 0))
+    length = int(info["length"]) if "length" in info else file.stat().st_size - offset
+    if offset < 0 or length < 0 or offset + length > file.stat().st_size:
+        raise ModelLoadError(f"tensor {tensor.name!r}: its weights run past the end of {file.name}")
+    return file, offset, length
+
+
+def save_streaming(model: onnx.ModelProto, source_dir: Path, dest: Path) -> Path:
+    """Write `model` (a graph loaded without its external data) to `dest`, copying the bytes of every tensor
+    stored outside it from its file under `source_dir` into one side file `dest.name + ".data"`, a chunk at a
+    time: the weights are never all in memory, however big the model."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # the caller's graph keeps its locations
+    base, data = source_dir.resolve(), f"{dest.name}.data"
+    with (dest.parent / data).open("wb") as out:
+        for tensor in _tensors(model.graph):
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            file, offset, length = _external(tensor, base)
+            at = out.tell()
+            with file.open("rb") as weights:
+                weights.seek(offset)
+                for start in range(0, length, _COPY_CHUNK):
+                    out.write(weights.read(min(_COPY_CHUNK, length - start)))
+            del tensor.external_data[:]
+            for key, value in (("location", data), ("offset", str(at)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+    onnx.save_model(model, str(dest))
+    return dest
+
+
+def _stored_bytes(model: onnx.ModelProto, base: Path) -> int:
+    """The graph's own size plus every externally stored tensor's."""
+    external = [t for t in _tensors(model.graph) if t.data_location == TensorProto.EXTERNAL]
+    return int(model.ByteSize()) + sum(_external(t, base.resolve())[2] for t in external)
+
+
 def place_model(source: Path, graph: onnx.ModelProto, dest: Path) -> Path:
     """Copy a checked ONNX model to `dest`, self-contained unless it exceeds protobuf's 2 GB (then its
-    weights go to `model.onnx.data` beside it).
+    weights go to `model.onnx.data` beside it, streamed there without loading them).
 
-    Exporters may write weights to side files; they are gathered here (onnx.load refuses external-data
-    paths that leave the model's folder), so the artifact never depends on files outside it.
+    Exporters may write weights to side files; they are gathered here (only files in the model's own folder
+    are read), so the artifact never depends on files outside it.
     """
     if source.resolve() == dest.resolve():
         return dest
@@ -114,6 +172,8 @@ def place_model(source: Path, graph: onnx.ModelProto, dest: Path) -> Path:
     if not has_external_data(graph):
         shutil.copyfile(source, dest)
         return dest
+    if _stored_bytes(graph, source.parent) >= _SINGLE_FILE_LIMIT:
+        return save_streaming(graph, source.parent, dest)
     return save_graph(onnx.load(str(source), load_external_data=True), dest)
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from shipyard import onnxrt
 from shipyard.errors import EvaluationError, ModelLoadError, SpecError
 from shipyard.pipeline import build, import_onnx
 from shipyard.registry import LocalRegistry
@@ -137,3 +140,70 @@ def test_evaluation_times_on_the_served_device_or_says_it_could_not(mlp_onnx: Pa
         "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
     )
     assert evaluate["provider"] == wanted
+
+
+def _chain_with_side_files(folder: Path, layers: int, width: int, one_file: bool) -> Path:
+    rng = np.random.default_rng(0)
+    weights = [onnx.numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), f"w{i}")
+               for i in range(layers)]  # fmt: skip
+    names = ["x", *[f"h{i}" for i in range(layers - 1)], "y"]
+    nodes = [onnx.helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]]) for i in range(layers)]
+    graph = onnx.helper.make_graph(
+        nodes, "chain", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", width])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", width])], initializer=weights,
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = folder / "chain.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=one_file,
+                    location="chain.weights" if one_file else None, size_threshold=0)  # fmt: skip
+    return path
+
+
+PLACE = """
+import resource, sys
+from pathlib import Path
+from shipyard import onnxrt
+onnxrt._SINGLE_FILE_LIMIT = 1 << 20
+source, dest = Path(sys.argv[1]), Path(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+onnxrt.place_model(source, onnxrt.check_onnx(source), dest)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("one_file", [True, False])
+def test_a_big_model_is_placed_by_streaming_its_weights_not_loading_them(tmp_path: Path, one_file: bool) -> None:
+    source_dir, dest_dir = tmp_path / "exported", tmp_path / "artifact"
+    source_dir.mkdir()
+    dest_dir.mkdir()
+    source = _chain_with_side_files(source_dir, 4, 2048, one_file)  # 64 MiB in one file, or one file per tensor
+    grown = subprocess.run([sys.executable, "-c", PLACE, str(source), str(dest_dir / "model.onnx")], check=True,
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert int(grown) < 40  # MiB: a 64 MiB chunk is read at most, never the 64 MiB of weights at once
+    assert sorted(p.name for p in dest_dir.iterdir()) == ["model.onnx", "model.onnx.data"]
+    x = np.random.default_rng(1).standard_normal((2, 2048)).astype(np.float32)
+
+    def run(path: Path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # type: ignore[no-any-return]
+
+    np.testing.assert_array_equal(run(dest_dir / "model.onnx"), run(source))
+
+
+def test_weights_outside_the_model_folder_or_cut_short_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onnxrt, "_SINGLE_FILE_LIMIT", 1 << 10)
+    source = _chain_with_side_files(tmp_path, 2, 64, one_file=True)
+    graph = onnxrt.check_onnx(source)
+    escaped = onnx.ModelProto.FromString(graph.SerializeToString())
+    for entry in escaped.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../outside.bin"
+    (tmp_path.parent / "outside.bin").write_bytes(b"\0" * 64 * 64 * 4)
+    with pytest.raises(ModelLoadError, match="is not a file in the model's folder"):
+        onnxrt.place_model(source, escaped, tmp_path / "placed.onnx")
+    data = tmp_path / "chain.weights"
+    data.write_bytes(data.read_bytes()[:-4])
+    with pytest.raises(ModelLoadError, match=r"run past the end of chain\.weights"):
+        onnxrt.place_model(source, graph, tmp_path / "placed.onnx")

@@ -20,6 +20,7 @@ from shipyard.onnxrt import (
     signature_of,
 )
 from shipyard.pipeline.context import BuildContext
+from shipyard.pipeline.load import release
 from shipyard.pipeline.step import Progress
 from shipyard.pipeline.text import sample_feeds
 from shipyard.spec.models import SignatureSpec, ToleranceSpec
@@ -130,11 +131,13 @@ class ConvertStep:
         except Exception as exc:  # onnxruntime's own exception types
             raise ConversionError(f"the ONNX model cannot run the verification inputs: {exc}") from None
         check_produced(ctx.signature, converted)
+        del sess
         try:
             original = run_in_chunks(ctx.source.predict, feeds, ctx.signature)
         except Exception as exc:  # the user's model code
             last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise ConversionError(f"the original model failed on the verification inputs: {last_line}") from None
+        release(ctx.source)
         errors = compare_outputs(original, converted, [t.name for t in ctx.signature.outputs], spec.tolerance)
         ctx.metrics.update(errors)
         progress.update(3, 3)

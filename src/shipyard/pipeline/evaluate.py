@@ -13,6 +13,7 @@ from shipyard.errors import EvaluationError
 from shipyard.onnxrt import is_batchable, ort_predict, random_feeds, run_in_chunks, session
 from shipyard.pipeline import metrics
 from shipyard.pipeline.context import BuildContext, EvalData
+from shipyard.pipeline.load import release
 from shipyard.pipeline.step import Progress
 from shipyard.pipeline.text import sample_feeds
 from shipyard.spec.models import EvaluationSpec, LatencySpec, SignatureSpec
@@ -76,14 +77,19 @@ class EvaluateStep:
         model_path, signature = ctx.require_model()
         evaluation = ctx.loaded.spec.evaluation
         latency = evaluation.latency if evaluation is not None else LatencySpec()
+        original = None
+        if evaluation is not None and ctx.eval_data is not None and ctx.source is not None:
+            original = run_in_chunks(ctx.source.predict, ctx.eval_data.inputs, signature)[
+                output_index(evaluation, signature)
+            ]
+            release(ctx.source)  # before the converted model's session: not two copies of the weights at once
         # Timed where it will be served: the spec's device's providers, those this machine has (else the CPU).
         sess = session(model_path, threads=latency.threads, preferred=ctx.loaded.spec.serve.providers())
         params: dict[str, Any] = {"threads": latency.threads, "provider": sess.get_providers()[0]}
-        if evaluation is not None and ctx.eval_data is not None and ctx.source is not None:
+        if evaluation is not None and ctx.eval_data is not None and original is not None:
             index = output_index(evaluation, signature)
             feeds, target = ctx.eval_data.inputs, ctx.eval_data.target
             converted = run_in_chunks(ort_predict(sess), feeds, signature)[index]
-            original = run_in_chunks(ctx.source.predict, feeds, signature)[index]
             name = evaluation.metric.name
             ctx.metrics[name] = metrics.compute(evaluation.metric, converted, target)
             ctx.metrics[f"{name}_original"] = metrics.compute(evaluation.metric, np.asarray(original), target)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from shipyard.artifact.hashing import sha256_file
 from shipyard.errors import ModelLoadError
@@ -25,13 +26,27 @@ class OnnxSource:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.graph = check_onnx(path)
-        self._session = session(path)
+        session(path)  # ONNX Runtime must accept it before anything else runs (made again when it is run)
+        self._session: ort.InferenceSession | None = None
 
     def predict(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self._session is None:
+            self._session = session(self.path)
         return list(self._session.run(None, feeds))
+
+    def release(self) -> None:
+        """Drop the session (for a big model, a copy of its weights) until the next `predict`."""
+        self._session = None
 
     def export_onnx(self, dest: Path, signature: SignatureSpec, convert: ConvertSpec) -> ExportResult:
         return ExportResult(self.path, {"converter": "none (already ONNX)"})
+
+
+def release(source: SourceModel | None) -> None:
+    """Free what an ONNX source holds between the steps that run it: the converted copy's session and the
+    source's would otherwise hold the weights twice."""
+    if isinstance(source, OnnxSource):
+        source.release()
 
 
 def _check_declared(declared: SignatureSpec, actual: SignatureSpec) -> None:

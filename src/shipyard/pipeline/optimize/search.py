@@ -24,6 +24,7 @@ from shipyard.onnxrt import (
     TENSORRT_FILE,
     TensorrtRun,
     check_onnx,
+    has_external_data,
     is_batchable,
     model_bytes,
     ort_predict,
@@ -31,8 +32,8 @@ from shipyard.onnxrt import (
     place_model,
     run_in_chunks,
     save_graph,
+    save_streaming,
     session,
-    uses_external_data,
 )
 from shipyard.pipeline._torch import TorchSource
 from shipyard.pipeline.context import BuildContext, EvalData
@@ -77,12 +78,15 @@ def _advance(progress: Progress, step: int, steps: int, fraction: float) -> None
 
 
 def _named_copy(source: Path, dest: Path) -> Path:
-    """Copy the model, giving unnamed nodes names: quantizers exclude nodes by name."""
-    model = onnx.load(str(source))
+    """Copy the model, giving unnamed nodes names: quantizers exclude nodes by name. Weights kept outside
+    the graph are streamed to the copy's side file, not loaded."""
+    model = onnx.load(str(source), load_external_data=False)
     for i, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
-    return save_graph(model, dest, external=uses_external_data(source))
+    if has_external_data(model):
+        return save_streaming(model, source.parent, dest)
+    return save_graph(model, dest)
 
 
 def applied_chain(candidates: list[Candidate], winner: Candidate | None) -> list[Candidate]:
