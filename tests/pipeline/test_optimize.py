@@ -265,6 +265,7 @@ def test_the_tensorrt_step_is_tried_only_where_tensorrt_is_and_the_build_goes_on
         return
     assert trt["failed_guard"] == "unavailable"
     assert trt["reason"].startswith("not tried: this machine's onnxruntime has no TensorRT provider")
+    assert len(manifest.lineage[-1].params["candidates"]) == 2  # and not tried again on top of the graph step
     assert not (folder / "tensorrt.json").exists()  # nothing chosen: the server runs TensorRT's defaults there
     registry.manifest(f"opt:{manifest.version}", verify=True)
 

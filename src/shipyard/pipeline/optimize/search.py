@@ -187,8 +187,12 @@ class _Search:
         alone = self.candidates[-1]
         # A step that kept the metric but was not faster alone (e.g. fusion) may pay off once a later step
         # builds on it: try this step on top of it too. Judged against the best so far, so acceptance means it
-        # beats whatever this step achieved alone.
-        if self.held is not None and len(self.candidates) < self.spec.max_trials:
+        # beats whatever this step achieved alone. A step this machine cannot run is not tried a second time.
+        if (
+            self.held is not None
+            and alone.failed_guard != "unavailable"
+            and len(self.candidates) < self.spec.max_trials
+        ):
             self._keep(self._attempt(step.step, dict(step.params), self.held))
         self.held = alone if alone.failed_guard == "speed" else None
 
