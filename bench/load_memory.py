@@ -1,10 +1,10 @@
 """Peak resident memory while a model with external weights is loaded, against the size of its weights.
 
 A chain of MatMul layers with random float32 weights (1 GiB by default) is saved with its weights in a side
-file and registered (plain and sealed with a key); below 2 GiB the single-file limit is lowered to 256 MiB so
-it keeps the layout a model over 2 GB has (with `--gib 2` or more it is such a model); each version is loaded
-by a fresh process the way the server loads it (`model_source` + `session`, one run). The process reports its
-peak RSS (VmHWM) and its RSS before loading; the table gives both against the weights.
+file and registered (plain and sealed with a key); weights under the 1.8 GB single-file limit get the limit
+lowered to 256 MiB so they keep the layout a model over 2 GB has (`--gib 2` or more is such a model); each
+version is loaded by a fresh process the way the server loads it (`model_source` + `session`, one run). The
+process reports its peak RSS (VmHWM) and its RSS before loading; the table gives both against the weights.
 
 Run:  .venv/bin/python bench/load_memory.py [--gib 1.0]
 """
