@@ -63,7 +63,7 @@ def compose(
     )  # fmt: skip
     management, quality = Management(repository), QualityMonitor(repository)
     cluster = join(LocalOps(dataplane, management, quality, metrics, worker))
-    services = Services(dataplane, generation, management, quality, ServerWide(cluster, repository))
+    services = Services(dataplane, generation, management, ServerWide(cluster, repository))
     access = AccessControl(
         tokens=load_tokens(settings.tokens_file) if settings.tokens_file is not None else None,
         allow_management=settings.allow_management,

@@ -13,6 +13,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,6 +40,13 @@ def listen(host: str, port: int, what: str) -> socket.socket:
         raise UnavailableError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def write_report(path: Path, fields: dict[str, Any]) -> None:
+    """The --report-file a supervisor waits for, written whole (renamed into place) so it is never read half-done."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(fields))
+    partial.replace(path)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -128,9 +136,7 @@ class ShipyardServer:
         await self.repository.load_all(s.models)
         self.dataplane.loading_done = True
         if s.report_file is not None:  # this process, not whatever else may answer on the port, is ready
-            partial = s.report_file.with_suffix(".partial")
-            partial.write_text(json.dumps({"pid": os.getpid(), "http_port": s.http_port}))
-            partial.replace(s.report_file)
+            write_report(s.report_file, {"pid": os.getpid(), "http_port": s.http_port})
 
     async def _start_grpc(self) -> None:
         """The native front end when it is built (or asked for), else grpc.aio; either way the same methods."""

@@ -16,6 +16,7 @@ from shipyard.serve.core.cluster import Cluster
 from shipyard.serve.core.repository import ModelRepository
 from shipyard.serve.observe.drift import report_of
 from shipyard.serve.observe.feedback import OnlineMetric
+from shipyard.serve.observe.metrics import add_by_key
 from shipyard.serve.protocol.types import ModelStatistics
 
 
@@ -35,11 +36,8 @@ class ServerWide:
     async def statistics(self, name: str | None, version: str | None) -> list[ModelStatistics]:
         """Every worker's counters of each version, added up (perf_analyzer reads these)."""
         replies = await self.cluster.each("statistics", name, version)
-        total: dict[tuple[str, str], ModelStatistics] = {}
-        for worker in replies.values:
-            for stats in worker:
-                key = (stats.name, stats.version)
-                total[key] = total[key] + stats if key in total else stats
+        per_worker = ({(s.name, s.version): s for s in stats} for stats in replies.values)
+        total: dict[tuple[str, str], ModelStatistics] = functools.reduce(add_by_key, per_worker, {})
         return [total[key] for key in sorted(total, key=lambda k: (k[0], int(k[1])))]
 
     async def load(self, name: str, parameters: dict[str, Any]) -> None:
@@ -82,10 +80,7 @@ class ServerWide:
             worker, (owner, score) = found
             owners.append((worker, owner, item["id"], score))
         recorded = await self.cluster.each("record", name, owners)
-        online: dict[int, OnlineMetric] = {}
-        for metrics in recorded.values:
-            for v, metric in metrics.items():
-                online[v] = online[v] + metric if v in online else metric
+        online: dict[int, OnlineMetric] = functools.reduce(add_by_key, recorded.values, {})
         versions = [
             {"version": str(v), "scored": sum(o[1] == v for o in owners), "online": online[v].value,
              "count": online[v].count, "build": online[v].built}

@@ -8,7 +8,6 @@ from shipyard.serve.core.dataplane import DataPlane
 from shipyard.serve.core.generation import TextGeneration
 from shipyard.serve.core.management import Management
 from shipyard.serve.core.serverwide import ServerWide
-from shipyard.serve.observe.quality import QualityMonitor
 
 
 @dataclass(frozen=True)
@@ -16,5 +15,4 @@ class Services:
     dataplane: DataPlane  # health, metadata, configuration, statistics, inference
     generation: TextGeneration  # language models: token by token
     management: Management  # the repository extension
-    quality: QualityMonitor  # this worker's feedback and drift windows
     wide: ServerWide  # readiness, statistics, repository changes, drift and feedback for every worker

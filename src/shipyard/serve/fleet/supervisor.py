@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import json
 import logging
 import multiprocessing
 import operator
@@ -39,7 +38,7 @@ from shipyard.serve.core.repository import serve_settings
 from shipyard.serve.fleet import worker as worker_process
 from shipyard.serve.observe.metrics import Snapshot, families
 from shipyard.serve.policy.rate_limit import SharedBuckets
-from shipyard.serve.server import listen
+from shipyard.serve.server import listen, write_report
 from shipyard.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -295,8 +294,6 @@ class Supervisor:
             if grpc_port is not None:
                 grpc_port.close()
             http_socket.close()
-            if s.report_file is not None:
-                s.report_file.unlink(missing_ok=True)
         if self.fatal is not None:
             raise UnavailableError(self.fatal)
 
@@ -315,9 +312,7 @@ class Supervisor:
         logger.info("serving with %d workers: HTTP %s:%d, gRPC %s:%d, metrics :%d", s.workers, s.host, s.http_port,
                     s.host, s.grpc_port, s.metrics_port)  # fmt: skip
         if s.report_file is not None:  # every worker is ready
-            partial = s.report_file.with_suffix(".partial")
-            partial.write_text(json.dumps({"pid": os.getpid(), "http_port": s.http_port, "workers": s.workers}))
-            partial.replace(s.report_file)
+            write_report(s.report_file, {"pid": os.getpid(), "http_port": s.http_port, "workers": s.workers})
 
     async def _drain(self) -> None:
         """SIGTERM to every worker (each stops accepting, finishes what it has, unloads), then wait for them."""

@@ -81,7 +81,7 @@ K = TypeVar("K")
 
 @dataclass
 class ModelFigures:
-    """One version's figures at a scrape; `slots` and `cache_used` weigh the key/value usage of several workers."""
+    """One version's figures at a scrape; `schedulers` weighs `cache_used` when several workers' are added."""
 
     success: int
     failure: int
@@ -96,7 +96,7 @@ class ModelFigures:
     schedulers: int = 0
 
     def __add__(self, other: ModelFigures) -> ModelFigures:
-        histograms = _add(self.histograms, other.histograms)
+        histograms = add_by_key(self.histograms, other.histograms)
         schedulers = self.schedulers + other.schedulers
         return ModelFigures(
             self.success + other.success, self.failure + other.failure, self.queue_depth + other.queue_depth,
@@ -111,7 +111,7 @@ class ModelFigures:
                             self.prompt_tokens)  # fmt: skip
 
 
-def _add(a: dict[K, Any], b: dict[K, Any]) -> dict[K, Any]:
+def add_by_key(a: dict[K, Any], b: dict[K, Any]) -> dict[K, Any]:
     """Values under the same key added up; the others kept."""
     return {key: a[key] + b[key] if key in a and key in b else a.get(key, b.get(key)) for key in {**a, **b}}
 
@@ -129,8 +129,8 @@ class Snapshot:
     def __add__(self, other: Snapshot) -> Snapshot:
         drift = {key: (a[0], a[1] + other.drift[key][1]) if key in other.drift else a for key, a in self.drift.items()}
         return Snapshot(
-            _add(self.models, other.models), _add(self.shadow, other.shadow),
-            {**other.drift, **drift}, _add(self.feedback, other.feedback),
+            add_by_key(self.models, other.models), add_by_key(self.shadow, other.shadow),
+            {**other.drift, **drift}, add_by_key(self.feedback, other.feedback),
             self.worker_restarts + other.worker_restarts,
         )  # fmt: skip
 

@@ -60,7 +60,8 @@ class SharedBuckets:
 
     def _slot(self, caller: str, claim: bool) -> int | None:
         keys, values = self._tables()
-        key, start = self._key(caller), self._key(caller) % len(keys)
+        key = self._key(caller)
+        start = key % len(keys)
         probes = [(start + i) % len(keys) for i in range(self.PROBES)]
         for slot in probes:
             if keys[slot] == key:
