@@ -35,10 +35,13 @@ def time_runs(session: ort.InferenceSession, feeds: dict[str, np.ndarray], secon
     }
 
 
-def start_server(registry: Path, name: str, http: int, grpc: int) -> subprocess.Popen[bytes]:
-    """`shipyard serve NAME` on loopback, returned once it is ready (within a minute); the caller stops it."""
+def start_server(
+    registry: Path, name: str, http: int, grpc: int, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """`shipyard serve NAME [EXTRA...]` on loopback, returned once it is ready (within a minute); the caller
+    stops it."""
     cmd = [sys.executable, "-m", "shipyard", "serve", name, "--registry", str(registry), "--http-port", str(http),
-           "--grpc-port", str(grpc), "--metrics-port", "0"]  # fmt: skip
+           "--grpc-port", str(grpc), "--metrics-port", "0", *extra]  # fmt: skip
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:

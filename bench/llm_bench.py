@@ -8,6 +8,7 @@ Prompts are 128 tokens, completions 128 tokens (the model never emits its end to
 output layer is zero).
 
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python bench/llm_bench.py [--variants fp32,int8,int4] [--chat .examples/chat/model]
+      [--workers 1,2]   (served rows for each `shipyard serve --workers N`; RSS is the whole process tree's)
 """
 
 from __future__ import annotations
@@ -151,19 +152,24 @@ async def _drain(generation: Any) -> None:
 
 
 def _rss_mb(pid: int) -> float:
+    """Resident memory of a process and of its children (a supervisor's workers), in MiB."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total += int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += _rss_mb(int(child))
+    return total
 
 
 def served(
-    registry: LocalRegistry, name: str, concurrency: list[int], prompt: Any
+    registry: LocalRegistry, name: str, concurrency: list[int], prompt: Any, workers: int = 1
 ) -> tuple[dict[int, dict[str, float]], float]:
     import openai
 
     port = 18700
-    server = start_server(registry.root, name, port, port + 1)
+    server = start_server(registry.root, name, port, port + 1, ("--workers", str(workers)))
     try:
 
         async def run(streams: int) -> dict[str, float]:
@@ -218,6 +224,7 @@ def main() -> None:
     parser.add_argument("--variants", default="fp32,int8,int4")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--chat", type=Path, default=None, help="the chat example's model/ folder (optional)")
+    parser.add_argument("--workers", default="1", help="served rows for each of these `--workers` counts")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -238,8 +245,10 @@ def main() -> None:
                 name = f"{model}-{variant}"
                 size = build_variant(folder, name, VARIANTS[variant], registry)
                 floor = in_process(registry, name, prompt)
-                results, rss = served(registry, name, concurrency, prompt)
-                rows.append((name, size, floor, results, rss))
+                for workers in (int(w) for w in args.workers.split(",")):
+                    results, rss = served(registry, name, concurrency, prompt, workers)
+                    label = name if args.workers == "1" else f"{name} ({workers} worker{'s' * (workers > 1)})"
+                    rows.append((label, size, floor, results, rss))
     print()
     print(f"prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new; transformers generate(): {reference[1]:.1f} tok/s (b1), "
           f"{reference[16]:.1f} tok/s (b16)")  # fmt: skip

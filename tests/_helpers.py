@@ -185,17 +185,20 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; 
 ARCHITECTURES = ("llama", "qwen2", "phi3", "mistral")
 
 
-def make_hf_causal(folder: Path, architecture: str = "llama", context: int = 128) -> Path:
+def make_hf_causal(folder: Path, architecture: str = "llama", context: int = 128, bos: bool = False) -> Path:
     """A random-initialised causal LM of `architecture` (tiny dims) saved with save_pretrained, with a
     word-level tokenizer over WORDS (so every token decodes to whole words) and a chat template. Its `<eos>`
-    row of the output layer is zero, so greedy decoding never ends early on a random draw."""
+    row of the output layer is zero, so greedy decoding never ends early on a random draw. With `bos` the
+    tokenizer puts its BOS (`<eos>`, id 0, as the config says) before every text, as Llama's does."""
     import torch
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 0)])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", bos_token="<eos>",
                                                 unk_token="<unk>", pad_token="<eos>")  # fmt: skip
     fast.chat_template = CHAT_TEMPLATE

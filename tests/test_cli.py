@@ -103,6 +103,9 @@ def test_import_push_and_pull(cli: Cli, mlp_onnx: Path, tmp_path: Path) -> None:
     assert "input x" in imported.out
     uri = _ok(cli("push", "mlp:1", f"file://{tmp_path}/store/", "-r", reg)).out.strip()
     assert _ok(cli("pull", uri, "-r", other)).out.strip() == "mlp:1"
+    pulled = json.loads(_ok(cli("pull", uri, "-r", other, "--json")).out)  # for scripts, as build --json
+    assert (pulled["name"], pulled["version"]) == ("mlp", 1)  # the same content: the version it already has
+    assert pulled["signature"]["inputs"][0]["name"] == "x"
 
 
 def test_registry_from_environment(cli: Cli, mlp_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,16 @@ kinds to their own codes at the edge, so nothing here imports a transport.
 from __future__ import annotations
 
 import enum
+import reprlib
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlist, _BRIEF.maxdict = 2, 60, 60, 4, 4
+
+
+def brief(value: object) -> str:
+    """A short repr of a value a client sent, for an error message: bounded in length and depth, so a huge
+    or deeply nested value costs nothing to show."""
+    return _BRIEF.repr(value)
 
 
 class ErrorKind(enum.Enum):

@@ -162,6 +162,35 @@ def test_an_incomplete_folder_is_refused_with_what_is_missing(tmp_path: Path, da
         build(_spec(tmp_path), LocalRegistry(tmp_path / "registry"))
 
 
+def test_a_missing_folder_is_named_as_missing(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=f"model.path: no such folder: {tmp_path.resolve() / 'hf'}$"):
+        build(_spec(tmp_path, path="./sub/../hf"), LocalRegistry(tmp_path / "registry"))
+
+
+def test_a_tokenizer_with_ids_beyond_the_vocabulary_is_refused(tmp_path: Path) -> None:
+    """A prompt holding such a token would fail the graph's embedding lookup, and every sequence batched with it."""
+    folder = make_hf_causal(tmp_path / "hf")
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({"id": len(WORDS), "content": "<extra>", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": False})  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    registry = LocalRegistry(tmp_path / "registry")
+    with pytest.raises(ModelLoadError, match=f"1 token\\(s\\) have ids outside the model's vocabulary of {len(WORDS)}"):
+        build(_spec(tmp_path), registry)
+    assert registry.all_versions() == []
+
+
+@pytest.mark.parametrize("template", ["{{ 10 ** 5000 }}", "{% for m in messages %}{{ m.content }"])
+def test_a_chat_template_that_does_not_compile_is_refused(tmp_path: Path, template: str) -> None:
+    """Jinja folds constants when it compiles: `10 ** 5000` fails there, not when a request comes."""
+    folder = make_hf_causal(tmp_path / "hf")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    with pytest.raises(ModelLoadError, match="the chat template does not compile"):
+        build(_spec(tmp_path), LocalRegistry(tmp_path / "registry"))
+
+
 @pytest.mark.parametrize(
     ("model", "message"),
     [

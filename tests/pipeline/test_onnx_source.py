@@ -87,8 +87,48 @@ def test_declared_signature_must_match_the_graph(mlp_onnx: Path, registry: Local
             },
         },
     )
-    with pytest.raises(ModelLoadError, match="signature names 'input'"):
+    with pytest.raises(SpecError, match=r"input 'input' is not an input of the graph in mlp\.onnx \(its inputs: x\)"):
         build(load_spec(spec), registry)
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        (
+            {"name": "logits", "dtype": "float32", "shape": ["batch", 100]},
+            r"output 'logits': dimension 1 is declared 100, the graph in mlp\.onnx's is 4",
+        ),
+        (
+            {"name": "logits", "dtype": "int64", "shape": ["batch", 4]},
+            r"output 'logits' is declared int64, the graph in mlp\.onnx's is float32",
+        ),
+        (
+            {"name": "logits", "dtype": "float32", "shape": ["batch"]},
+            r"output 'logits' is declared \['batch'\], the graph in mlp\.onnx's is \['batch', 4\]",
+        ),
+    ],
+)
+def test_a_declared_output_that_is_not_the_graphs_is_refused(
+    mlp_onnx: Path, registry: LocalRegistry, output: dict[str, object], message: str
+) -> None:
+    inputs = [{"name": "x", "dtype": "float32", "shape": ["batch", 16]}]
+    spec = write_spec(
+        mlp_onnx.parent,
+        {"name": "m", "model": {"format": "onnx", "path": "mlp.onnx",
+                                "signature": {"inputs": inputs, "outputs": [output]}}},
+    )  # fmt: skip
+    with pytest.raises(SpecError, match=message):
+        build(load_spec(spec), registry)
+    assert "m" not in registry.models()
+
+
+def test_a_declared_signature_that_matches_keeps_its_dimension_names(mlp_onnx: Path, registry: LocalRegistry) -> None:
+    tensors = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["n", 16]}],
+               "outputs": [{"name": "logits", "dtype": "float32", "shape": ["n", 4]}]}  # fmt: skip
+    spec = write_spec(mlp_onnx.parent, {"name": "m", "model": {"format": "onnx", "path": "mlp.onnx",
+                                                               "signature": tensors}})  # fmt: skip
+    manifest = build(load_spec(spec), registry)
+    assert manifest.signature.outputs[0].shape == ["n", 4]
 
 
 def test_evaluation_with_npz_and_metrics(mlp_onnx: Path, registry: LocalRegistry) -> None:

@@ -28,7 +28,7 @@ from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
 from shipyard.serve.policy.auth import add_token
 from shipyard.spec import load_spec
-from tests._helpers import causal_spec, make_hf_causal, write_spec
+from tests._helpers import CHAT_TEMPLATE, causal_spec, make_hf_causal, write_spec
 from tests.serve.conftest import RunningServer, start_server, stop_server
 
 PROMPT = "the ship sails"
@@ -37,14 +37,15 @@ PROMPTS = ["the ship sails", "north wind", "dawn at sea with crew", "salt", "sto
            "at dusk the storm", "harbour port sea", "sky"]  # fmt: skip
 
 
-def greedy(folder: Path, prompt: str, steps: int) -> str:
-    """transformers' greedy generate() on the Hugging Face folder: what the server must return."""
+def greedy(folder: Path, prompt: str, steps: int, templated: bool = False) -> str:
+    """transformers' greedy generate() on the Hugging Face folder: what the server must return. A raw prompt
+    gets the tokenizer's own special tokens (its BOS), one a chat template rendered gets none."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, add_special_tokens=not templated, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0)
     return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))  # as OpenAI servers do
@@ -53,7 +54,7 @@ def greedy(folder: Path, prompt: str, steps: int) -> str:
 @pytest.fixture(scope="module")
 def lm_registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LocalRegistry]:
     folder = tmp_path_factory.mktemp("lm")
-    make_hf_causal(folder / "hf")
+    make_hf_causal(folder / "hf", bos=True)  # its tokenizer puts a BOS before raw text, as Llama's does
     registry = LocalRegistry(folder / "registry")
     build(load_spec(write_spec(folder, causal_spec(max_running=8, max_waiting=64))), registry)
     return folder, registry
@@ -93,9 +94,32 @@ def test_openai_completions_and_models_with_the_official_client(lm_server: tuple
     assert reply.choices[0].text == expected
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage is not None
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (3, 12, 15)
+    # BOS and three words, as transformers' tokenizer gives them (`expected` is its generate() on them)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (4, 12, 16)
     pinned = client.completions.create(model="lm:1", prompt=PROMPT, max_tokens=12)
     assert pinned.choices[0].text == expected
+    # A prompt that already begins with the BOS gets no second one.
+    again = client.completions.create(model="lm", prompt="<eos> " + PROMPT, max_tokens=12)
+    assert again.choices[0].text == expected
+    assert again.usage is not None
+    assert again.usage.prompt_tokens == 4
+
+
+def test_the_end_token_counts_as_a_completion_token(lm_server: tuple[RunningServer, str]) -> None:
+    """A generation that ends on the end token counts it, as transformers, vLLM and llama.cpp do: the same
+    seeded request ends with "stop" when `max_tokens` is its count, and with "length" one token before."""
+    client = _client(lm_server[0])
+
+    def run(seed: int, max_tokens: int) -> tuple[str | None, int]:
+        reply = client.completions.create(model="lm", prompt=PROMPT, max_tokens=max_tokens, temperature=2, seed=seed)
+        assert reply.usage is not None
+        return reply.choices[0].finish_reason, reply.usage.completion_tokens
+
+    ended = next((seed, tokens) for seed in range(60) for finish, tokens in [run(seed, 24)] if finish == "stop")
+    seed, tokens = ended
+    assert run(seed, tokens) == ("stop", tokens)
+    if tokens > 1:
+        assert run(seed, tokens - 1) == ("length", tokens - 1)
 
 
 def test_openai_chat_uses_the_models_chat_template(
@@ -107,7 +131,7 @@ def test_openai_chat_uses_the_models_chat_template(
     # The template renders "system : the crew ; user : the ship sails ; assistant :"
     rendered = "system : the crew ; user : the ship sails ; assistant :"
     assert reply.choices[0].message.role == "assistant"
-    assert reply.choices[0].message.content == greedy(lm_registry[0] / "hf", rendered, 10)
+    assert reply.choices[0].message.content == greedy(lm_registry[0] / "hf", rendered, 10, templated=True)
     assert reply.usage is not None
     assert reply.usage.prompt_tokens == len(rendered.split())
 
@@ -162,7 +186,7 @@ def test_the_v2_generate_routes_and_the_prefix_cache(lm_server: tuple[RunningSer
     prompt = "dawn dusk crew salt"  # used by no other test
     first, again = (httpx.post(f"{server.base()}/v2/models/lm/generate",
                                json={"text_input": prompt, "max_tokens": 6}).json() for _ in range(2))  # fmt: skip
-    assert first["computed_tokens"] == 4
+    assert first["computed_tokens"] == 5  # the tokenizer's BOS and four words
     assert again["computed_tokens"] == 1  # the kept cache covered all but the last prompt position
     assert first["text_output"] == again["text_output"]
     body = {"text_input": PROMPT, "parameters": {"max_tokens": 12}}
@@ -175,6 +199,15 @@ def test_the_v2_generate_routes_and_the_prefix_cache(lm_server: tuple[RunningSer
     assert "".join(e["text_output"] for e in pieces) == expected
 
 
+def test_the_generate_route_takes_the_fields_the_readme_lists(lm_server: tuple[RunningServer, str]) -> None:
+    server, expected = lm_server
+    stop = " " + expected.split()[2]
+    body = {"text_input": PROMPT, "max_tokens": 12, "top_p": 1.0, "stop": stop}
+    reply = httpx.post(f"{server.base()}/v2/models/lm/generate", json=body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["text_output"] == expected[: expected.index(stop)]
+
+
 def test_grpc_stream_is_decoupled_with_a_final_flag(lm_server: tuple[RunningServer, str]) -> None:
     server, expected = lm_server
     client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -183,6 +216,7 @@ def test_grpc_stream_is_decoupled_with_a_final_flag(lm_server: tuple[RunningServ
     text = grpcclient.InferInput("text_input", [1], "BYTES")
     text.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
     try:
+        answered = {}
         for empty_final in (False, True):
             client.async_stream_infer("lm", [text], parameters={"max_tokens": 12},
                                       enable_empty_final_response=empty_final)  # fmt: skip
@@ -194,7 +228,10 @@ def test_grpc_stream_is_decoupled_with_a_final_flag(lm_server: tuple[RunningServ
                 pieces += [] if output is None else [output[0].decode()]
                 finals.append(result.get_response().parameters["triton_final_response"].bool_param)
             assert "".join(pieces) == expected
-            assert len(finals) == (13 if empty_final else 12)  # the empty final answer only when asked for
+            assert not any(finals[:-1])
+            answered[empty_final] = len(finals), len(pieces)
+        assert answered[True][0] == answered[False][0] + 1  # the empty final answer only when asked for
+        assert answered[True][1] == answered[False][1]
     finally:
         client.stop_stream()
     whole = client.infer("lm", [text], parameters={"max_tokens": 12}).as_numpy("text_output")
@@ -216,7 +253,7 @@ def test_token_metrics(lm_server: tuple[RunningServer, str]) -> None:
     before = [_sample(server, s) for s in series]
     _client(server).completions.create(model="lm", prompt=PROMPT, max_tokens=12)
     after = [_sample(server, s) for s in series]
-    assert [a - b for a, b in zip(after, before, strict=True)] == [12, 3, 1, 11, 1]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [12, 4, 1, 11, 1]
     for gauge in ("shipyard_sequences_running", "shipyard_sequences_waiting", "shipyard_kv_cache_usage_ratio"):
         assert _sample(server, gauge + key) == 0
 
@@ -241,7 +278,6 @@ def test_sampling_with_a_seed_repeats(lm_server: tuple[RunningServer, str]) -> N
         ("completions", {"model": "lm", "prompt": PROMPT, "temperature": -1}, 400, "temperature", None),
         ("completions", {"model": "lm", "prompt": PROMPT, "n": 2}, 400, "n", None),
         ("completions", {"model": "lm", "prompt": PROMPT, "logprobs": 2}, 400, "logprobs", None),
-        ("completions", {"model": "lm", "prompt": ""}, 400, "prompt", None),
         ("completions", {"model": "nope", "prompt": PROMPT}, 404, None, "model_not_found"),
         ("completions", {"model": "lm@nothing", "prompt": PROMPT}, 404, "model", "model_not_found"),
         ("chat/completions", {"model": "lm", "messages": [{"role": "captain", "content": "hi"}]}, 400,
@@ -249,6 +285,15 @@ def test_sampling_with_a_seed_repeats(lm_server: tuple[RunningServer, str]) -> N
         ("chat/completions", {"model": "lm", "messages": []}, 400, "messages", None),
         ("chat/completions", {"model": "lm", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0]", None),
         ("embeddings", {"model": "lm", "input": "hi"}, 400, "model", None),
+        # Hostile values: each a 400 naming the field, never a 500 or a stalled server.
+        ("completions", {"model": "lm", "prompt": PROMPT, "stop": "x" * 300_000}, 400, "stop", None),
+        ("completions", {"model": "lm", "prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+        ("chat/completions", {"model": "lm", "messages": [{"role": {"a": 1}, "content": "hi"}]}, 400,
+         "messages[0]", None),
+        ("chat/completions", {"model": "lm", "messages": [{"role": ["user"], "content": "hi"}]}, 400,
+         "messages[0]", None),
+        ("chat/completions", {"model": "lm", "messages": [{"role": "user", "content": "sea"}] * 4097}, 400,
+         "messages", None),
     ],
 )  # fmt: skip
 def test_bad_openai_requests_get_openai_shaped_errors(
@@ -266,6 +311,20 @@ def test_bad_openai_requests_get_openai_shaped_errors(
     assert _client(server).completions.create(model="lm", prompt=PROMPT, max_tokens=12).choices[0].text == expected
 
 
+@pytest.mark.parametrize(("route", "field"), [("completions", "max_tokens"), ("completions", "temperature"),
+                                              ("chat/completions", "top_p"), ("completions", "seed")])  # fmt: skip
+def test_deeply_nested_values_are_a_400_naming_the_field(
+    lm_server: tuple[RunningServer, str], route: str, field: str
+) -> None:
+    """1,000 levels of arrays (JSON parsers allow about 1,024): the error message shows a bounded part."""
+    prompt = '"messages": [{"role": "user", "content": "sea"}]' if "chat" in route else f'"prompt": "{PROMPT}"'
+    body = f'{{"model": "lm", {prompt}, "{field}": {"[" * 1000}{"]" * 1000}}}'
+    reply = httpx.post(f"{lm_server[0].base()}/v1/{route}", content=body.encode())
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == field
+    assert len(reply.text) < 1000
+
+
 def test_a_body_that_is_not_utf8_json_is_refused(lm_server: tuple[RunningServer, str]) -> None:
     server, _ = lm_server
     reply = httpx.post(f"{server.base()}/v1/completions", content=b'{"model": "lm", "prompt": "\xff\xfe"}')
@@ -280,6 +339,12 @@ def narrow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
     """One cache slot and a waiting queue of one, and room for 500 new tokens per request."""
     folder = tmp_path_factory.mktemp("narrow")
     make_hf_causal(folder / "hf", context=512)
+    # A template that compiles but fails on some input, as a careless one can (1/0, str + int, recursion).
+    config = json.loads((folder / "hf" / "tokenizer_config.json").read_text())
+    template = ("{% if messages[0]['content'] == 'divide' %}{{ 1 / 0 }}{% endif %}"
+                "{% if messages[0]['content'] == 'add' %}{{ 'a' + 1 }}{% endif %}" + CHAT_TEMPLATE)  # fmt: skip
+    (folder / "hf" / "chat_template.jinja").unlink(missing_ok=True)
+    (folder / "hf" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
     registry = LocalRegistry(folder / "registry")
     build(load_spec(write_spec(folder, causal_spec("narrow", max_running=1, max_waiting=1, max_new_tokens=500))),
           registry)  # fmt: skip
@@ -310,6 +375,31 @@ def test_overload_is_a_quick_429(narrow_server: RunningServer) -> None:
     assert max(seconds for seconds, _ in refused) < 1.0
     assert {answer["error"]["type"] for _, answer in refused} == {"rate_limit_error"}
     assert {answer["usage"]["completion_tokens"] for answer in served} == {400}
+
+
+def test_an_empty_prompt_is_refused_only_when_it_has_no_tokens(
+    narrow_server: RunningServer, lm_server: tuple[RunningServer, str]
+) -> None:
+    """Without a BOS there is nothing to continue; with one (the tokenizer adds it) the model starts from it."""
+    reply = httpx.post(f"{narrow_server.base()}/v1/completions", json={"model": "narrow", "prompt": ""})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "prompt"
+    reply = httpx.post(f"{lm_server[0].base()}/v1/completions", json={"model": "lm", "prompt": "", "max_tokens": 2})
+    assert reply.status_code == 200
+    assert reply.json()["usage"]["prompt_tokens"] == 1
+
+
+@pytest.mark.parametrize("content", ["divide", "add"])
+def test_a_chat_template_that_fails_on_the_messages_is_that_requests_400(
+    narrow_server: RunningServer, content: str
+) -> None:
+    body = {"model": "narrow", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    reply = httpx.post(f"{narrow_server.base()}/v1/chat/completions", json=body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "messages"
+    assert "the chat template failed on the messages" in reply.json()["error"]["message"]
+    body["messages"] = [{"role": "user", "content": "sea"}]
+    assert httpx.post(f"{narrow_server.base()}/v1/chat/completions", json=body).status_code == 200
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(narrow_server: RunningServer) -> None:
@@ -346,6 +436,23 @@ def test_generate_on_a_model_that_is_not_a_language_model_is_refused(server: Run
     reply = httpx.post(f"{server.base()}/v1/completions", json={"model": "mlp", "prompt": "hello"})
     assert reply.status_code == 400
     assert "not a language model" in reply.json()["error"]["message"]
+
+
+def test_workers_auto_serves_a_language_model_from_one_process(
+    lm_registry: tuple[Path, LocalRegistry], tmp_path: Path
+) -> None:
+    """Its scheduler batches every stream on every core: more processes would split the cores and copy the
+    weights and cache (docs/benchmarks.md has the figures)."""
+    server = start_server(lm_registry[1], tmp_path / "server.log", "lm", extra_args=("--workers", "auto"))
+    try:
+        reply = _client(server).completions.create(model="lm", prompt=PROMPT, max_tokens=3)
+        assert reply.usage is not None
+        assert reply.usage.completion_tokens == 3
+        log = server.log.read_text()
+        assert "--workers auto: one process, since lm:1 is a language model" in log
+        assert "serving with" not in log  # no supervisor: this process serves
+    finally:
+        assert stop_server(server) == 0
 
 
 def test_bearer_tokens_and_scopes_apply_to_the_openai_routes(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from shipyard.artifact.manifest import GenerationRecord
-from shipyard.errors import OverloadedError, UnavailableError
+from shipyard.errors import InvalidInputError, OverloadedError, UnavailableError
 from shipyard.kvcache import CacheSlots, StepRunner
 from shipyard.onnxrt import session
 from shipyard.pipeline import build
@@ -57,6 +57,50 @@ def test_a_stop_string_ends_the_text_before_it(decoder: Decoder) -> None:
     assert cut == whole[: whole.index(stop)]
     assert generation.finish_reason == "stop"
     assert generation.usage.completion_tokens < 12
+
+
+def test_stop_strings_across_tokens_overlapping_and_several(decoder: Decoder) -> None:
+    whole = asyncio.run(_text(decoder.start(PROMPT, Options(max_tokens=12))))
+    words = whole.split()
+
+    def cut(*stop: str) -> str:
+        return asyncio.run(_text(decoder.start(PROMPT, Options(max_tokens=12, stop=stop))))
+
+    spanning = f"{words[2][1:]} {words[3]} {words[4][:1]}"  # starts and ends inside a token
+    assert cut(spanning) == whole[: whole.index(spanning)]
+    # The one that is complete first wins, whichever is listed first; a near miss that shares a prefix stops nothing.
+    stops = (f" {words[5]}", spanning, "zzz")
+    first = min((whole.index(stop) + len(stop), stop) for stop in stops if stop in whole)[1]
+    assert cut(*stops) == whole[: whole.index(first)]
+    assert cut(f"{words[1]} {words[2]} qqq", f"{words[0]}{words[0]}") == whole
+    # A stop string that overlaps itself is found where it first ends, and what precedes it is sent.
+    assert _released(decoder, [*"ababaababab", "x"], "ababab") == ("ababa", True)
+    assert _released(decoder, ["aba", "bab", "ac"], "ababac") == ("ab", True)
+    assert _released(decoder, ["aba", "b", "x"], "ababac") == ("ababx", False)
+
+
+def _released(decoder: Decoder, pieces: list[str], stop: str) -> tuple[str, bool]:
+    """What the detokenizer's stop check lets out of text that arrives in these pieces."""
+    from shipyard.serve.core.decoder import _Detokenizer
+
+    matcher = _Detokenizer(decoder, (stop,))
+    sent = ""
+    for piece in pieces:
+        out, stopped = matcher._release(matcher.held + piece)
+        sent += out
+        if stopped:
+            return sent, True
+    return sent + matcher.held, False
+
+
+def test_a_prompt_with_an_id_beyond_the_vocabulary_is_refused_before_batching(decoder: Decoder) -> None:
+    """A tokenizer that knows more tokens than the graph (the build refuses one; this guards the server)."""
+    from tokenizers import AddedToken
+
+    decoder.tokenizer.add_tokens([AddedToken("<beyond>", special=False)])
+    with pytest.raises(InvalidInputError, match="outside this model's vocabulary"):
+        decoder.start(f"{PROMPT} <beyond>", Options(max_tokens=4))
+    assert asyncio.run(_text(decoder.start(PROMPT, Options(max_tokens=4)))) != ""
 
 
 def test_a_deadline_ends_a_generation_with_timeout(decoder: Decoder) -> None:

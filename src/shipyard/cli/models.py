@@ -109,9 +109,13 @@ def push(
 def pull(
     uri: str = typer.Argument(..., help="Archive URI written by `shipyard push`."),
     registry: str | None = RegistryOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the registered version's manifest as JSON."),
 ) -> None:
     """Download an archive, verify it, and register it as a new local version."""
     env = environment()
     manifest = remote_storage.pull(registry_at(registry, env), uri, env.storage_schemes)
     err.print(f"[green]pulled[/] {uri} as {manifest.name}:{manifest.version}")
-    print(f"{manifest.name}:{manifest.version}")
+    if as_json:
+        print_json(manifest.model_dump(mode="json"))
+    else:
+        print(f"{manifest.name}:{manifest.version}")

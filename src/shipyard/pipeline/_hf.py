@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shipyard.chat_template import compile_template
 from shipyard.errors import ConversionError, MissingExtraError, ModelLoadError, UnsafeModelError
 from shipyard.settings import HUB_OFFLINE, child_environment, hub_offline
 from shipyard.spec.models import ModelSourceSpec, SignatureSpec, TensorSpec, TokenizerSpec, resolve_path
+from shipyard.tokenizer import load_tokenizer
 
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 TOKENIZER_FILE = "tokenizer.json"
@@ -87,7 +89,9 @@ def read_folder(source: ModelSourceSpec, base_dir: Path) -> HfFolder:
     """Check a folder before anything in it is parsed by a library that could run code."""
     assert source.path is not None
     assert source.task is not None
-    path = resolve_path(base_dir, source.path)
+    path = resolve_path(base_dir, source.path).resolve()
+    if not path.is_dir():
+        raise ModelLoadError(f"model.path: no such folder: {path}")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: not a Hugging Face model folder (no config.json; save_pretrained writes one)")
     folder = HfFolder(path, {}, source.task, source.trust_pickle)
@@ -110,7 +114,28 @@ def read_folder(source: ModelSourceSpec, base_dir: Path) -> HfFolder:
             )
     if not folder.json(TOKENIZER_FILE).get("model"):
         raise ModelLoadError(f"{path}: no {TOKENIZER_FILE} (a fast tokenizer, which the server runs without torch)")
-    return HfFolder(path, config, source.task, source.trust_pickle)
+    checked = HfFolder(path, config, source.task, source.trust_pickle)
+    _check_tokenizer(checked)
+    template = checked.chat_template()
+    if template is not None:
+        compile_template(template, str(path))
+    return checked
+
+
+def _check_tokenizer(folder: HfFolder) -> None:
+    """ModelLoadError when the tokenizer has ids the model's embedding table does not: a prompt holding one
+    would fail the graph (and, batched, every sequence beside it)."""
+    vocabulary = folder.config.get("vocab_size")
+    if not isinstance(vocabulary, int):
+        return
+    ids = load_tokenizer(folder.tokenizer_file).get_vocab(with_added_tokens=True)
+    outside = sorted((i, token) for token, i in ids.items() if i >= vocabulary)
+    if outside:
+        shown = ", ".join(f"{token!r} = {i}" for i, token in outside[:3])
+        raise ModelLoadError(
+            f"{folder.tokenizer_file}: {len(outside)} token(s) have ids outside the model's vocabulary of "
+            f"{vocabulary} (config.json vocab_size): {shown}{', ...' if len(outside) > 3 else ''}"
+        )
 
 
 def weights_hash(folder: Path) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from shipyard.errors import ConversionError, SpecError
+from shipyard.errors import ConversionError
 from shipyard.onnxrt import (
     MODEL_FILE,
     check_onnx,
@@ -21,53 +21,10 @@ from shipyard.onnxrt import (
 )
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.load import release
+from shipyard.pipeline.signature import check_declared, check_produced, merge_signature
 from shipyard.pipeline.step import Progress
 from shipyard.pipeline.text import sample_feeds
-from shipyard.spec.models import SignatureSpec, ToleranceSpec
-
-
-def check_declared(declared: SignatureSpec, graph: SignatureSpec) -> None:
-    """SpecError naming the tensor when the spec's signature disagrees with the converted graph: a tensor that
-    is not there, another dtype or rank, a fixed dimension of another size."""
-    for kind, wanted, have in (("input", declared.inputs, graph.inputs), ("output", declared.outputs, graph.outputs)):
-        found = {t.name: t for t in have}
-        for tensor in wanted:
-            where = f"model.signature: {kind} {tensor.name!r}"
-            actual = found.get(tensor.name)
-            if actual is None:
-                raise SpecError(f"{where} is not an {kind} of the converted graph (its {kind}s: {', '.join(found)})")
-            if actual.dtype != tensor.dtype:
-                raise SpecError(f"{where} is declared {tensor.dtype}, the converted graph's is {actual.dtype}")
-            if len(actual.shape) != len(tensor.shape):
-                raise SpecError(f"{where} is declared {tensor.shape}, the converted graph's is {actual.shape}")
-            for axis, (want, got) in enumerate(zip(tensor.shape, actual.shape, strict=True)):
-                if isinstance(want, int) and isinstance(got, int) and want != got:
-                    raise SpecError(f"{where}: dimension {axis} is declared {want}, the converted graph's is {got} "
-                                    f"(its shape: {actual.shape})")  # fmt: skip
-
-
-def check_produced(signature: SignatureSpec, outputs: list[np.ndarray]) -> None:
-    """SpecError when an output the graph leaves dynamic comes out with another size than a fixed one declared."""
-    for tensor, array in zip(signature.outputs, outputs, strict=True):
-        for axis, want in enumerate(tensor.shape[1:], start=1):
-            if isinstance(want, int) and (array.ndim <= axis or array.shape[axis] != want):
-                raise SpecError(f"model.signature: output {tensor.name!r}: dimension {axis} is declared {want}, "
-                                f"the converted model returns shape {list(array.shape)}")  # fmt: skip
-
-
-def merge_signature(declared: SignatureSpec, graph: SignatureSpec) -> SignatureSpec:
-    """The graph's signature, keeping the declared dimension names where the ranks agree."""
-
-    def pick(graph_tensors: list[Any], declared_tensors: list[Any]) -> list[Any]:
-        named = {t.name: t for t in declared_tensors}
-        return [
-            t.model_copy(update={"shape": named[t.name].shape})
-            if t.name in named and len(named[t.name].shape) == len(t.shape)
-            else t
-            for t in graph_tensors
-        ]
-
-    return SignatureSpec(inputs=pick(graph.inputs, declared.inputs), outputs=pick(graph.outputs, declared.outputs))
+from shipyard.spec.models import ToleranceSpec
 
 
 def compare_outputs(

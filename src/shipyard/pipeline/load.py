@@ -13,6 +13,7 @@ from shipyard.errors import ModelLoadError
 from shipyard.onnxrt import check_onnx, session, signature_of
 from shipyard.pipeline.context import BuildContext, ExportResult, SourceModel
 from shipyard.pipeline.datasets import load_dataset
+from shipyard.pipeline.signature import check_declared, merge_signature
 from shipyard.pipeline.step import Progress
 from shipyard.pipeline.text import spec_encoder
 from shipyard.spec.models import ConvertSpec, ModelSourceSpec, SignatureSpec, resolve_path
@@ -49,15 +50,6 @@ def release(source: SourceModel | None) -> None:
         source.release()
 
 
-def _check_declared(declared: SignatureSpec, actual: SignatureSpec) -> None:
-    graph = {t.name: t for t in [*actual.inputs, *actual.outputs]}
-    for t in [*declared.inputs, *declared.outputs]:
-        if t.name not in graph:
-            raise ModelLoadError(f"signature names {t.name!r}, but the graph has {sorted(graph)}")
-        if graph[t.name].dtype != t.dtype:
-            raise ModelLoadError(f"tensor {t.name!r} is {graph[t.name].dtype} in the graph, not {t.dtype}")
-
-
 def open_source(source: ModelSourceSpec, base_dir: Path) -> tuple[SourceModel, SignatureSpec]:
     """Load the source model and the signature it will be converted with."""
     if source.format == "huggingface":  # a folder; text-generation models take pipeline/language.py instead
@@ -72,9 +64,10 @@ def open_source(source: ModelSourceSpec, base_dir: Path) -> tuple[SourceModel, S
         assert source.path is not None
         onnx_source = OnnxSource(resolve_path(base_dir, source.path))
         graph_signature = signature_of(onnx_source.graph)
-        if source.signature is not None:
-            _check_declared(source.signature, graph_signature)
-        return onnx_source, graph_signature
+        if source.signature is None:
+            return onnx_source, graph_signature
+        check_declared(source.signature, graph_signature, what=f"the graph in {source.path}")
+        return onnx_source, merge_signature(source.signature, graph_signature)
     if source.format == "sklearn":
         from shipyard.pipeline._sklearn import SklearnSource
 

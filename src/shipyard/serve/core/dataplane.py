@@ -126,7 +126,7 @@ class DataPlane:
         start = time.perf_counter_ns()
         handle = self._answering(name, version, draw=True)
         if handle.generates:  # a language model's whole answer
-            return await self.generation.complete(self.generation.start_on(handle, request), request)
+            return await self.generation.complete(await self.generation.start_on(handle, request), request)
         samples = 1
         try:
             check_outputs(handle, request)

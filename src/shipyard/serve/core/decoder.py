@@ -16,17 +16,18 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from shipyard import chat_template
 from shipyard.artifact.manifest import GenerationRecord, Manifest
 from shipyard.dtypes import numpy_of
-from shipyard.errors import InvalidInputError, ModelLoadError, ShipyardError, UnavailableError
+from shipyard.errors import InvalidInputError, ModelLoadError, ShipyardError, UnavailableError, brief
 from shipyard.kvcache import CacheSlots, StepRunner
 from shipyard.serve.core.scheduler import Sampling, Scheduler, Sequence
 from shipyard.tokenizer import load_tokenizer
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 1000  # characters per stop string
 
 
 @dataclass
@@ -60,7 +61,7 @@ def _number(parameters: dict[str, Any], name: str, low: float, high: float, whol
     number = isinstance(value, int) if whole else isinstance(value, int | float)
     if isinstance(value, bool) or not number or not low <= value <= high:
         kind = "a whole number" if whole else "a number"
-        raise InvalidInputError(f"{name!r} must be {kind} from {low:g} to {high:g}, got {value!r}", param=name)
+        raise InvalidInputError(f"{name!r} must be {kind} from {low:g} to {high:g}, got {brief(value)}", param=name)
     return value
 
 
@@ -69,9 +70,10 @@ def options_of(parameters: dict[str, Any]) -> Options:
     stop = parameters.get("stop")
     if isinstance(stop, str):
         stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or
-                             not all(isinstance(s, str) and s for s in stop)):  # fmt: skip
-        raise InvalidInputError("'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
+    if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOPS or
+                             not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):  # fmt: skip
+        raise InvalidInputError(f"'stop' must be a string of 1 to {MAX_STOP_CHARS} characters or a list of up to "
+                                f"{MAX_STOPS} of them", param="stop")  # fmt: skip
     temperature = _number(parameters, "temperature", 0, 2, whole=False)
     top_p = _number(parameters, "top_p", 0, 1, whole=False)
     if top_p == 0:
@@ -130,6 +132,8 @@ class Generation:
             while True:
                 event = await sequence.events.get()
                 if isinstance(event, str):
+                    if event == "stop":  # the end token is generated, so counted (as transformers, vLLM do)
+                        self.usage.completion_tokens += 1
                     break
                 now = time.monotonic()
                 if self.first_token_s is None:
@@ -160,11 +164,40 @@ class Generation:
             self.usage.computed_tokens = sequence.computed
 
 
+class _StopString:
+    """Finds one stop string in text that arrives piece by piece, in time linear in the text: a
+    Knuth-Morris-Pratt matcher whose state is how much of the stop string the text ends with."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.state = 0
+        self.fallback = [0] * len(stop)  # the longest proper prefix of stop[:i+1] that is also its suffix
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fallback[k - 1]
+            k += stop[i] == stop[k]
+            self.fallback[i] = k
+
+    def feed(self, char: str) -> bool:
+        """True when the text now ends with the whole stop string."""
+        state, stop = self.state, self.stop
+        while state and char != stop[state]:
+            state = self.fallback[state - 1]
+        state += char == stop[state]
+        if state == len(stop):
+            self.state = self.fallback[state - 1]
+            return True
+        self.state = state
+        return False
+
+
 class _Detokenizer:
     """Token ids → text pieces, decoding a short window each time (not the whole text per token)."""
 
     def __init__(self, decoder: Decoder, stop: tuple[str, ...]) -> None:
-        self.tokenizer, self.stop = decoder.tokenizer, stop
+        self.tokenizer = decoder.tokenizer
+        self.stops = [_StopString(s) for s in stop]
         self.ids: list[int] = []
         self.prefix = self.read = 0  # the window: ids[prefix:read] is decoded text already sent
         self.held = ""  # text that could be the start of a stop string
@@ -179,11 +212,15 @@ class _Detokenizer:
         return self._release(self.held + now[len(before) :])
 
     def _release(self, text: str) -> tuple[str, bool]:
-        for stop in self.stop:
-            at = text.find(stop)
-            if at >= 0:
-                return text[:at], True
-        keep = max((n for stop in self.stop for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        """The text that can be sent: all of it but what may begin a stop string, or what comes before the
+        first stop string it completes. Only the new characters are read (the held ones were)."""
+        if not self.stops:
+            return text, False
+        for at in range(len(self.held), len(text)):
+            for stop in self.stops:
+                if stop.feed(text[at]):
+                    return text[: at + 1 - len(stop.stop)], True
+        keep = max(stop.state for stop in self.stops)
         self.held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False
 
@@ -208,9 +245,10 @@ class Decoder:
         self._cache_dtype = numpy_of(inputs[self.record.past_key % 0].dtype)
         self._template = None
         if self.record.chat_template is not None:
-            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            environment.globals["raise_exception"] = _raise_template_error
-            self._template = environment.from_string(self.record.chat_template)
+            self._template = chat_template.compile_template(self.record.chat_template, f"{self.name}:{self.version}")
+        logits = next((t for t in manifest.signature.outputs if t.name == "logits"), None)
+        vocabulary = logits.shape[-1] if logits is not None and logits.shape else None
+        self.vocabulary = vocabulary if isinstance(vocabulary, int) else None  # ids the graph's tables hold
         self.scheduler: Scheduler
 
     def attach(self, session: ort.InferenceSession) -> float:
@@ -240,21 +278,36 @@ class Decoder:
         """The prompt a conversation becomes under the model's chat template."""
         if self._template is None:
             raise InvalidInputError(f"{self.name} has no chat template: use completions", param="messages")
-        try:
-            return str(self._template.render(messages=messages, add_generation_prompt=True,
-                                             **self.record.special_tokens))  # fmt: skip
-        except TemplateError as exc:
-            raise InvalidInputError(f"the chat template refused the messages: {exc}", param="messages") from None
+        context = {"messages": messages, "add_generation_prompt": True, **self.record.special_tokens}
+        return chat_template.render(self._template, context)
 
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, templated: bool) -> list[int]:
+        """Token ids of a prompt. A raw prompt gets the special tokens the tokenizer itself adds (a Llama
+        tokenizer's BOS), as transformers, vLLM and llama.cpp give it, and one BOS, not two, when the text
+        already begins with it; a prompt the chat template rendered gets none added (the template writes
+        them, and transformers' apply_chat_template adds none either)."""
+        if templated:
+            ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
+            return ids
+        ids = self.tokenizer.encode(text).ids
+        bos_text = self.record.special_tokens.get("bos_token")
+        bos = self.tokenizer.token_to_id(bos_text) if bos_text else None
+        if bos is not None and ids[:2] == [bos, bos] and bos_text and text.startswith(bos_text):
+            del ids[0]
         return ids
 
-    def start(self, prompt: str, options: Options) -> Generation:
-        """A checked generation of `prompt` (nothing runs until it is iterated)."""
-        ids = self.encode(prompt)
+    def start(self, prompt: str, options: Options, templated: bool = False) -> Generation:
+        """A checked generation of `prompt` (`templated`: rendered by the chat template); nothing runs until
+        it is iterated."""
+        ids = self.encode(prompt, templated)
         if not ids:
             raise InvalidInputError("the prompt is empty: there is nothing to continue", param="prompt")
+        if self.vocabulary is not None and max(ids) >= self.vocabulary:
+            # Checked here, before batching: a bad id would fail the batched step of every sequence in it.
+            raise InvalidInputError(
+                f"the prompt has token id {max(ids)}, outside this model's vocabulary of {self.vocabulary} (its "
+                "tokenizer knows more tokens than its graph)", param="prompt",
+            )  # fmt: skip
         context = self.record.context
         if len(ids) >= context:
             raise InvalidInputError(
@@ -269,7 +322,3 @@ class Decoder:
                 param="max_tokens", code="context_length_exceeded",
             )  # fmt: skip
         return Generation(self, ids, options, options.max_tokens or limit, Usage(prompt_tokens=len(ids)))
-
-
-def _raise_template_error(message: str) -> None:
-    raise TemplateError(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator
 
@@ -35,16 +36,18 @@ class TextGeneration:
         """The language model that answers a request for `name` (the rollout rules pick a versionless one)."""
         return _decoder_of(answering(self.repository, self.rollout, name, version, draw=True))
 
-    def start(self, name: str, version: str | None, request: InferRequest) -> Generation:
+    async def start(self, name: str, version: str | None, request: InferRequest) -> Generation:
         """A checked generation from a V2 request (`text_input`, parameters); nothing runs until it is streamed."""
-        return self.start_on(answering(self.repository, self.rollout, name, version, draw=True), request)
+        return await self.start_on(answering(self.repository, self.rollout, name, version, draw=True), request)
 
-    def start_on(self, handle: ModelHandle, request: InferRequest) -> Generation:
+    async def start_on(self, handle: ModelHandle, request: InferRequest) -> Generation:
         decoder = _decoder_of(handle)
         check_outputs(handle, request)
         feeds, _ = feeds_of(handle, request, self.max_elements)
         prompt = as_text("text_input", feeds["text_input"])
-        return decoder.start(str(prompt.reshape(-1)[0]), options_of(request.parameters))
+        options = options_of(request.parameters)
+        # Tokenizing costs what the prompt makes it cost: off the event loop.
+        return await asyncio.to_thread(decoder.start, str(prompt.reshape(-1)[0]), options)
 
     def admit(self, generation: Generation) -> None:
         """Queue a generation now, under the request timeout: a full queue is refused (OverloadedError) before

@@ -48,16 +48,29 @@ SCRAPE_TIMEOUT_S = 10.0
 def worker_count(requested: int | None, records: list[VersionRecord], registry: LocalRegistry,
                  memory_limit: int | None) -> int:  # fmt: skip
     """`requested` workers (None: `auto`, the usable CPUs), refused or capped when every worker's copy of the
-    models would not fit the memory budget (or what is free)."""
+    models would not fit the memory budget (or what is free). `auto` is one process when a language model is
+    served: its scheduler already batches every stream on every core, and each further worker would hold
+    another copy of the weights and key/value cache and take a share of the cores from it (measured in
+    docs/benchmarks.md: 2 workers cut one stream's tokens/s by a third and doubled the memory)."""
+    manifests = [registry.manifest(r) for r in records]
     need = sum(
         memory.estimate(registry.path(r), manifest, serve_settings(manifest).instances)
-        for r in records
-        for manifest in [registry.manifest(r)]
+        for r, manifest in zip(records, manifests, strict=True)
     )
     room = memory_limit if memory_limit is not None else memory.available()
     fit = max(1, room // need) if room is not None and need > 0 else None
+    language = [f"{m.name}:{m.version}" for m in manifests if m.generation is not None]
+    if requested is None and language:
+        logger.info("--workers auto: one process, since %s %s a language model (its scheduler batches "
+                    "every stream on every core)", ", ".join(language),
+                    "is" if len(language) == 1 else "are each")  # fmt: skip
+        return 1
     if requested is None:
         return min(cpus.usable(), fit or cpus.usable())
+    if requested > 1 and language:
+        logger.warning("%d workers: each loads its own copy of %s with 1/%d of the cores; one process serves a "
+                       "language model faster and in less memory (--workers 1 or auto)", requested,
+                       ", ".join(language), requested)  # fmt: skip
     if fit is not None and requested > fit:
         where = "the --memory-limit" if memory_limit is not None else "free memory here"
         raise UnavailableError(

@@ -259,7 +259,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def _generation(self, name: str, version: str | None, request: InferRequest) -> AsyncIterator[Any]:
         """A language model's answer as decoupled responses: one per piece of text, the last marked final
         (or an empty final one, when the client asked with triton_enable_empty_final_response)."""
-        generation = self.services.generation.start(name, version, request)
+        generation = await self.services.generation.start(name, version, request)
         empty_final = bool(request.parameters.get("triton_enable_empty_final_response", False))
         held: str | None = None  # one piece behind, so the last one can carry the final flag
         async for piece in self.services.generation.stream(generation):

@@ -8,6 +8,7 @@ registry's names (`NAME`, `NAME:VERSION`, `NAME@ALIAS`). Errors leave in OpenAI'
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 import uuid
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shipyard.errors import ErrorKind, InvalidInputError, NotFoundError, ShipyardError
+from shipyard.errors import ErrorKind, InvalidInputError, NotFoundError, ShipyardError, brief
 from shipyard.registry.refs import parse_ref
 from shipyard.serve.core.decoder import ROLES, Generation, options_of
 from shipyard.serve.protocol.types import InferRequest, Tensor
@@ -31,6 +32,7 @@ STATUS = {**HTTP_STATUS, ErrorKind.OVERLOADED: 429}
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error"}  # fmt: skip
+MAX_MESSAGES = 4096  # messages in one chat request
 _UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "response_format", "logit_bias", "suffix")
 
 
@@ -65,7 +67,8 @@ def _int_field(body: dict[str, Any], *names: str) -> int | None:
         value = body.get(name)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"'{name}' must be a whole number of at least 1, got {value!r}", param=name)
+                raise InvalidInputError(f"'{name}' must be a whole number of at least 1, got {brief(value)}",
+                                        param=name)  # fmt: skip
             return value
     return None
 
@@ -89,10 +92,13 @@ def _messages(value: Any) -> list[dict[str, str]]:
     """Chat messages with text content (a string, or a list of {"type": "text", "text": ...} parts)."""
     if not isinstance(value, list) or not value:
         raise InvalidInputError("'messages' must be a non-empty list of {role, content}", param="messages")
+    if len(value) > MAX_MESSAGES:
+        raise InvalidInputError(f"'messages' has {len(value)} messages; the limit is {MAX_MESSAGES}", param="messages")
     out = []
     for index, message in enumerate(value):
         where = f"messages[{index}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidInputError(f"{where}: 'role' must be one of {', '.join(sorted(ROLES))}", param=where)
         content = message.get("content")
         if isinstance(content, list):
@@ -149,14 +155,18 @@ class OpenAIRoutes:
         app.check_model(call, name)
         decoder = app.services.generation.decoder(name, version)
         options = options_of(_common(body))
+        # Rendering and tokenizing cost what the input makes them cost: off the event loop.
         if chat:
-            return body, decoder.start(decoder.render_chat(_messages(body.get("messages"))), options)
+            messages = _messages(body.get("messages"))
+            return body, await asyncio.to_thread(
+                lambda: decoder.start(decoder.render_chat(messages), options, templated=True)
+            )
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise InvalidInputError("'prompt' must be one string", param="prompt")
-        return body, decoder.start(prompt, options)
+        return body, await asyncio.to_thread(decoder.start, prompt, options)
 
     @staticmethod
     async def completions(app: RestApp, call: Call) -> Any:

@@ -371,7 +371,7 @@ class RestApp:
         """Triton's generate extension: the whole text in one JSON answer."""
         request = codec.decode_generate(await self.body(call))
         generation = self.services.generation
-        response = await generation.complete(generation.start(str(call.name), call.version, request), request)
+        response = await generation.complete(await generation.start(str(call.name), call.version, request), request)
         return _json({"model_name": response.model_name, "model_version": response.model_version,
                       "text_output": response.outputs[0].data[0].decode(), **response.parameters})  # fmt: skip
 
@@ -379,7 +379,7 @@ class RestApp:
         """Triton's generate extension as server-sent events, one per piece of text, then a final one."""
         request = codec.decode_generate(await self.body(call))
         generation = self.services.generation
-        started = generation.start(str(call.name), call.version, request)  # validated before the stream starts
+        started = await generation.start(str(call.name), call.version, request)  # validated before the stream starts
         generation.admit(started)  # a full queue is refused before the stream starts
         model = {"model_name": started.decoder.name, "model_version": started.decoder.version}
 

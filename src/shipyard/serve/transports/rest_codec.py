@@ -111,12 +111,12 @@ def decode_parameters(body: bytes) -> dict[str, Any]:
     return _dict(decode_object(body).get("parameters") or {}, "parameters")
 
 
-_GENERATE_PARAMETERS = ("max_tokens", "temperature", "seed")
+_GENERATE_PARAMETERS = ("max_tokens", "temperature", "top_p", "seed", "stop")  # what the README lists
 
 
 def decode_generate(body: bytes) -> InferRequest:
     """A generate-extension body: {"text_input": str, "parameters": {...}}; top-level max_tokens,
-    temperature and seed are taken as parameters too (as Triton's generate endpoint maps them)."""
+    temperature, top_p, seed and stop are taken as parameters too (as Triton's generate endpoint maps them)."""
     fields = decode_object(body)
     text = fields.pop("text_input", None)
     if not isinstance(text, str):
