@@ -86,6 +86,7 @@ def test_pull_missing_archive(registry: LocalRegistry, tmp_path: Path) -> None:
         "memory://a.shipyard.tar.gz",
         "github://org:repo@main/a.tar.gz",
         "simplecache::s3://bucket/a.tar.gz",
+        "data:,hello",  # fsspec's data protocol is written without "//"
     ],
 )
 def test_only_enabled_storage_schemes_are_reached(registry: LocalRegistry, mlp_onnx: Path, uri: str) -> None:

@@ -125,6 +125,15 @@ def test_missing_objects_and_wrong_credentials_are_clear_errors(
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(UnavailableError, match="cannot write"):
         remote_storage.push(registry, "m:1", "s3://shipyard-models/denied/")
+    # No credentials at all (botocore's own exception type): the same clear error, not an internal one.
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask a cloud metadata address
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(UnavailableError, match=r"cannot read .*NoCredentialsError"):
+        remote_storage.pull(registry, "s3://shipyard-models/m-1.shipyard.tar.gz#http://127.0.0.1:9/")
 
 
 def test_apply_with_an_s3_registry_uri_pushes_the_archives_and_ships_s3fs(

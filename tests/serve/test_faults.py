@@ -19,7 +19,7 @@ import pytest
 
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
-from shipyard.serve.policy.auth import AccessControl, add_token, load_tokens
+from shipyard.serve.policy.auth import AccessControl, TokenFileWatch, add_token
 from tests._helpers import make_slow_onnx
 from tests.serve.conftest import Load, RunningServer, start_server, stop_server
 
@@ -83,7 +83,7 @@ def test_an_expired_token_is_refused(tmp_path: Path) -> None:
     past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
     old = add_token(path, "old", ["infer:*"], expires=past)
     fresh = add_token(path, "fresh", ["infer:*"], expires=past + datetime.timedelta(days=1))
-    access = AccessControl(tokens=load_tokens(path))
+    access = AccessControl(tokens=TokenFileWatch(path))
     with pytest.raises(UnauthenticatedError, match="expired"):
         access.check(f"Bearer {old}", "127.0.0.1", "infer", "mlp")
     access.check(f"Bearer {fresh}", "127.0.0.1", "infer", "mlp")

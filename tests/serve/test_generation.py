@@ -472,7 +472,14 @@ def test_bearer_tokens_and_scopes_apply_to_the_openai_routes(
                                                    max_tokens=3)  # fmt: skip
             assert reply.usage is not None
             assert reply.usage.completion_tokens == 3
-            assert [m.id for m in outsider.models.list()] == ["lm", "lm:1"]  # any valid token may list
+            assert [m.id for m in outsider.models.list()] == []  # a token sees the models it may use
+            assert [m.id for m in writer.models.list()] == ["lm", "lm:1"]
+            # Scopes are checked before an alias is looked up: 403 either way, never 404-or-403.
+            for model in ("lm@nothing", "lm@production", "lm:1"):
+                with pytest.raises(openai.PermissionDeniedError):
+                    outsider.completions.create(model=model, prompt=PROMPT, max_tokens=3)
+            with pytest.raises(openai.NotFoundError):
+                writer.completions.create(model="lm@nothing", prompt=PROMPT, max_tokens=3)
             assert writer.models.retrieve("lm:1").id == "lm:1"  # the scope names the model, not the version
             with pytest.raises(openai.PermissionDeniedError):
                 outsider.models.retrieve("lm:1")

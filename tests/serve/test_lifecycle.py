@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -19,6 +19,7 @@ import tritonclient.http as httpclient
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from tests._helpers import make_mlp_onnx, make_slow_onnx
+from tests.conftest import CliResult
 from tests.serve.conftest import (
     Load,
     RunningServer,
@@ -31,7 +32,7 @@ from tests.serve.conftest import (
 
 @pytest.fixture
 def private_server(model_registry: LocalRegistry, tmp_path: Path) -> Iterator[RunningServer]:
-    running = start_server(model_registry, tmp_path / "server.log", "mlp:1", extra_args=("--allow-management",))
+    running = start_server(model_registry, tmp_path / "server.log", "mlp:1", extra_args=("--insecure-management",))
     yield running
     assert stop_server(running) == 0, running.log.read_text()
 
@@ -81,6 +82,15 @@ def test_grpc_repository_api(private_server: RunningServer) -> None:
     assert not client.is_model_ready("id_int8")
     with pytest.raises(Exception, match="no model named 'ghost'"):
         client.load_model("ghost")
+
+
+def test_management_without_tokens_must_be_asked_for_as_insecure(
+    model_registry: LocalRegistry, cli: Callable[..., CliResult]
+) -> None:
+    refused = cli("serve", "mlp:1", "--allow-management", "-r", str(model_registry.root))
+    assert refused.code == 2
+    assert "--allow-management without --tokens lets anyone who reaches the port load and unload" in refused.err
+    assert "--insecure-management" in refused.err
 
 
 def test_the_repository_api_is_off_unless_enabled(server: RunningServer) -> None:
@@ -134,6 +144,27 @@ def test_a_version_that_cannot_load_is_reported_and_the_rest_serve(tmp_path: Pat
     assert index["mlp"]["state"] == "READY"
     assert index["other"]["state"] == "UNAVAILABLE"
     assert "does not match its recorded sha256" in index["other"]["reason"]
+    assert str(tmp_path) not in index["other"]["reason"]  # clients do not learn where the registry is
+
+
+def test_loading_a_tampered_version_through_the_api_is_a_400_that_says_why(tmp_path: Path) -> None:
+    registry = LocalRegistry(tmp_path / "registry")
+    import_onnx(make_mlp_onnx(tmp_path / "a.onnx"), "mlp", registry)
+    import_onnx(make_mlp_onnx(tmp_path / "b.onnx", seed=1), "mlp", registry)
+    (registry.path("mlp:2") / "model.onnx").write_bytes(b"tampered")
+    running = start_server(registry, tmp_path / "s.log", "mlp:1", extra_args=("--insecure-management",))
+    try:
+        for body in ({"parameters": {"version": None}}, {"parameters": {"version": 2}}, {}):
+            reply = httpx.post(f"{running.base()}/v2/repository/models/mlp/load", json=body)
+            assert reply.status_code == 400, reply.text
+            assert reply.json()["error"] == (
+                "mlp:2 cannot be loaded: models/mlp/2: model.onnx does not match its recorded sha256 (modified or "
+                "corrupt)"
+            )
+        ok = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}]}
+        assert httpx.post(f"{running.base()}/v2/models/mlp/infer", json=ok).json()["model_version"] == "1"
+    finally:
+        assert stop_server(running) == 0
 
 
 def test_a_server_that_can_load_nothing_exits(tmp_path: Path) -> None:

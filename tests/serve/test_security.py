@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -78,6 +79,37 @@ def test_rest_answers_by_token_and_scope(
     assert response.status_code == status, response.text
     if status in (401, 403):
         assert "error" in response.json()
+
+
+def test_a_token_added_or_revoked_while_serving_counts_without_a_restart(
+    secured: RunningServer, tokens: tuple[Path, dict[str, str]]
+) -> None:
+    path = tokens[0]
+    before = path.read_text()
+    late = add_token(path, "late", ["infer:mlp"])
+
+    def status() -> int:
+        return httpx.get(f"{secured.base()}/v2/models/mlp", headers=_bearer(late), timeout=10).status_code
+
+    try:
+        _until(lambda: status() == 200)  # the file is looked at once a second at most
+    finally:
+        path.write_text(before)  # revoked: the file as it was
+    _until(lambda: status() == 401)
+    path.write_text("tokens: [this is not a token file")  # a broken edit keeps the tokens read before
+    try:
+        time.sleep(1.2)
+        headers = _bearer(tokens[1]["reader"])
+        assert httpx.get(f"{secured.base()}/v2/models/mlp", headers=headers, timeout=10).status_code == 200
+    finally:
+        path.write_text(before)
+
+
+def _until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
 
 
 def test_stock_clients_send_tokens_on_both_protocols(

@@ -73,7 +73,7 @@ def fleet_registry(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
 @pytest.fixture(scope="module")
 def fleet(fleet_registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     log = tmp_path_factory.mktemp("fleet-log") / "server.log"
-    running = start_server(fleet_registry, log, "mlp:1", extra_args=("--workers", "2", "--allow-management",
+    running = start_server(fleet_registry, log, "mlp:1", extra_args=("--workers", "2", "--insecure-management",
                                                                      "--drift-sample", "1"))  # fmt: skip
     yield running
     if running.process.poll() is None:

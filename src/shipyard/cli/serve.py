@@ -43,7 +43,14 @@ def serve(
     public_key: Path | None = typer.Option(None, "--public-key", help="Public key (PEM) signatures must match."),
     tokens: Path | None = typer.Option(None, "--tokens", help="Token file (shipyard token add): require tokens."),
     auth_health: bool = typer.Option(False, "--auth-health", help="Require a token on the health endpoints too."),
-    allow_management: bool = typer.Option(False, "--allow-management", help="Enable repository load/unload."),
+    allow_management: bool = typer.Option(
+        False, "--allow-management", help="Enable repository load/unload (needs --tokens: the admin scope)."
+    ),
+    insecure_management: bool = typer.Option(
+        False,
+        "--insecure-management",
+        help="Enable repository load/unload without --tokens: anyone who reaches the port may load and unload.",
+    ),
     rate_limit: float | None = typer.Option(None, "--rate-limit", help="Requests/s per caller (429 above)."),
     rate_burst: int = typer.Option(50, "--rate-burst", help="Requests a caller may send at once."),
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate (chain): HTTPS and gRPC TLS."),
@@ -100,6 +107,11 @@ def serve(
         raise InvalidInputError("--require-signed needs --public-key: the key signatures must match")
     if (tls_cert is None) != (tls_key is None):
         raise InvalidInputError("--tls-cert and --tls-key go together")
+    if allow_management and tokens is None and not insecure_management:
+        raise InvalidInputError(
+            "--allow-management without --tokens lets anyone who reaches the port load and unload models: give "
+            "--tokens FILE (load/unload then need a token with the admin scope), or say --insecure-management"
+        )
     env = environment()
     reg = registry_at(registry, env)
     for uri in pull_uris:
@@ -112,7 +124,8 @@ def serve(
         models=refs, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
         max_body_bytes=int(max_body_mb * (1 << 20)), trusted_key=public_key if require_signed else None,
         encryption_key=env.encryption_key(), tensorrt_cache=env.tensorrt_cache,
-        tokens_file=tokens, allow_management=allow_management, open_health=not auth_health, rate_limit=rate_limit,
+        tokens_file=tokens, allow_management=allow_management or insecure_management, open_health=not auth_health,
+        rate_limit=rate_limit,
         rate_burst=rate_burst, tls_cert=tls_cert, tls_key=tls_key, request_timeout_s=request_timeout or None,
         body_timeout_s=body_timeout,
         max_elements=max_elements, memory_limit_bytes=_memory_limit(memory_limit),

@@ -35,9 +35,17 @@ def open_uri(uri: str, schemes: frozenset[str] = DEFAULT_STORAGE_SCHEMES) -> tup
                 f"{', '.join(sorted(schemes))}; enable more with ${SCHEMES_ENV}, comma-separated)"
             )
     try:
-        return fsspec.core.url_to_fs(uri)  # type: ignore[no-any-return]
+        fs, path = fsspec.core.url_to_fs(uri)
     except (ValueError, ImportError) as exc:
         raise InvalidInputError(f"cannot use storage URI {uri!r}: {exc}") from None
+    # fsspec knows protocols written without "//" too ("data:,…"): what it chose must be enabled as well.
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & schemes:
+        raise InvalidInputError(
+            f"storage URI {uri!r}: {sorted(protocols)[0]}: is not an enabled storage scheme (enabled: "
+            f"{', '.join(sorted(schemes))}; enable more with ${SCHEMES_ENV}, comma-separated)"
+        )
+    return fs, path
 
 
 def folder_uri(uri: str) -> str:
@@ -74,8 +82,8 @@ def push(registry: LocalRegistry, ref: str, uri: str, schemes: frozenset[str] = 
             fs.put_file(str(archive), partial)
             fs.mv(partial, path)
             fs.pipe_file(f"{path}.sha256", f"{digest}  {Path(path).name}\n".encode())
-        except OSError as exc:
-            raise UnavailableError(f"cannot write {target}: {exc}") from None
+        except Exception as exc:  # OSError, and storage clients' own errors (botocore's missing credentials)
+            raise UnavailableError(f"cannot write {target}: {type(exc).__name__}: {exc}") from None
     return target
 
 
@@ -94,8 +102,8 @@ def pull(registry: LocalRegistry, uri: str, schemes: frozenset[str] = DEFAULT_ST
             fs.get_file(path, str(archive))
         except FileNotFoundError:
             raise NotFoundError(f"no archive at {uri}") from None
-        except OSError as exc:
-            raise UnavailableError(f"cannot read {uri}: {exc}") from None
+        except Exception as exc:  # OSError, and storage clients' own errors (botocore's missing credentials)
+            raise UnavailableError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from None
         sidecar = f"{path}.sha256"
         if fs.exists(sidecar):
             expected = fs.cat_file(sidecar).decode().split()[0]

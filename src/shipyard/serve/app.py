@@ -21,7 +21,7 @@ from shipyard.serve.observe.hooks import AfterAnswer
 from shipyard.serve.observe.metrics import ServerMetrics
 from shipyard.serve.observe.quality import QualityMonitor
 from shipyard.serve.observe.request_log import RequestLog
-from shipyard.serve.policy.auth import AccessControl, load_tokens
+from shipyard.serve.policy.auth import AccessControl, TokenFileWatch
 from shipyard.serve.policy.rate_limit import Buckets, RateLimiter
 from shipyard.serve.policy.rollout import Rollout
 from shipyard.serve.settings import ServeSettings
@@ -65,7 +65,7 @@ def compose(
     cluster = join(LocalOps(dataplane, management, quality, metrics, worker))
     services = Services(dataplane, generation, management, ServerWide(cluster, repository))
     access = AccessControl(
-        tokens=load_tokens(settings.tokens_file) if settings.tokens_file is not None else None,
+        tokens=TokenFileWatch(settings.tokens_file) if settings.tokens_file is not None else None,
         allow_management=settings.allow_management,
         limiter=RateLimiter(settings.rate_limit, settings.rate_burst, buckets) if settings.rate_limit else None,
         open_health=settings.open_health,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from shipyard import memory
 from shipyard.artifact.manifest import Manifest
 from shipyard.artifact.reference import read_reference
 from shipyard.artifact.signing import verify_signature
-from shipyard.errors import NotFoundError, ShipyardError, UnavailableError
+from shipyard.errors import ErrorKind, ModelLoadError, NotFoundError, ShipyardError, UnavailableError
 from shipyard.onnxrt import is_batchable
 from shipyard.registry import LocalRegistry, VersionRecord
 from shipyard.registry.refs import ModelRef, parse_ref
@@ -29,6 +30,8 @@ from shipyard.serve.protocol.types import RepositoryEntry
 from shipyard.spec.models import EvaluationSpec, ServeSpec
 
 logger = logging.getLogger(__name__)
+# ONNX Runtime's messages name its own source files: "/onnxruntime_src/onnxruntime/core/graph/model.cc:180 ..."
+_SOURCE_LOCATION = re.compile(r"\S*onnxruntime_src\S*:\d+ ?(\S+\(.*?\) )?")
 
 
 @dataclass
@@ -123,7 +126,12 @@ class ModelRepository:
             try:
                 handle = await self._open(record)
             except ShipyardError as exc:
-                self._failed[(record.name, record.version)] = str(exc)
+                reason = self._public(str(exc))
+                self._failed[(record.name, record.version)] = reason
+                if exc.kind in (ErrorKind.CORRUPT, ErrorKind.INTERNAL, ErrorKind.MISSING_DEPENDENCY):
+                    # The stored version, not the caller, is at fault; the caller hears why (a 400, as
+                    # Triton answers a failed load), never a 500 or where the registry is.
+                    raise ModelLoadError(f"{record.name}:{record.version} cannot be loaded: {reason}") from None
                 raise
             if handle.drift is not None:
                 self.metrics.drift[(record.name, record.version)] = handle.drift
@@ -132,6 +140,12 @@ class ModelRepository:
             self._models.setdefault(record.name, {})[record.version] = handle
             self._failed.pop((record.name, record.version), None)
             return handle
+
+    def _public(self, message: str) -> str:
+        """A load error as clients may read it: without the registry's location on disk or ONNX Runtime's
+        source locations."""
+        message = message.replace(f"{self.registry.root}/", "").replace(str(self.registry.root), "the registry")
+        return _SOURCE_LOCATION.sub("", message)
 
     async def _open(self, record: VersionRecord) -> ModelHandle:
         """Verify, load and warm up one version; its batcher is running when this returns."""

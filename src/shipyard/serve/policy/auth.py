@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shipyard.errors import ForbiddenError, InvalidInputError, RateLimitedError, UnauthenticatedError
 from shipyard.serve.policy.rate_limit import RateLimiter
 
+logger = logging.getLogger(__name__)
 Action = Literal["health", "metadata", "read", "infer", "index", "admin"]
 _SCOPE = r"^(admin|infer:(\*|[A-Za-z0-9_.-]+))$"
 
@@ -99,11 +102,45 @@ def add_token(path: Path, name: str, scopes: list[str], expires: datetime.dateti
     return token
 
 
+class TokenFileWatch:
+    """The token file's entries, read again when the file changes, so a token added or revoked while the server
+    runs counts from the next request (the file is looked at once a second at most). A file that no longer
+    reads as a token file keeps the entries read before, with a warning."""
+
+    RECHECK_S = 1.0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries = load_tokens(path)
+        self._stamp = self._read_stamp()
+        self._checked = time.monotonic()
+
+    def _read_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def get(self, token_digest: str) -> TokenEntry | None:
+        now = time.monotonic()
+        if now - self._checked >= self.RECHECK_S:
+            self._checked = now
+            stamp = self._read_stamp()
+            if stamp is not None and stamp != self._stamp:
+                try:
+                    self._entries = load_tokens(self.path)
+                except InvalidInputError as exc:
+                    logger.warning("kept the tokens read before: %s", exc)
+                self._stamp = stamp
+        return self._entries.get(token_digest)
+
+
 @dataclass
 class AccessControl:
     """The checks both transports run before the data plane; with no settings it lets everything through."""
 
-    tokens: dict[str, TokenEntry] | None = None
+    tokens: TokenFileWatch | None = None
     allow_management: bool = False
     limiter: RateLimiter | None = None
     open_health: bool = True
@@ -123,6 +160,10 @@ class AccessControl:
             caller = entry.name
         if self.limiter is not None and not self.limiter.allow(caller):
             raise RateLimitedError(f"rate limit of {self.limiter.rate:g} requests/s exceeded; retry later")
+
+    def permits_model(self, authorization: str | None, action: Action, model: str) -> bool:
+        """Whether the (already authenticated) caller may `action` the model: what a listing shows it."""
+        return self.tokens is None or self._authenticate(authorization).permits(action, model)
 
     def check_model(self, authorization: str | None, action: Action, model: str) -> None:
         """The per-model part of `check`, for routes that name the model in the body (OpenAI's): `check`

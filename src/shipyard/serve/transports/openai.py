@@ -48,10 +48,12 @@ def error_body(exc: BaseException, where: str) -> tuple[int, dict[str, Any]]:
                               "code": code}}  # fmt: skip
 
 
-def _model_ref(app: RestApp, model: Any) -> tuple[str, str | None]:
-    """`NAME`, `NAME:VERSION` or `NAME@ALIAS` as (name, version or None)."""
+def _model_ref(app: RestApp, call: Call, model: Any) -> tuple[str, str | None]:
+    """`NAME`, `NAME:VERSION` or `NAME@ALIAS` as (name, version or None), once the caller's token may use
+    NAME: the scope is checked before an alias is looked up, so a 404 never tells an outsider which exist."""
     if not isinstance(model, str) or not model:
         raise InvalidInputError("'model' must be a model id (see GET /v1/models)", param="model")
+    app.check_model(call, model.partition("@")[0].partition(":")[0])
     if "@" in model:
         try:
             record = app.services.management.repository.registry.resolve(parse_ref(model))
@@ -139,20 +141,20 @@ class OpenAIRoutes:
     async def models(app: RestApp, call: Call) -> Any:
         """Every loaded model by name (the version the rollout rules pick), then every version by NAME:VERSION."""
         handles = sorted(app.services.management.repository.handles(), key=lambda h: (h.name, h.version))
+        handles = [h for h in handles if app.may_infer(call, h.name)]  # a token sees the models it may use
         ids = [*sorted({h.name for h in handles}), *(f"{h.name}:{h.version}" for h in handles)]
         return app.json({"object": "list", "data": [_model_card(i) for i in ids]})
 
     @staticmethod
     async def model(app: RestApp, call: Call) -> Any:
-        name, version = _model_ref(app, call.name)
+        name, version = _model_ref(app, call, call.name)
         app.services.management.repository.get(name, version)  # NotFoundError when it is not loaded
         return app.json(_model_card(str(call.name)))
 
     @staticmethod
     async def _start(app: RestApp, call: Call, chat: bool) -> tuple[dict[str, Any], Generation]:
         body = codec.decode_object(await app.body(call))
-        name, version = _model_ref(app, body.get("model"))
-        app.check_model(call, name)
+        name, version = _model_ref(app, call, body.get("model"))
         decoder = app.services.generation.decoder(name, version)
         options = options_of(_common(body))
         # Rendering and tokenizing cost what the input makes them cost: off the event loop.
@@ -218,8 +220,7 @@ class OpenAIRoutes:
     @staticmethod
     async def embeddings(app: RestApp, call: Call) -> Any:
         body = codec.decode_object(await app.body(call))
-        name, version = _model_ref(app, body.get("model"))
-        app.check_model(call, name)
+        name, version = _model_ref(app, call, body.get("model"))
         texts = body.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):

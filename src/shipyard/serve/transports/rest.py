@@ -311,8 +311,11 @@ class RestApp:
 
     def check_model(self, call: Call, model: str) -> None:
         """Access to a model named in the body, not the path (the OpenAI routes)."""
-        authorization = next((v.decode("latin-1") for k, v in call.scope["headers"] if k == b"authorization"), None)
-        self.access.check_model(authorization, "infer", model)
+        self.access.check_model(_authorization(call), "infer", model)
+
+    def may_infer(self, call: Call, model: str) -> bool:
+        """Whether the caller's token may infer the model (what a listing shows it)."""
+        return self.access.permits_model(_authorization(call), "infer", model)
 
     # --- handlers: one per route ---------------------------------------------------------------
 
@@ -427,3 +430,7 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/chat/completions", "infer", openai.OpenAIRoutes.chat_completions),
     Route("POST", "/v1/embeddings", "infer", openai.OpenAIRoutes.embeddings),
 ]
+
+
+def _authorization(call: Call) -> str | None:
+    return next((v.decode("latin-1") for k, v in call.scope["headers"] if k == b"authorization"), None)
