@@ -223,3 +223,29 @@ def causal_spec(name: str = "lm", **generation: Any) -> dict[str, Any]:
     """The spec that builds the folder `hf` next to it as a language model."""
     return {"name": name, "model": {"format": "huggingface", "path": "hf", "task": "text-generation",
                                     "generation": {"max_new_tokens": 24, **generation}}}  # fmt: skip
+
+
+def make_loop_onnx(path: Path) -> Path:
+    """A model whose cost is set by a value it is sent: an ONNX Loop that runs `n` times over x [1, 4] (each
+    turn y = y * 1). Fast at warm-up, as slow as a client likes afterwards."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Mul", ["y_in", "one"], ["y_out"])],
+        "turn",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("y_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("y_out", TensorProto.FLOAT, [1, 4])],
+        initializer=[numpy_helper.from_array(np.ones((), np.float32), "one")],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Squeeze", ["n"], ["trips"]), helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)],
+        "loop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path

@@ -248,6 +248,29 @@ def session(
         raise ModelLoadError(f"{where}: ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
+# Operators whose work is set by the values a request sends (trip counts, sizes, k), not by its shape alone.
+VALUE_SIZED_OPS = frozenset({"Loop", "Scan", "If", "Range", "ConstantOfShape", "Expand", "Tile", "Resize", "Upsample",
+                             "Pad", "TopK", "OneHot", "NonMaxSuppression", "Unique", "NonZero"})  # fmt: skip
+
+
+def bounded_cost(model: onnx.ModelProto, signature: SignatureSpec) -> bool:
+    """Whether a batch's cost is fixed by its batch size: every input's other dimensions fixed, no strings
+    (tokenizing costs what the text is long), no operator sized by input values. Warm-up timings predict
+    such a model's cost; another's cost is whatever a request makes it."""
+    fixed = all(
+        t.dtype != "string" and all(isinstance(d, int) for d in t.shape[1:]) for t in signature.inputs
+    )  # fmt: skip
+
+    def ops(graph: onnx.GraphProto) -> Iterator[str]:
+        for node in graph.node:
+            yield node.op_type
+            for attribute in node.attribute:
+                if attribute.g is not None and attribute.g.node:
+                    yield from ops(attribute.g)
+
+    return fixed and not any(op in VALUE_SIZED_OPS for op in ops(model.graph))
+
+
 def is_batchable(signature: SignatureSpec) -> bool:
     """True when every input's first dimension is dynamic (the batch)."""
     return all(t.shape and isinstance(t.shape[0], str) for t in signature.inputs)

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -20,7 +21,7 @@ import pytest
 from shipyard.pipeline import import_onnx
 from shipyard.registry import LocalRegistry
 from shipyard.serve.policy.auth import AccessControl, TokenFileWatch, add_token
-from tests._helpers import make_slow_onnx
+from tests._helpers import make_loop_onnx, make_slow_onnx
 from tests.serve.conftest import Load, RunningServer, start_server, stop_server
 
 X = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
@@ -186,3 +187,35 @@ def test_a_body_shorter_than_its_content_length_gets_408(model_registry: LocalRe
         assert httpx.get(f"{server.base()}/v2/health/ready", timeout=10).status_code == 200
     finally:
         stop_server(server)
+
+
+def test_a_model_whose_cost_a_request_sets_never_runs_on_the_event_loop(
+    registry: LocalRegistry, tmp_path: Path
+) -> None:
+    """An ONNX Loop whose trip count is an input is fast at warm-up; a request that asks for millions of turns
+    must neither stall the server (health answers while it runs) nor outlive its timeout."""
+    import_onnx(make_loop_onnx(tmp_path / "loop.onnx"), "loop", registry)
+    running = start_server(registry, tmp_path / "s.log", "loop", extra_args=("--request-timeout", "1"))
+    hostile = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0] * 4},
+                          {"name": "n", "shape": [1], "datatype": "INT64", "data": [6_000_000]}]}  # fmt: skip
+    try:
+        assert "loaded loop:1" in running.log.read_text()
+        assert "worker threads" in running.log.read_text().split("loaded loop:1")[1].splitlines()[0]
+        with httpx.Client(base_url=running.base(), timeout=30) as probe, ThreadPoolExecutor(1) as pool:
+            assert probe.get("/v2/health/ready").status_code == 200  # the connection is open before the test
+            start = time.perf_counter()
+            slow = pool.submit(httpx.post, f"{running.base()}/v2/models/loop/infer", json=hostile, timeout=30)
+            probes = []
+            while not slow.done() and len(probes) < 20:
+                before = time.perf_counter()
+                assert probe.get("/v2/health/ready").status_code == 200
+                probes.append(time.perf_counter() - before)
+                time.sleep(0.05)
+            reply = slow.result()
+            answered = time.perf_counter() - start
+        assert reply.status_code == 504, reply.text
+        assert answered < 2.0  # the 1 s timeout, not the run's 4 s
+        assert len(probes) >= 5
+        assert max(probes) < 0.1, probes
+    finally:
+        assert stop_server(running) == 0

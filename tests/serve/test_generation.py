@@ -342,7 +342,9 @@ def narrow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
     # A template that compiles but fails on some input, as a careless one can (1/0, str + int, recursion).
     config = json.loads((folder / "hf" / "tokenizer_config.json").read_text())
     template = ("{% if messages[0]['content'] == 'divide' %}{{ 1 / 0 }}{% endif %}"
-                "{% if messages[0]['content'] == 'add' %}{{ 'a' + 1 }}{% endif %}" + CHAT_TEMPLATE)  # fmt: skip
+                "{% if messages[0]['content'] == 'add' %}{{ 'a' + 1 }}{% endif %}"
+                "{% if messages[0]['content'] == 'slow' %}{% for i in range(3000) %}{% for j in range(1000) %}"
+                "{% endfor %}{% endfor %}{% endif %}" + CHAT_TEMPLATE)  # fmt: skip
     (folder / "hf" / "chat_template.jinja").unlink(missing_ok=True)
     (folder / "hf" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
     registry = LocalRegistry(folder / "registry")
@@ -400,6 +402,36 @@ def test_a_chat_template_that_fails_on_the_messages_is_that_requests_400(
     assert "the chat template failed on the messages" in reply.json()["error"]["message"]
     body["messages"] = [{"role": "user", "content": "sea"}]
     assert httpx.post(f"{narrow_server.base()}/v1/chat/completions", json=body).status_code == 200
+
+
+def _health_while(server: RunningServer, request: Any) -> tuple[httpx.Response, list[float]]:
+    """Run `request` (a function of an httpx.Client) in a thread; probe readiness until it answers."""
+    with httpx.Client(base_url=server.base(), timeout=60) as probe, ThreadPoolExecutor(1) as pool:
+        assert probe.get("/v2/health/ready").status_code == 200  # connected before the request starts
+        with httpx.Client(base_url=server.base(), timeout=60) as client:
+            pending = pool.submit(request, client)
+            probes = []
+            while not pending.done():
+                before = time.perf_counter()
+                assert probe.get("/v2/health/ready").status_code == 200
+                probes.append(time.perf_counter() - before)
+                time.sleep(0.02)
+            return pending.result(), probes
+
+
+def test_slow_templates_and_huge_prompts_never_stall_the_server(narrow_server: RunningServer) -> None:
+    """A template that loops three million times, and a 0.9 MB prompt (400 once tokenized: beyond the
+    context): both run off the event loop, so readiness answers within 100 ms while they do."""
+    chat = {"model": "narrow", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 2}
+    reply, probes = _health_while(narrow_server, lambda c: c.post("/v1/chat/completions", json=chat))
+    assert reply.status_code == 200, reply.text
+    assert probes
+    assert max(probes) < 0.1, probes
+    huge = {"model": "narrow", "prompt": "sea " * 225_000, "max_tokens": 2}
+    reply, probes = _health_while(narrow_server, lambda c: c.post("/v1/completions", json=huge))
+    assert reply.status_code == 400
+    assert reply.json()["error"]["code"] == "context_length_exceeded"
+    assert max(probes, default=0.0) < 0.1, probes
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(narrow_server: RunningServer) -> None:
@@ -500,13 +532,16 @@ _json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
+# Arrays nested up to 700 deep (JSON parsers stop near 1,024): an error message must not recurse into them.
+_deep = st.integers(1, 700).map(lambda depth: json.loads("[" * depth + "]" * depth))
+_hostile = _json_values | _deep
 _chat_bodies = st.fixed_dictionaries(
     {"model": st.just("lm")},
-    optional={"messages": _json_values | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "x"]),
-                                                                         "content": _json_values}), max_size=2),
-              "prompt": _json_values | st.text(max_size=40), "max_tokens": _json_values, "temperature": _json_values,
-              "top_p": _json_values, "seed": _json_values, "stop": _json_values, "stream": _json_values,
-              "stream_options": _json_values, "n": _json_values},
+    optional={"messages": _hostile | st.lists(st.fixed_dictionaries(
+                  {"role": st.sampled_from(["user", "x"]) | _hostile, "content": _hostile}), max_size=2),
+              "prompt": _hostile | st.text(max_size=40), "max_tokens": _hostile, "temperature": _hostile,
+              "top_p": _hostile, "seed": _hostile, "stop": _hostile | st.text(min_size=1, max_size=3000),
+              "stream": _hostile, "stream_options": _hostile, "n": _hostile},
 )  # fmt: skip
 
 
@@ -524,8 +559,10 @@ def test_random_openai_bodies_never_cause_a_5xx(lm_server: tuple[RunningServer, 
 
 _generate_bodies = st.fixed_dictionaries(
     {},
-    optional={"text_input": _json_values | st.text(max_size=80), "max_tokens": _json_values,
-              "temperature": _json_values, "seed": _json_values, "parameters": _json_values, "id": _json_values},
+    optional={"text_input": _hostile | st.text(max_size=80), "max_tokens": _hostile, "temperature": _hostile,
+              "top_p": _hostile, "seed": _hostile, "stop": _hostile, "parameters": _hostile | st.fixed_dictionaries(
+                  {}, optional={"max_tokens": _hostile, "stop": _hostile, "temperature": _hostile}),
+              "id": _hostile},
 )  # fmt: skip
 
 

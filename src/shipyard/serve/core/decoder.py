@@ -286,10 +286,11 @@ class Decoder:
         tokenizer's BOS), as transformers, vLLM and llama.cpp give it, and one BOS, not two, when the text
         already begins with it; a prompt the chat template rendered gets none added (the template writes
         them, and transformers' apply_chat_template adds none either)."""
+        # encode_batch, not encode: it lets go of the GIL, so a long prompt does not hold up the event loop.
+        (encoding,) = self.tokenizer.encode_batch([text], add_special_tokens=not templated)
+        ids: list[int] = encoding.ids
         if templated:
-            ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
             return ids
-        ids = self.tokenizer.encode(text).ids
         bos_text = self.record.special_tokens.get("bos_token")
         bos = self.tokenizer.token_to_id(bos_text) if bos_text else None
         if bos is not None and ids[:2] == [bos, bos] and bos_text and text.startswith(bos_text):
