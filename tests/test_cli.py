@@ -197,3 +197,24 @@ def test_missing_extra_names_the_package_to_install(tmp_path: Path) -> None:
     assert proc.returncode == 8
     assert "pip install 'shipyard[torch]'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_models_diff_shows_a_spec_change(cli: Cli, mlp_onnx: Path, tmp_path: Path) -> None:
+    """Two builds of the same file that differ only in how they are served: the files (and content hash) are
+    the same, the diff says what changed."""
+    reg = str(tmp_path / "registry")
+    for batch in (8, 32):
+        spec = write_spec(mlp_onnx.parent, {"name": "m", "model": {"format": "onnx", "path": "mlp.onnx"},
+                                            "serve": {"max_batch_size": batch}})  # fmt: skip
+        _ok(cli("build", str(spec), "-r", reg))
+    diff = json.loads(_ok(cli("models", "diff", "m:1", "m:2", "-r", reg, "--json")).out)
+    rows = {row["field"]: (row["left"], row["right"]) for row in diff}
+    assert rows["spec serve.max_batch_size"] == ("8", "32")
+    assert "content_hash" not in rows
+
+
+def test_keygen_writes_into_a_folder_it_is_given(cli: Cli, tmp_path: Path) -> None:
+    made = _ok(cli("keygen", str(tmp_path / "keys")))
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["shipyard-signing.pem", "shipyard-signing.pub.pem"]
+    assert "keep it secret" in made.err
+    assert (tmp_path / "keys" / "shipyard-signing.pem").read_text().startswith("-----BEGIN")

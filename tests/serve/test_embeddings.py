@@ -72,4 +72,5 @@ def test_completions_on_an_embedding_model_are_refused(embedding_server: Running
     ):
         reply = httpx.post(f"{embedding_server.base()}/v1/{route}", json={"model": "minilm", **body})
         assert reply.status_code == 400
-        assert "not a language model" in reply.json()["error"]["message"]
+        assert "not a language model: it embeds text, so use POST /v1/embeddings" in reply.json()["error"]["message"]
+        assert reply.json()["error"]["param"] == "model"

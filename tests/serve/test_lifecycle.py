@@ -74,6 +74,27 @@ def test_version_switch_and_hot_load_under_load_lose_no_request(
     np.testing.assert_allclose(response.infer("mlp", [inp]).as_numpy("logits"), v2, rtol=1e-5)
 
 
+def test_counters_go_on_after_an_unload_and_a_reload(private_server: RunningServer) -> None:
+    """Prometheus counters never go back within a process: a version loaded again resumes its figures."""
+    series = 'shipyard_inference_requests_total{model="id_fp32",outcome="success",version="1"}'
+
+    def count() -> float:
+        text = httpx.get(f"http://127.0.0.1:{private_server.metrics_port}/metrics").text
+        return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+
+    _repository(private_server, "load", "id_fp32")
+    body = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]}
+    for _ in range(3):
+        assert httpx.post(f"{private_server.base()}/v2/models/id_fp32/infer", json=body).status_code == 200
+    before = count()
+    assert before >= 3
+    _repository(private_server, "unload", "id_fp32")
+    _repository(private_server, "load", "id_fp32")
+    assert count() == before
+    assert httpx.post(f"{private_server.base()}/v2/models/id_fp32/infer", json=body).status_code == 200
+    assert count() == before + 1
+
+
 def test_grpc_repository_api(private_server: RunningServer) -> None:
     client = grpcclient.InferenceServerClient(private_server.grpc_url)
     client.load_model("id_int8")
@@ -128,6 +149,7 @@ def test_a_version_that_cannot_load_is_reported_and_the_rest_serve(tmp_path: Pat
     registry = LocalRegistry(tmp_path / "registry")
     import_onnx(make_mlp_onnx(tmp_path / "a.onnx"), "mlp", registry)
     import_onnx(make_mlp_onnx(tmp_path / "b.onnx", seed=1), "other", registry)
+    import_onnx(make_mlp_onnx(tmp_path / "c.onnx", seed=2), "spare", registry)  # registered, not asked for
     (registry.path("other:1") / "model.onnx").write_bytes(b"tampered")
     running = start_server(registry, tmp_path / "s.log", "mlp", "other")  # ready: it serves what it reports
     try:
@@ -145,6 +167,8 @@ def test_a_version_that_cannot_load_is_reported_and_the_rest_serve(tmp_path: Pat
     assert index["other"]["state"] == "UNAVAILABLE"
     assert "does not match its recorded sha256" in index["other"]["reason"]
     assert str(tmp_path) not in index["other"]["reason"]  # clients do not learn where the registry is
+    assert (index["spare"]["state"], index["spare"]["reason"]) == (
+        "UNAVAILABLE", "not loaded: registered, but not being served")  # fmt: skip
 
 
 def test_loading_a_tampered_version_through_the_api_is_a_400_that_says_why(tmp_path: Path) -> None:

@@ -15,6 +15,16 @@ def _signature_lines(manifest: Manifest) -> dict[str, str]:
     return lines
 
 
+def _flat(value: object, prefix: str = "") -> dict[str, str]:
+    """A nested spec as dotted keys (serve.max_batch_size) and JSON values."""
+    if isinstance(value, dict) and value:
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: json.dumps(value, sort_keys=True)} if prefix else {}
+
+
 def diff_manifests(a: Manifest, b: Manifest) -> list[tuple[str, str, str]]:
     """Rows (field, value in a, value in b) for every field that differs."""
     rows: list[tuple[str, str, str]] = []
@@ -35,6 +45,10 @@ def diff_manifests(a: Manifest, b: Manifest) -> list[tuple[str, str, str]]:
             None if left is None else f"{left:.6g}",
             None if right is None else f"{right:.6g}",
         )
+    # The spec each was built from: serving settings change what a version does without changing its files.
+    spec_a, spec_b = _flat(a.spec or {}), _flat(b.spec or {})
+    for key in sorted(set(spec_a) | set(spec_b)):
+        add(f"spec {key}", spec_a.get(key), spec_b.get(key))
     add("lineage", " → ".join(s.step for s in a.lineage), " → ".join(s.step for s in b.lineage))
     for key in sorted(set(a.environment) | set(b.environment)):
         add(f"env {key}", a.environment.get(key), b.environment.get(key))

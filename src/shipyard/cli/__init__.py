@@ -6,7 +6,9 @@ plain functions merged here; `main` turns errors into one red line and an exit c
 
 from __future__ import annotations
 
+import errno
 import sys
+from typing import NoReturn
 
 import typer
 from rich.markup import escape
@@ -25,6 +27,8 @@ app = typer.Typer(
 for group in (build, models, serve, deploy, security, operate):
     app.add_typer(group.app)
 
+# Errors of the disk a command writes to: full, over quota, read-only, failing.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 EXIT_CODES = {
     ErrorKind.INTERNAL: 1,
     ErrorKind.INVALID: 2,
@@ -57,9 +61,23 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]: nothing was registered")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            _internal(exc)
+        # The disk, not Shipyard: say which file and why, with the storage exit code.
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(
+            f"[bold red]error:[/] storage: {escape(exc.strerror or str(exc))}{escape(str(where))}", soft_wrap=True
+        )
+        sys.exit(EXIT_CODES[ErrorKind.UNAVAILABLE])
     except Exception as exc:
-        if environment().debug:
-            raise
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", soft_wrap=True)
-        err.print("set SHIPYARD_DEBUG=1 for the traceback and report it as a bug")
-        sys.exit(1)
+        _internal(exc)
+
+
+def _internal(exc: Exception) -> NoReturn:
+    """An error nobody foresaw: one line, and the way to the traceback."""
+    if environment().debug:
+        raise exc
+    err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", soft_wrap=True)
+    err.print("set SHIPYARD_DEBUG=1 for the traceback and report it as a bug")
+    sys.exit(1)

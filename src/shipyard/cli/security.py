@@ -15,12 +15,16 @@ app.add_typer(token_app, name="token")
 
 @app.command()
 def keygen(
+    folder: Path | None = typer.Argument(None, help="Folder to write both files into (created if missing)."),
     private: Path = typer.Option(Path("shipyard-signing.pem"), "--private", help="Private key file to write."),
     public: Path = typer.Option(Path("shipyard-signing.pub.pem"), "--public", help="Public key file to write."),
 ) -> None:
-    """Create an EC P-256 signing key pair (PEM)."""
+    """Create an EC P-256 signing key pair (PEM): `shipyard keygen keys/`, or name the files."""
     from shipyard.artifact.signing import generate_keys
 
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        private, public = folder / private, folder / public
     generate_keys(private, public)
     err.print(f"[green]wrote[/] {private} (keep it secret) and {public} (give it to verifiers)")
 

@@ -74,30 +74,44 @@ class LocalRegistry:
         self.root = root.expanduser().resolve()
         self._models = self.root / "models"
         self._staging = self.root / ".staging"
+        self.read_only = False  # on a read-only volume (a Kubernetes volume, a baked image): read, never written
         try:
             self._models.mkdir(parents=True, exist_ok=True)
             self._staging.mkdir(exist_ok=True)
             with self._connect() as db:
                 db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            raise UnavailableError(f"cannot open registry at {self.root}: {exc}") from None
+            if not ((self.root / "index.sqlite").is_file() and not os.access(self.root, os.W_OK)):
+                raise UnavailableError(f"cannot open registry at {self.root}: {exc}") from None
+            self.read_only = True
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
+        if self.read_only:  # immutable: SQLite makes no -wal or -shm file beside it (it could not)
+            uri = f"{(self.root / 'index.sqlite').as_uri()}?mode=ro&immutable=1"
+            db = sqlite3.connect(uri, uri=True, isolation_level=None)
+        else:
+            db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            if not self.read_only:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
             yield db
         finally:
             db.close()
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise UnavailableError(f"the registry at {self.root} is on a read-only volume: it can be listed, "
+                                   "verified and served, not changed")  # fmt: skip
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One serialized write transaction across processes (BEGIN IMMEDIATE takes the write lock)."""
+        self._writable()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -112,6 +126,7 @@ class LocalRegistry:
     @contextlib.contextmanager
     def stage(self) -> Iterator[Path]:
         """A private folder on the registry's filesystem to assemble an artifact in; removed on exit."""
+        self._writable()
         folder = self._staging / uuid.uuid4().hex
         folder.mkdir()
         try:

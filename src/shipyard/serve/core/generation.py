@@ -83,5 +83,9 @@ class TextGeneration:
 
 def _decoder_of(handle: ModelHandle) -> Decoder:
     if handle.decoder is None:
-        raise InvalidInputError(f"{handle.name}:{handle.version} is not a language model: use infer")
+        inputs = handle.manifest.served_signature.inputs
+        if len(inputs) == 1 and inputs[0].dtype == "string":  # text in, vectors out: an embedding model
+            raise InvalidInputError(f"{handle.name}:{handle.version} is not a language model: it embeds text, so "
+                                    "use POST /v1/embeddings (or V2 infer)", param="model")  # fmt: skip
+        raise InvalidInputError(f"{handle.name}:{handle.version} is not a language model: use V2 infer", param="model")
     return handle.decoder

@@ -156,7 +156,7 @@ class ModelRepository:
         settings = serve_settings(manifest)
         self._check_memory(folder, manifest, settings)
         runtime = OrtRuntime(folder, manifest, settings, self.encryption_key, self.workers, self.tensorrt_cache)
-        stats = ModelStats(record.name, record.version, self.metrics)
+        stats = ModelStats.of(record.name, record.version, self.metrics)
         batchable = is_batchable(manifest.served_signature)
         batcher = Batcher(
             runtime.infer, stats, max_batch_size=settings.max_batch_size if batchable else 0,
@@ -278,6 +278,7 @@ class ModelRepository:
         for record in self.registry.all_versions():
             key = (record.name, record.version)
             served = record.version in self._models.get(record.name, {})
+            reason = "" if served else self._failed.get(key, "not loaded: registered, but not being served")
             entries.append(RepositoryEntry(record.name, str(record.version), "READY" if served else "UNAVAILABLE",
-                                           "" if served else self._failed.get(key, "")))  # fmt: skip
+                                           reason))  # fmt: skip
         return entries

@@ -153,6 +153,7 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._models: dict[Key, Observed] = {}
+        self.retired: dict[Key, Observed] = {}  # unloaded versions' figures, resumed if they are loaded again
         self.shadow: dict[Key, Any] = {}  # (model, version) -> rollout.ShadowCounts
         self.drift: dict[Key, Any] = {}  # (model, version) -> drift.DriftMonitor
         self.feedback: dict[Key, Any] = {}  # (model, version) -> feedback.OnlineMetric
@@ -162,7 +163,11 @@ class ServerMetrics:
         self._models[(stats.name, stats.version)] = stats
 
     def forget(self, stats: Observed) -> None:
-        self._models.pop((stats.name, stats.version), None)
+        """Stop exporting a version's series, keeping its figures: loaded again, its counters go on from them
+        (Prometheus counters never go back within a process)."""
+        key = (stats.name, stats.version)
+        if self._models.pop(key, None) is not None:
+            self.retired[key] = stats
 
     def snapshot(self) -> Snapshot:
         """Copies of the figures now (call on the event-loop thread, which writes them)."""

@@ -59,6 +59,16 @@ class ModelStats:
     def __post_init__(self) -> None:
         self.metrics.track(self)
 
+    @classmethod
+    def of(cls, name: str, version: int, metrics: ServerMetrics) -> ModelStats:
+        """A loaded version's statistics: those it had when it was unloaded, if it was, else new ones."""
+        retired = metrics.retired.pop((name, version), None)
+        if not isinstance(retired, ModelStats):
+            return cls(name, version, metrics)
+        retired.scheduler, retired.queue_depth_now = None, 0  # a new load's scheduler attaches its own
+        metrics.track(retired)
+        return retired
+
     def outcome_counts(self) -> tuple[int, int]:
         return self.success.count, self.fail.count
 
