@@ -29,9 +29,10 @@ import tritonclient.grpc as grpcclient
 from shipyard.dtypes import BY_NAME
 from shipyard.onnxrt import random_feeds
 from shipyard.registry import LocalRegistry
-from shipyard.serve.core.decoder import Decoder, Options
+from shipyard.serve.core.decoder import Decoder
 from shipyard.serve.core.repository import serve_settings
 from shipyard.serve.core.runtime import OrtRuntime
+from shipyard.serve.core.sampling import Options
 from shipyard.spec.models import SignatureSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -30,9 +30,10 @@ import yaml
 from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
 from shipyard.registry.refs import parse_ref
-from shipyard.serve.core.decoder import Decoder, Options
+from shipyard.serve.core.decoder import Decoder
 from shipyard.serve.core.repository import serve_settings
 from shipyard.serve.core.runtime import OrtRuntime
+from shipyard.serve.core.sampling import Options
 from shipyard.spec import load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

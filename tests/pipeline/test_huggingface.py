@@ -40,6 +40,20 @@ def test_each_architecture_builds_from_a_save_pretrained_folder(tmp_path: Path, 
     assert (manifest.generation.layers, manifest.generation.kv_heads, manifest.generation.head_size) == (2, 2, 16)
     assert manifest.generation.context == 128
     assert manifest.generation.chat_template is not None
+    assert manifest.generation.sampling == {"temperature": 0.0}  # generation_config.json without do_sample
+
+
+def test_sampling_defaults_come_from_generation_config_then_the_spec(tmp_path: Path) -> None:
+    folder = make_hf_causal(tmp_path / "hf")
+    config = json.loads((folder / "generation_config.json").read_text())
+    sampling = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1}
+    (folder / "generation_config.json").write_text(json.dumps({**config, **sampling}))
+    spec = causal_spec(sampling={"top_p": 0.5})
+    manifest = build(load_spec(write_spec(tmp_path, spec)), LocalRegistry(tmp_path / "registry"))
+    assert manifest.generation is not None
+    # transformers' own top_k default (50) where the file sets none; the spec's top_p over the file's
+    assert manifest.generation.sampling == {"temperature": 0.6, "top_p": 0.5, "top_k": 50.0,
+                                            "repetition_penalty": 1.1}  # fmt: skip
 
 
 def _heldout(folder: Path) -> None:

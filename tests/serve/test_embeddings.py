@@ -56,6 +56,8 @@ def test_embeddings_equal_sentence_transformers(embedding_server: RunningServer)
     ("body", "param"),
     [({"model": "minilm", "input": []}, "input"), ({"model": "minilm", "input": [1, 2]}, "input"),
      ({"model": "minilm", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+     ({"model": "minilm", "input": "x", "dimensions": 8}, "dimensions"),  # one size: refused, not ignored
+     ({"model": "minilm", "input": "x", "frobnicate": 1}, "frobnicate"),
      ({"model": "nothing", "input": "x"}, None)],
 )  # fmt: skip
 def test_bad_embedding_requests_are_refused(embedding_server: RunningServer, body: dict[str, object],

@@ -8,6 +8,7 @@ pipeline. The reference is transformers' own greedy `generate()` on that folder.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import queue
 import time
@@ -28,7 +29,7 @@ from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
 from shipyard.serve.policy.auth import add_token
 from shipyard.spec import load_spec
-from tests._helpers import CHAT_TEMPLATE, causal_spec, make_hf_causal, write_spec
+from tests._helpers import CHAT_TEMPLATE, WORDS, causal_spec, make_hf_causal, write_spec
 from tests.serve.conftest import RunningServer, start_server, stop_server
 
 PROMPT = "the ship sails"
@@ -83,10 +84,15 @@ def _client(server: RunningServer) -> openai.OpenAI:
     return _clients[-1]
 
 
-def test_openai_completions_and_models_with_the_official_client(lm_server: tuple[RunningServer, str]) -> None:
+def test_openai_completions_and_models_with_the_official_client(
+    lm_server: tuple[RunningServer, str], lm_registry: tuple[Path, LocalRegistry]
+) -> None:
     server, expected = lm_server
     client = _client(server)
-    assert [m.id for m in client.models.list()] == ["lm", "lm:1"]
+    models = client.models.list().data
+    assert [m.id for m in models] == ["lm"]  # one id per model; pinned ones work without being listed
+    built = datetime.datetime.fromisoformat(lm_registry[1].manifest("lm:1").created_at)
+    assert models[0].created == int(built.timestamp())  # when the version was built, not when asked
     assert client.models.retrieve("lm:1").id == "lm:1"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nothing")
@@ -120,6 +126,12 @@ def test_the_end_token_counts_as_a_completion_token(lm_server: tuple[RunningServ
     assert run(seed, tokens) == ("stop", tokens)
     if tokens > 1:
         assert run(seed, tokens - 1) == ("length", tokens - 1)
+    # ignore_eos (vLLM's extension, for benchmarks): the same request runs to max_tokens.
+    reply = client.completions.create(model="lm", prompt=PROMPT, max_tokens=24, temperature=2, seed=seed,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 24
 
 
 def test_openai_chat_uses_the_models_chat_template(
@@ -281,17 +293,18 @@ def test_sampling_with_a_seed_repeats(lm_server: tuple[RunningServer, str]) -> N
         ("completions", {"model": "nope", "prompt": PROMPT}, 404, None, "model_not_found"),
         ("completions", {"model": "lm@nothing", "prompt": PROMPT}, 404, "model", "model_not_found"),
         ("chat/completions", {"model": "lm", "messages": [{"role": "captain", "content": "hi"}]}, 400,
-         "messages[0]", None),
+         "messages[0].role", None),
         ("chat/completions", {"model": "lm", "messages": []}, 400, "messages", None),
-        ("chat/completions", {"model": "lm", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0]", None),
+        ("chat/completions", {"model": "lm", "messages": [{"role": "user", "content": 5}]}, 400,
+         "messages[0].content", None),
         ("embeddings", {"model": "lm", "input": "hi"}, 400, "model", None),
         # Hostile values: each a 400 naming the field, never a 500 or a stalled server.
-        ("completions", {"model": "lm", "prompt": PROMPT, "stop": "x" * 300_000}, 400, "stop", None),
+        ("completions", {"model": "lm", "prompt": PROMPT, "stop": "x" * 300_000}, 400, "stop[0]", None),
         ("completions", {"model": "lm", "prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
         ("chat/completions", {"model": "lm", "messages": [{"role": {"a": 1}, "content": "hi"}]}, 400,
-         "messages[0]", None),
+         "messages[0].role", None),
         ("chat/completions", {"model": "lm", "messages": [{"role": ["user"], "content": "hi"}]}, 400,
-         "messages[0]", None),
+         "messages[0].role", None),
         ("chat/completions", {"model": "lm", "messages": [{"role": "user", "content": "sea"}] * 4097}, 400,
          "messages", None),
     ],
@@ -323,6 +336,76 @@ def test_deeply_nested_values_are_a_400_naming_the_field(
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == field
     assert len(reply.text) < 1000
+
+
+@pytest.mark.parametrize(
+    ("route", "extra", "param"),
+    [
+        ("completions", {"frobnicate": 1}, "frobnicate"),
+        ("chat/completions", {"frobnicate": 1}, "frobnicate"),
+        ("completions", {"echo": True}, "echo"),
+        ("completions", {"best_of": 2}, "best_of"),
+        ("completions", {"suffix": "the end"}, "suffix"),
+        ("chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+        ("chat/completions", {"top_logprobs": 0}, "top_logprobs"),
+        ("chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+        ("chat/completions", {"presence_penalty": 2.5}, "presence_penalty"),
+        ("completions", {"frequency_penalty": -3}, "frequency_penalty"),
+        ("completions", {"logit_bias": {"3": 101}}, "logit_bias[3]"),
+        ("completions", {"temperature": "1"}, "temperature"),
+        ("completions", {"max_tokens": True}, "max_tokens"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi", "mood": "sunny"}]}, "messages[0].mood"),
+    ],
+)  # fmt: skip
+def test_every_field_is_honoured_or_refused_by_name(
+    lm_server: tuple[RunningServer, str], route: str, extra: dict[str, Any], param: str
+) -> None:
+    """OpenAI answers 400 for what it does not take; so does this server, naming the field, instead of a 200
+    that quietly ignored it."""
+    body: dict[str, Any] = {"model": "lm", "max_tokens": 2}
+    body.update({"messages": [{"role": "user", "content": "sea"}]} if "chat" in route else {"prompt": PROMPT})
+    reply = httpx.post(f"{lm_server[0].base()}/v1/{route}", json={**body, **extra})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+    advisory = {"user": "u-1", "metadata": {"team": "a"}, "store": False, "n": 1, "echo": False}
+    if "chat" in route:
+        advisory = {"user": "u-1", "metadata": {"team": "a"}, "store": False, "n": 1, "parallel_tool_calls": True}
+    assert httpx.post(f"{lm_server[0].base()}/v1/{route}", json={**body, **advisory}).status_code == 200
+
+
+def test_sampling_fields_are_honoured(lm_server: tuple[RunningServer, str]) -> None:
+    server, expected = lm_server
+    client = _client(server)
+
+    def text(**fields: Any) -> tuple[str, str | None]:
+        reply = client.completions.create(model="lm", prompt=PROMPT, max_tokens=12, **fields)
+        return reply.choices[0].text, reply.choices[0].finish_reason
+
+    # The folder's generation_config.json has no do_sample: greedy by default, whatever the seed.
+    assert text(seed=5) == (expected, "length")
+    # top_k 1 and min_p 1 leave only the most likely token: greedy even at temperature 2.
+    assert text(temperature=2, seed=1, extra_body={"top_k": 1}) == (expected, "length")
+    assert text(temperature=2, seed=1, extra_body={"min_p": 1.0}) == (expected, "length")
+    # logit_bias: +100 on "sea" makes it every token.
+    assert text(logit_bias={str(WORDS.index("sea")): 100})[0] == " ".join(["sea"] * 12)
+    # Penalties: the plain greedy text repeats words; with a presence penalty none repeats.
+    assert len(set(expected.split())) < len(expected.split())
+    penalised = text(presence_penalty=2.0)[0].split()
+    assert len(set(penalised)) == len(penalised) >= 8  # (a special token, such as <unk>, shows no word)
+    assert text(frequency_penalty=2.0)[0] != expected
+    assert text(extra_body={"repetition_penalty": 5.0})[0] != expected
+    # stop_token_ids: a token of the greedy text ends it there (finish "stop"), counted as generated.
+    words = expected.split()
+    cut = client.completions.create(model="lm", prompt=PROMPT, max_tokens=12,
+                                    extra_body={"stop_token_ids": [WORDS.index(words[3])]})  # fmt: skip
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (" ".join(words[:3]), "stop")
+    assert cut.usage is not None
+    assert cut.usage.completion_tokens == 4
+    # min_tokens holds a stop token back until that many are out.
+    late = text(extra_body={"stop_token_ids": [WORDS.index(words[3])], "min_tokens": 5})[0].split()
+    assert late[:3] == words[:3]
+    assert len(late) >= 5  # the stop token was not drawn at the fourth step: another word came
+    assert late[3] != words[3]
 
 
 def test_a_body_that_is_not_utf8_json_is_refused(lm_server: tuple[RunningServer, str]) -> None:
@@ -505,7 +588,7 @@ def test_bearer_tokens_and_scopes_apply_to_the_openai_routes(
             assert reply.usage is not None
             assert reply.usage.completion_tokens == 3
             assert [m.id for m in outsider.models.list()] == []  # a token sees the models it may use
-            assert [m.id for m in writer.models.list()] == ["lm", "lm:1"]
+            assert [m.id for m in writer.models.list()] == ["lm"]
             # Scopes are checked before an alias is looked up: 403 either way, never 404-or-403.
             for model in ("lm@nothing", "lm@production", "lm:1"):
                 with pytest.raises(openai.PermissionDeniedError):

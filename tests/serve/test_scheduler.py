@@ -17,8 +17,9 @@ from shipyard.kvcache import CacheSlots, StepRunner
 from shipyard.onnxrt import session
 from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
-from shipyard.serve.core.decoder import Decoder, Generation, Options
-from shipyard.serve.core.scheduler import Sampling, Scheduler, Sequence
+from shipyard.serve.core.decoder import Decoder, Generation
+from shipyard.serve.core.sampling import Options, Sampler
+from shipyard.serve.core.scheduler import Scheduler, Sequence
 from shipyard.spec import load_spec
 from tests._helpers import causal_spec, make_hf_causal, write_spec
 
@@ -53,7 +54,7 @@ def test_a_stop_string_ends_the_text_before_it(decoder: Decoder) -> None:
     whole = asyncio.run(_text(decoder.start(PROMPT, Options(max_tokens=12))))
     words = whole.split()
     stop = f" {words[3]}"  # the fourth word and what follows never reach the client
-    cut = asyncio.run(_text(generation := decoder.start(PROMPT, Options(max_tokens=12, stop=(stop,)))))
+    cut = asyncio.run(_text(generation := decoder.start(PROMPT, Options(max_tokens=12, stop=[stop]))))
     assert cut == whole[: whole.index(stop)]
     assert generation.finish_reason == "stop"
     assert generation.usage.completion_tokens < 12
@@ -64,7 +65,7 @@ def test_stop_strings_across_tokens_overlapping_and_several(decoder: Decoder) ->
     words = whole.split()
 
     def cut(*stop: str) -> str:
-        return asyncio.run(_text(decoder.start(PROMPT, Options(max_tokens=12, stop=stop))))
+        return asyncio.run(_text(decoder.start(PROMPT, Options(max_tokens=12, stop=list(stop)))))
 
     spanning = f"{words[2][1:]} {words[3]} {words[4][:1]}"  # starts and ends inside a token
     assert cut(spanning) == whole[: whole.index(spanning)]
@@ -143,9 +144,9 @@ def test_a_full_waiting_queue_refuses_at_once(built: tuple[Path, LocalRegistry])
     async def fill() -> None:
         loop = asyncio.get_running_loop()
         for _ in range(places):
-            idle.submit(Sequence([2, 3], 4, Sampling(), loop))
+            idle.submit(Sequence([2, 3], 4, Sampler(Options(), {}, [2, 3], frozenset()), loop))
         with pytest.raises(OverloadedError, match="already waiting"):
-            idle.submit(Sequence([2, 3], 4, Sampling(), loop))
+            idle.submit(Sequence([2, 3], 4, Sampler(Options(), {}, [2, 3], frozenset()), loop))
 
     asyncio.run(fill())
 

@@ -74,6 +74,20 @@ class HfFolder:
                 tokens[name] = value
         return tokens
 
+    def sampling_defaults(self) -> dict[str, float]:
+        """What transformers' generate() would do with this folder's generation_config.json: greedy unless it
+        says do_sample (then its temperature, top_p, top_k, min_p; transformers' top_k 50 when unset), and its
+        repetition_penalty either way. No file: nothing (OpenAI's defaults apply)."""
+        config = self.json("generation_config.json")
+        if not config:
+            return {}
+        numbers = {name: float(value) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+                   if isinstance(value := config.get(name), int | float) and not isinstance(value, bool)}  # fmt: skip
+        chosen = {k: v for k, v in numbers.items() if k == "repetition_penalty" and v != 1.0}
+        if config.get("do_sample") is not True:
+            return {**chosen, "temperature": 0.0}
+        return {"top_k": 50.0, **numbers}
+
     def eos_token_ids(self) -> list[int]:
         """End-of-sequence ids from generation_config.json, else config.json."""
         for source in (self.json("generation_config.json"), self.config):

@@ -116,6 +116,8 @@ def _record(
         tokenizer_file="tokenizer.json", max_new_tokens=spec.max_new_tokens, context=context,
         eos_token_ids=folder.eos_token_ids(), chat_template=folder.chat_template(),
         special_tokens=folder.special_tokens(), prefix_cache=spec.prefix_cache, max_running=slots,
+        sampling={**folder.sampling_defaults(), **(spec.sampling.model_dump(exclude_none=True) if spec.sampling
+                                                     else {})},
         max_waiting=spec.max_waiting, prefill_chunk=spec.prefill_chunk, **layout,
     )  # fmt: skip
 
@@ -210,6 +212,7 @@ class LanguageConvertStep:
         """Logits and greedy next tokens against PyTorch on the windows, then a greedy generation through the
         cache against transformers' generate()."""
         import torch
+        import transformers
 
         assert lm.record is not None
         worst, positions = 0.0, 0
@@ -228,10 +231,17 @@ class LanguageConvertStep:
         prompt = [int(t) for t in lm.windows[0][:8]]
         steps = min(GREEDY_CHECK_TOKENS, lm.record.context - len(prompt))
         eos = lm.record.eos_token_ids
-        with torch.no_grad():
-            expected = lm.torch_model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
-                                               eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0,
-                                               )[0, len(prompt) :].tolist()  # fmt: skip
+        # Plain greedy decoding, whatever the folder's generation_config.json asks for (sampling, penalties):
+        # this checks the graph, not the defaults.
+        plain = transformers.GenerationConfig(  # type: ignore[no-untyped-call]
+            max_new_tokens=steps, do_sample=False, eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0
+        )
+        folder_config, lm.torch_model.generation_config = lm.torch_model.generation_config, plain  # not merged in
+        try:
+            with torch.no_grad():
+                expected = lm.torch_model.generate(torch.tensor([prompt]))[0, len(prompt) :].tolist()
+        finally:
+            lm.torch_model.generation_config = folder_config
         produced = scorer.generate(prompt, steps, set(eos))
         expected = expected[: len(produced)]  # after an end token, generate() pads
         if produced != expected:

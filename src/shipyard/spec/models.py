@@ -66,6 +66,22 @@ class TokenizerSpec(_Spec):
     """Longer texts are truncated to this many tokens; shorter ones are padded to the longest in the batch."""
 
 
+class SamplingDefaultsSpec(_Spec):
+    """Sampling defaults for requests that leave them out; each one set here overrides the folder's
+    generation_config.json (which transformers reads: without `do_sample: true` it decodes greedily)."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    """0 decodes greedily."""
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    """Nucleus sampling: draw from the most likely tokens that add up to this probability."""
+    top_k: int | None = Field(default=None, ge=0)
+    """Draw from the k most likely tokens (0: all)."""
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    """Drop tokens less likely than this fraction of the most likely one."""
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    """Divide the positive logits (multiply the negative ones) of tokens already in the prompt or output."""
+
+
 class GenerationSpec(_Spec):
     """How a causal language model (`format: huggingface`, `task: text-generation`) is served: the OpenAI
     API (/v1/completions, /v1/chat/completions), Triton's /generate routes and gRPC token streaming, all
@@ -89,6 +105,8 @@ class GenerationSpec(_Spec):
     prefix_cache: int = Field(default=32, ge=0, le=4096)
     """Prompts whose key/value cache the server keeps (least recently used go first): a request whose prompt
     starts with one of them computes only the rest. 0 turns it off."""
+    sampling: SamplingDefaultsSpec | None = None
+    """Sampling defaults (else the folder's generation_config.json, else OpenAI's: temperature 1, top_p 1)."""
 
 
 HF_TASKS = ("text-generation", "feature-extraction", "text-classification")

@@ -20,14 +20,13 @@ import onnxruntime as ort
 from shipyard import chat_template
 from shipyard.artifact.manifest import GenerationRecord, Manifest
 from shipyard.dtypes import numpy_of
-from shipyard.errors import InvalidInputError, ModelLoadError, ShipyardError, UnavailableError, brief
+from shipyard.errors import InvalidInputError, ModelLoadError, ShipyardError, UnavailableError
 from shipyard.kvcache import CacheSlots, StepRunner
-from shipyard.serve.core.scheduler import Sampling, Scheduler, Sequence
+from shipyard.serve.core.sampling import Options, Sampler
+from shipyard.serve.core.scheduler import Scheduler, Sequence
 from shipyard.tokenizer import load_tokenizer
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
-MAX_STOPS = 4  # stop strings per request, as OpenAI allows
-MAX_STOP_CHARS = 1000  # characters per stop string
 
 
 @dataclass
@@ -41,50 +40,6 @@ class Usage:
     def parameters(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "computed_tokens": self.computed_tokens}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Options:
-    """What a request may set, already checked (the same names on the V2 generate routes and OpenAI's)."""
-
-    max_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-def _number(parameters: dict[str, Any], name: str, low: float, high: float, whole: bool) -> Any:
-    value = parameters.get(name)
-    if value is None:
-        return None
-    number = isinstance(value, int) if whole else isinstance(value, int | float)
-    if isinstance(value, bool) or not number or not low <= value <= high:
-        kind = "a whole number" if whole else "a number"
-        raise InvalidInputError(f"{name!r} must be {kind} from {low:g} to {high:g}, got {brief(value)}", param=name)
-    return value
-
-
-def options_of(parameters: dict[str, Any]) -> Options:
-    """Options from a request's parameters; InvalidInputError naming the one that is wrong."""
-    stop = parameters.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOPS or
-                             not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):  # fmt: skip
-        raise InvalidInputError(f"'stop' must be a string of 1 to {MAX_STOP_CHARS} characters or a list of up to "
-                                f"{MAX_STOPS} of them", param="stop")  # fmt: skip
-    temperature = _number(parameters, "temperature", 0, 2, whole=False)
-    top_p = _number(parameters, "top_p", 0, 1, whole=False)
-    if top_p == 0:
-        raise InvalidInputError("'top_p' must be above 0", param="top_p")
-    return Options(
-        max_tokens=_number(parameters, "max_tokens", 1, 2**31, whole=True),
-        temperature=0.0 if temperature is None else float(temperature),
-        top_p=1.0 if top_p is None else float(top_p),
-        seed=_number(parameters, "seed", -(2**63), 2**63 - 1, whole=True),
-        stop=tuple(stop or ()),
-    )
 
 
 @dataclass
@@ -106,10 +61,9 @@ class Generation:
     def submit(self, deadline: float | None = None) -> None:
         """Queue it for the scheduler (OverloadedError at once when the queue is full); `deadline` is
         time.monotonic() seconds."""
-        seed = self.options.seed
-        sampling = Sampling(self.options.temperature, self.options.top_p,
-                            np.random.default_rng(None if seed is None else seed % 2**64))  # fmt: skip
-        sequence = Sequence(self.ids, self.max_tokens, sampling, asyncio.get_running_loop(), deadline)
+        record = self.decoder.record
+        sampler = Sampler(self.options, record.sampling, self.ids, frozenset(record.eos_token_ids))
+        sequence = Sequence(self.ids, self.max_tokens, sampler, asyncio.get_running_loop(), deadline)
         self.decoder.scheduler.submit(sequence)
         self._sequence = sequence
 
@@ -126,7 +80,7 @@ class Generation:
         """Pieces of text as tokens come (after `submit`); TimeoutError when its deadline passes first."""
         sequence = self._sequence
         assert sequence is not None, "submit() first"
-        text = _Detokenizer(self.decoder, self.options.stop)
+        text = _Detokenizer(self.decoder, tuple(self.options.stop))
         previous = sequence.arrived
         try:
             while True:

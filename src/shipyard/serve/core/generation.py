@@ -9,10 +9,11 @@ from collections.abc import AsyncGenerator
 import numpy as np
 
 from shipyard.errors import InvalidInputError, TimedOutError
-from shipyard.serve.core.decoder import Decoder, Generation, options_of
+from shipyard.serve.core.decoder import Decoder, Generation
 from shipyard.serve.core.repository import ModelHandle, ModelRepository
 from shipyard.serve.core.routing import answering
 from shipyard.serve.core.runtime import as_text
+from shipyard.serve.core.sampling import options_of
 from shipyard.serve.core.validate import check_outputs, feeds_of
 from shipyard.serve.policy.rollout import Rollout
 from shipyard.serve.protocol.types import InferRequest, InferResponse, Tensor
@@ -45,7 +46,7 @@ class TextGeneration:
         check_outputs(handle, request)
         feeds, _ = feeds_of(handle, request, self.max_elements)
         prompt = as_text("text_input", feeds["text_input"])
-        options = options_of(request.parameters)
+        options = options_of(request.parameters, known_only=True)  # V2 parameters are an open map
         # Tokenizing costs what the prompt makes it cost: off the event loop.
         return await asyncio.to_thread(decoder.start, str(prompt.reshape(-1)[0]), options)
 

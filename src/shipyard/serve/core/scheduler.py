@@ -24,30 +24,10 @@ import numpy as np
 from shipyard.artifact.manifest import GenerationRecord
 from shipyard.errors import OverloadedError
 from shipyard.kvcache import StepRunner
+from shipyard.serve.core.sampling import Sampler
 from shipyard.serve.observe.metrics import BATCH_BUCKETS, Histogram
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Sampling:
-    """How a sequence picks its next token: greedy at temperature 0, else sampled (nucleus when top_p < 1)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    rng: np.random.Generator = field(default_factory=np.random.default_rng)
-
-    def pick(self, logits: np.ndarray) -> int:
-        if self.temperature == 0:
-            return int(logits.argmax())
-        scaled = (logits.astype(np.float64) - logits.max()) / self.temperature
-        weights = np.exp(scaled)
-        weights /= weights.sum()
-        if self.top_p < 1.0:
-            order = np.argsort(-weights)
-            keep = order[: int(np.searchsorted(np.cumsum(weights[order]), self.top_p)) + 1]
-            return int(self.rng.choice(keep, p=weights[keep] / weights[keep].sum()))
-        return int(self.rng.choice(len(weights), p=weights))
 
 
 # What the scheduler thread hands to a sequence's consumer: a token id, or the reason it ended.
@@ -60,7 +40,7 @@ class Sequence:
 
     prompt: list[int]
     max_tokens: int
-    sampling: Sampling
+    sampling: Sampler
     loop: asyncio.AbstractEventLoop
     deadline: float | None = None  # time.monotonic() seconds
     events: asyncio.Queue[int | Finished] = field(default_factory=asyncio.Queue)
@@ -92,7 +72,6 @@ class Scheduler:
         self.runner, self.cache = runner, runner.cache
         self.record = record
         self.chunk = record.prefill_chunk
-        self.eos = frozenset(record.eos_token_ids)
         self.stats = SchedulerStats()
         self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=record.max_waiting)
         self._running: list[Sequence] = []
@@ -229,7 +208,7 @@ class Scheduler:
         done = []
         for sequence, logits in rows:
             token = sequence.sampling.pick(logits)
-            if token in self.eos:
+            if token in sequence.sampling.ends:
                 events.append((sequence, "stop"))
                 done.append(sequence)
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -17,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shipyard.errors import ErrorKind, InvalidInputError, NotFoundError, ShipyardError, brief
+from shipyard.errors import ErrorKind, InvalidInputError, NotFoundError, ShipyardError
 from shipyard.registry.refs import parse_ref
-from shipyard.serve.core.decoder import ROLES, Generation, options_of
+from shipyard.serve.core.decoder import Generation
+from shipyard.serve.core.repository import ModelHandle
 from shipyard.serve.protocol.types import InferRequest, Tensor
 from shipyard.serve.transports import rest_codec as codec
 from shipyard.serve.transports.edge import HTTP_STATUS, public_error
+from shipyard.serve.transports.openai_schema import ChatRequest, CompletionRequest, EmbeddingRequest, parse
 
 if TYPE_CHECKING:
     from shipyard.serve.transports.rest import Call, RestApp
@@ -32,8 +35,6 @@ STATUS = {**HTTP_STATUS, ErrorKind.OVERLOADED: 429}
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error"}  # fmt: skip
-MAX_MESSAGES = 4096  # messages in one chat request
-_UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "response_format", "logit_bias", "suffix")
 
 
 def error_body(exc: BaseException, where: str) -> tuple[int, dict[str, Any]]:
@@ -64,68 +65,13 @@ def _model_ref(app: RestApp, call: Call, model: Any) -> tuple[str, str | None]:
     return name, version or None
 
 
-def _int_field(body: dict[str, Any], *names: str) -> int | None:
-    for name in names:
-        value = body.get(name)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"'{name}' must be a whole number of at least 1, got {brief(value)}",
-                                        param=name)  # fmt: skip
-            return value
-    return None
+def _created(handle: ModelHandle) -> int:
+    """When the version was built, as OpenAI's `created` (seconds since the epoch)."""
+    return int(datetime.datetime.fromisoformat(handle.manifest.created_at).timestamp())
 
 
-def _common(body: dict[str, Any]) -> dict[str, Any]:
-    """The sampling fields both completion routes take, as the decoder's option names; refuses what is not
-    supported rather than silently ignoring it."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise InvalidInputError("only n = 1 is supported: send one request per completion", param="n")
-    for name in _UNSUPPORTED:
-        if body.get(name) not in (None, False, [], {}) and not (name == "response_format" and
-                                                                 body[name] == {"type": "text"}):  # fmt: skip
-            raise InvalidInputError(f"'{name}' is not supported by this server", param=name)
-    max_tokens = _int_field(body, "max_completion_tokens", "max_tokens")
-    parameters = {k: body.get(k) for k in ("temperature", "top_p", "seed", "stop")}
-    return {**parameters, "max_tokens": max_tokens}
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    """Chat messages with text content (a string, or a list of {"type": "text", "text": ...} parts)."""
-    if not isinstance(value, list) or not value:
-        raise InvalidInputError("'messages' must be a non-empty list of {role, content}", param="messages")
-    if len(value) > MAX_MESSAGES:
-        raise InvalidInputError(f"'messages' has {len(value)} messages; the limit is {MAX_MESSAGES}", param="messages")
-    out = []
-    for index, message in enumerate(value):
-        where = f"messages[{index}]"
-        role = message.get("role") if isinstance(message, dict) else None
-        if not isinstance(role, str) or role not in ROLES:
-            raise InvalidInputError(f"{where}: 'role' must be one of {', '.join(sorted(ROLES))}", param=where)
-        content = message.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):  # fmt: skip
-                raise InvalidInputError(f"{where}: only text content parts are supported", param=where)
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise InvalidInputError(f"{where}: 'content' must be text", param=where)
-        out.append({"role": message["role"], "content": content})
-    return out
-
-
-def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidInputError("'stream' must be true or false", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise InvalidInputError("'stream_options' must be an object", param="stream_options")
-    return stream, bool(options.get("include_usage", False))
-
-
-def _model_card(ident: str) -> dict[str, Any]:
-    return {"id": ident, "object": "model", "created": int(time.time()), "owned_by": "shipyard"}
+def _model_card(ident: str, created: int) -> dict[str, Any]:
+    return {"id": ident, "object": "model", "created": created, "owned_by": "shipyard"}
 
 
 def _usage(generation: Generation) -> dict[str, int]:
@@ -139,36 +85,35 @@ class OpenAIRoutes:
 
     @staticmethod
     async def models(app: RestApp, call: Call) -> Any:
-        """Every loaded model by name (the version the rollout rules pick), then every version by NAME:VERSION."""
-        handles = sorted(app.services.management.repository.handles(), key=lambda h: (h.name, h.version))
-        handles = [h for h in handles if app.may_infer(call, h.name)]  # a token sees the models it may use
-        ids = [*sorted({h.name for h in handles}), *(f"{h.name}:{h.version}" for h in handles)]
-        return app.json({"object": "list", "data": [_model_card(i) for i in ids]})
+        """One entry per model a client should name (`NAME`: the version the rollout rules pick), created when
+        its newest loaded version was built; pinned ids (NAME:VERSION, NAME@ALIAS) work without being listed."""
+        newest: dict[str, ModelHandle] = {}
+        for handle in app.services.management.repository.handles():
+            if app.may_infer(call, handle.name) and handle.version >= getattr(newest.get(handle.name), "version", 0):
+                newest[handle.name] = handle  # a token sees the models it may use
+        cards = [_model_card(name, _created(newest[name])) for name in sorted(newest)]
+        return app.json({"object": "list", "data": cards})
 
     @staticmethod
     async def model(app: RestApp, call: Call) -> Any:
         name, version = _model_ref(app, call, call.name)
-        app.services.management.repository.get(name, version)  # NotFoundError when it is not loaded
-        return app.json(_model_card(str(call.name)))
+        handle = app.services.management.repository.get(name, version)  # NotFoundError when it is not loaded
+        return app.json(_model_card(str(call.name), _created(handle)))
 
     @staticmethod
-    async def _start(app: RestApp, call: Call, chat: bool) -> tuple[dict[str, Any], Generation]:
+    async def _start(app: RestApp, call: Call, chat: bool) -> tuple[ChatRequest | CompletionRequest, Generation]:
         body = codec.decode_object(await app.body(call))
-        name, version = _model_ref(app, call, body.get("model"))
+        request = parse(ChatRequest if chat else CompletionRequest, body)
+        name, version = _model_ref(app, call, request.model)
         decoder = app.services.generation.decoder(name, version)
-        options = options_of(_common(body))
         # Rendering and tokenizing cost what the input makes them cost: off the event loop.
-        if chat:
-            messages = _messages(body.get("messages"))
-            return body, await asyncio.to_thread(
+        if isinstance(request, ChatRequest):
+            messages, options = [m.for_template() for m in request.messages], request.chat_options()
+            return request, await asyncio.to_thread(
                 lambda: decoder.start(decoder.render_chat(messages), options, templated=True)
             )
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise InvalidInputError("'prompt' must be one string", param="prompt")
-        return body, await asyncio.to_thread(decoder.start, prompt, options)
+        assert isinstance(request, CompletionRequest)
+        return request, await asyncio.to_thread(decoder.start, request.text, request.options())
 
     @staticmethod
     async def completions(app: RestApp, call: Call) -> Any:
@@ -180,9 +125,8 @@ class OpenAIRoutes:
 
     @staticmethod
     async def _answer(app: RestApp, call: Call, chat: bool) -> Any:
-        body, generation = await OpenAIRoutes._start(app, call, chat)
-        stream, include_usage = _stream_options(body)
-        model = body["model"]
+        request, generation = await OpenAIRoutes._start(app, call, chat)
+        stream, include_usage, model = request.stream, request.include_usage, request.model
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -219,16 +163,9 @@ class OpenAIRoutes:
 
     @staticmethod
     async def embeddings(app: RestApp, call: Call) -> Any:
-        body = codec.decode_object(await app.body(call))
-        name, version = _model_ref(app, call, body.get("model"))
-        texts = body.get("input")
-        texts = [texts] if isinstance(texts, str) else texts
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
-            raise InvalidInputError("'input' must be a non-empty string or a list of them (token ids are not "
-                                    "supported)", param="input")  # fmt: skip
-        encoding = body.get("encoding_format", "float")
-        if encoding not in ("float", "base64"):
-            raise InvalidInputError("'encoding_format' must be float or base64", param="encoding_format")
+        body = parse(EmbeddingRequest, codec.decode_object(await app.body(call)))
+        name, version = _model_ref(app, call, body.model)
+        texts, encoding = body.texts, body.encoding_format
         if app.services.generation.generates(name, version):
             raise InvalidInputError(f"model {name!r} is a language model: use /v1/completions", param="model")
         schema = app.dataplane.model_metadata(name, version)
@@ -246,5 +183,5 @@ class OpenAIRoutes:
                  for i, v in enumerate(vectors)]  # fmt: skip
         encoder = app.services.management.repository.get(name, response.model_version).runtime.text_encoder
         tokens = encoder.count(texts) if encoder is not None else 0
-        return app.json({"object": "list", "data": items, "model": body["model"],
+        return app.json({"object": "list", "data": items, "model": body.model,
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip

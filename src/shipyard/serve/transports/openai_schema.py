@@ -1,0 +1,223 @@
+"""OpenAI's request bodies as typed models: every field is honoured, refused with a 400 that names it, or one
+of the few OpenAI itself treats as advisory (`user`, `metadata`, `store`, `service_tier`). Ranges are
+OpenAI's; the sampling fields (and vLLM's extensions: top_k, min_p, repetition_penalty, stop_token_ids,
+min_tokens, ignore_eos) are declared once, in sampling.Options, and shared with the V2 generate routes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shipyard.errors import InvalidInputError
+from shipyard.serve.core.sampling import Options, invalid
+
+MAX_MESSAGES = 4096  # messages in one chat request
+
+# Fields this server does not do yet: a request that sets them gets a 400 naming the field, never a silent
+# default. (A value that asks for nothing, such as n: 1 or echo: false, is accepted.)
+_NOT_SUPPORTED = "is not supported by this server"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Generating(_Body):
+    """What both completion routes take."""
+
+    model: str = Field(min_length=1, max_length=512)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=128)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    user: str | None = None  # advisory, as OpenAI treats it
+    metadata: dict[str, str] | None = None  # advisory
+    store: bool | None = None  # advisory: nothing is stored
+    service_tier: str | None = None  # advisory
+
+    @model_validator(mode="after")
+    def _refused(self) -> _Generating:
+        if self.n != 1:
+            raise _refuse("n", "only n = 1 is supported: send one request per completion")
+        if self.stream_options is not None and not self.stream:
+            raise _refuse("stream_options", "'stream_options' is only allowed when 'stream' is true")
+        return self
+
+    def options(self, max_tokens: int | None = None) -> Options:
+        """The sampling options (InvalidInputError naming a field out of range)."""
+        fields = {name: getattr(self, name) for name in Options.model_fields if name in type(self).model_fields}
+        fields["max_tokens"] = max_tokens if max_tokens is not None else self.max_tokens
+        try:
+            return Options.model_validate({k: v for k, v in fields.items() if v is not None})
+        except ValidationError as exc:
+            raise invalid(exc) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Generating):
+    """POST /v1/completions."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _not_yet(self) -> CompletionRequest:
+        if self.echo:
+            raise _refuse("echo", f"'echo' {_NOT_SUPPORTED}")
+        if self.best_of not in (None, 1):
+            raise _refuse("best_of", f"'best_of' above 1 {_NOT_SUPPORTED}")
+        if self.logprobs is not None:
+            raise _refuse("logprobs", f"'logprobs' {_NOT_SUPPORTED}")
+        if self.suffix:
+            raise _refuse("suffix", f"'suffix' {_NOT_SUPPORTED}: this model has no fill-in-the-middle tokens")
+        return self
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    """One chat message; text content (a string, or text parts)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' apply_chat_template shape)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatRequest(_Generating):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # advisory while there are no tools
+
+    @model_validator(mode="after")
+    def _not_yet(self) -> ChatRequest:
+        if self.logprobs:
+            raise _refuse("logprobs", f"'logprobs' {_NOT_SUPPORTED}")
+        if self.top_logprobs is not None:
+            raise _refuse("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise _refuse("response_format", f"'response_format' {self.response_format.type} {_NOT_SUPPORTED}")
+        if self.tools:
+            raise _refuse("tools", f"'tools' {_NOT_SUPPORTED}")
+        if self.tool_choice is not None:
+            raise _refuse("tool_choice", "'tool_choice' is only allowed when 'tools' are given")
+        return self
+
+    def chat_options(self) -> Options:
+        return self.options(self.max_completion_tokens or self.max_tokens)
+
+
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings."""
+
+    model: str = Field(min_length=1, max_length=512)
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                            Field(min_length=1, max_length=2048)]  # fmt: skip
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None  # advisory
+
+    @model_validator(mode="after")
+    def _not_yet(self) -> EmbeddingRequest:
+        if self.dimensions is not None:
+            raise _refuse("dimensions", "'dimensions' is not supported by this model: it has one size")
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+class _RefusalError(ValueError):
+    """Raised inside a validator: the field it names, and why (turned into the 400 by `parse`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
+def _refuse(param: str, message: str) -> _RefusalError:
+    return _RefusalError(param, message)
+
+
+def parse(model: type[Body], body: Any) -> Body:
+    """A request body as `model`; InvalidInputError naming the field at fault."""
+    if not isinstance(body, dict):
+        raise InvalidInputError("the body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        cause = _cause(exc)
+        if cause is not None:
+            raise InvalidInputError(cause.message, param=cause.param) from None
+        raise invalid(exc) from None
+
+
+def _cause(exc: ValidationError) -> _RefusalError | None:
+    for error in exc.errors(include_url=False):
+        refusal = (error.get("ctx") or {}).get("error")
+        if isinstance(refusal, _RefusalError):
+            return refusal
+    return None
