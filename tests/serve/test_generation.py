@@ -288,7 +288,7 @@ def test_sampling_with_a_seed_repeats(lm_server: tuple[RunningServer, str]) -> N
         ("completions", {"model": "lm", "prompt": PROMPT, "max_tokens": 25}, 400, "max_tokens",
          "context_length_exceeded"),
         ("completions", {"model": "lm", "prompt": PROMPT, "temperature": -1}, 400, "temperature", None),
-        ("completions", {"model": "lm", "prompt": PROMPT, "n": 2}, 400, "n", None),
+        ("completions", {"model": "lm", "prompt": PROMPT, "n": 9}, 400, "n", None),  # more than max_running
         ("completions", {"model": "lm", "prompt": PROMPT, "logprobs": 2}, 400, "logprobs", None),
         ("completions", {"model": "nope", "prompt": PROMPT}, 404, None, "model_not_found"),
         ("completions", {"model": "lm@nothing", "prompt": PROMPT}, 404, "model", "model_not_found"),
@@ -413,8 +413,36 @@ def test_a_body_that_is_not_utf8_json_is_refused(lm_server: tuple[RunningServer,
     reply = httpx.post(f"{server.base()}/v1/completions", content=b'{"model": "lm", "prompt": "\xff\xfe"}')
     assert reply.status_code == 400
     assert reply.json()["error"]["type"] == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError, match="only n = 1"):
-        _client(server).completions.create(model="lm", prompt=PROMPT, n=3)
+    with pytest.raises(openai.BadRequestError, match="this model decodes at most 8 sequences together"):
+        _client(server).completions.create(model="lm", prompt=PROMPT, n=9)
+
+
+def test_n_choices_share_one_prompt_and_repeat_with_a_seed(lm_server: tuple[RunningServer, str]) -> None:
+    client = _client(lm_server[0])
+    messages: Any = [{"role": "user", "content": "north wind"}]
+
+    def chat(**fields: Any) -> Any:
+        return client.chat.completions.create(model="lm", messages=messages, max_tokens=8, n=3, temperature=1.5,
+                                              seed=11, **fields)  # fmt: skip
+
+    first, again = chat(), chat()
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]  # reproducible with the seed
+    assert len(set(texts)) == 3  # each choice draws with its own seed (11, 12, 13)
+    assert first.usage is not None
+    assert first.usage.prompt_tokens == 7  # "user : north wind ; assistant :", counted once
+    assert sum(len(t.split()) for t in texts) <= first.usage.completion_tokens <= 3 * 8  # every choice's tokens
+    # Streamed, the choices interleave by index and add up to the same texts.
+    streamed: dict[int, str] = {0: "", 1: "", 2: ""}
+    finishes = {}
+    for chunk in chat(stream=True, stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert [streamed[i] for i in range(3)] == texts
+    assert finishes == {c.index: c.finish_reason for c in first.choices}
 
 
 @pytest.fixture(scope="module")

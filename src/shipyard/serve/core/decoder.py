@@ -58,6 +58,19 @@ class Generation:
 
     _sequence: Sequence | None = None
 
+    def choices(self, n: int) -> list[Generation]:
+        """This generation and n - 1 more of the same prompt (OpenAI's `n`); with a seed, choice i draws with
+        seed + i, so the set repeats. The prompt is prefilled once: the others find its cache in the prefix
+        cache (they are admitted after it)."""
+        if n > self.decoder.record.max_running:
+            raise InvalidInputError(f"'n' is {n}; this model decodes at most {self.decoder.record.max_running} "
+                                    "sequences together", param="n")  # fmt: skip
+        seed = self.options.seed
+        return [self, *(Generation(self.decoder, self.ids, self.options if seed is None else
+                                   self.options.model_copy(update={"seed": (seed + i) % 2**64}),
+                                   self.max_tokens, Usage(prompt_tokens=self.usage.prompt_tokens))
+                        for i in range(1, n))]  # fmt: skip
+
     def submit(self, deadline: float | None = None) -> None:
         """Queue it for the scheduler (OverloadedError at once when the queue is full); `deadline` is
         time.monotonic() seconds."""

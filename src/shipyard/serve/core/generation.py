@@ -55,6 +55,16 @@ class TextGeneration:
         a stream sends its first byte."""
         generation.submit(None if self.timeout_s is None else time.monotonic() + self.timeout_s)
 
+    def admit_all(self, generations: list[Generation]) -> None:
+        """Queue every one, or none: when the queue fills part-way, the ones queued are withdrawn."""
+        try:
+            for generation in generations:
+                self.admit(generation)
+        except BaseException:
+            for generation in generations:
+                generation.cancel()
+            raise
+
     async def stream(self, generation: Generation) -> AsyncGenerator[str, None]:
         """Run a generation (admitted first if it was not), counting it in its model's statistics."""
         if not generation.submitted:

@@ -74,10 +74,43 @@ def _model_card(ident: str, created: int) -> dict[str, Any]:
     return {"id": ident, "object": "model", "created": created, "owned_by": "shipyard"}
 
 
-def _usage(generation: Generation) -> dict[str, int]:
-    u = generation.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}  # fmt: skip
+def _usage(generations: list[Generation]) -> dict[str, int]:
+    """One prompt (it was prefilled once), every choice's completion."""
+    prompt = generations[0].usage.prompt_tokens
+    completion = sum(g.usage.completion_tokens for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _interleaved(streams: list[AsyncGenerator[str, None]]) -> AsyncGenerator[tuple[int, str | None], None]:
+    """(index, piece) from every stream as they come, then (index, None) when that one ends; the first error
+    ends them all."""
+    if len(streams) == 1:  # the common case needs no tasks
+        async for only in streams[0]:
+            yield 0, only
+        yield 0, None
+        return
+    arrived: asyncio.Queue[tuple[int, str | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncGenerator[str, None]) -> None:
+        try:
+            async for piece in stream:
+                await arrived.put((index, piece, None))
+            await arrived.put((index, None, None))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await arrived.put((index, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        ended = 0
+        while ended < len(streams):
+            index, piece, error = await arrived.get()
+            if error is not None:
+                raise error
+            ended += piece is None
+            yield index, piece
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class OpenAIRoutes:
@@ -125,41 +158,55 @@ class OpenAIRoutes:
 
     @staticmethod
     async def _answer(app: RestApp, call: Call, chat: bool) -> Any:
-        request, generation = await OpenAIRoutes._start(app, call, chat)
+        request, first = await OpenAIRoutes._start(app, call, chat)
+        generations = first.choices(request.n)
         stream, include_usage, model = request.stream, request.include_usage, request.model
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         generating = app.services.generation
 
-        def choice(text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
+        def choice(index: int, text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
             if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
             key = "delta" if delta else "message"
             content: dict[str, Any] = {"content": text} if text is not None else {}
             if not delta:
                 content = {"role": "assistant", "content": text or ""}
-            return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
+            return {"index": index, key: content, "logprobs": None, "finish_reason": finish}
 
+        generating.admit_all(generations)  # a full queue answers 429 before anything is sent
         if not stream:
-            text = await generating.text(generation)
-            return app.json({"id": ident, "object": kind, "created": created, "model": model,
-                             "choices": [choice(text, generation.finish_reason, delta=False)],
-                             "usage": _usage(generation)})  # fmt: skip
+            try:
+                texts = await asyncio.gather(*(generating.text(g) for g in generations))
+            finally:
+                for generation in generations:
+                    generation.cancel()
+            choices = [choice(i, text, g.finish_reason, delta=False)
+                       for i, (text, g) in enumerate(zip(texts, generations, strict=True))]  # fmt: skip
+            return app.json({"id": ident, "object": kind, "created": created, "model": model, "choices": choices,
+                             "usage": _usage(generations)})  # fmt: skip
         chunk = {"id": ident, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": model}
-        generating.admit(generation)  # a full queue answers 429 before the stream starts
 
         async def events() -> AsyncGenerator[dict[str, Any], None]:
-            if chat:  # the first chunk names the role, as OpenAI's does
-                yield {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]}  # fmt: skip
-            async for piece in generating.stream(generation):
-                yield {**chunk, "choices": [choice(piece, None, delta=True)]}
-            yield {**chunk, "choices": [choice(None if chat else "", generation.finish_reason, delta=True)]}
+            if chat:  # each choice's first chunk names the role, as OpenAI's do
+                for index in range(len(generations)):
+                    yield {**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]}  # fmt: skip
+            async for index, piece in _interleaved([generating.stream(g) for g in generations]):
+                if piece is None:  # that choice is done
+                    finish = generations[index].finish_reason
+                    yield {**chunk, "choices": [choice(index, None if chat else "", finish, delta=True)]}
+                else:
+                    yield {**chunk, "choices": [choice(index, piece, None, delta=True)]}
             if include_usage:
-                yield {**chunk, "choices": [], "usage": _usage(generation)}
+                yield {**chunk, "choices": [], "usage": _usage(generations)}
 
-        return app.events(events(), openai=True, on_close=generation.cancel)
+        def cancel() -> None:
+            for generation in generations:
+                generation.cancel()
+
+        return app.events(events(), openai=True, on_close=cancel)
 
     @staticmethod
     async def embeddings(app: RestApp, call: Call) -> Any:

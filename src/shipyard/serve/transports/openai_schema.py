@@ -56,8 +56,6 @@ class _Generating(_Body):
 
     @model_validator(mode="after")
     def _refused(self) -> _Generating:
-        if self.n != 1:
-            raise _refuse("n", "only n = 1 is supported: send one request per completion")
         if self.stream_options is not None and not self.stream:
             raise _refuse("stream_options", "'stream_options' is only allowed when 'stream' is true")
         return self
