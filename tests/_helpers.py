@@ -185,11 +185,29 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; 
 ARCHITECTURES = ("llama", "qwen2", "phi3", "mistral")
 
 
-def make_hf_causal(folder: Path, architecture: str = "llama", context: int = 128, bos: bool = False) -> Path:
+def _byte_level_tokenizer() -> Any:
+    """A byte-level BPE (as GPT-2, Llama 3 and Qwen use) of about 300 tokens, trained here: it can write any
+    text, JSON included, which structured output needs. `<eos>` is id 0, `<unk>` id 1."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<unk>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    text = [" ".join(WORDS[2:]), '{"name": "ark", "speed": 12, "ok": true}', "user : north wind ; assistant :"]
+    tokenizer.train_from_iterator(text * 20, trainer)
+    return tokenizer
+
+
+def make_hf_causal(
+    folder: Path, architecture: str = "llama", context: int = 128, bos: bool = False, byte_level: bool = False
+) -> Path:
     """A random-initialised causal LM of `architecture` (tiny dims) saved with save_pretrained, with a
     word-level tokenizer over WORDS (so every token decodes to whole words) and a chat template. Its `<eos>`
     row of the output layer is zero, so greedy decoding never ends early on a random draw. With `bos` the
-    tokenizer puts its BOS (`<eos>`, id 0, as the config says) before every text, as Llama's does."""
+    tokenizer puts its BOS (`<eos>`, id 0, as the config says) before every text, as Llama's does; with
+    `byte_level` the tokenizer is a byte-level BPE that can write any text."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -197,6 +215,8 @@ def make_hf_causal(folder: Path, architecture: str = "llama", context: int = 128
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    if byte_level:
+        tokenizer = _byte_level_tokenizer()
     if bos:
         tokenizer.post_processor = processors.TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 0)])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", bos_token="<eos>",
@@ -204,9 +224,9 @@ def make_hf_causal(folder: Path, architecture: str = "llama", context: int = 128
     fast.chat_template = CHAT_TEMPLATE
     names = {"llama": "Llama", "qwen2": "Qwen2", "phi3": "Phi3", "mistral": "Mistral"}[architecture]
     config = getattr(transformers, f"{names}Config")(
-        vocab_size=len(WORDS), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=context, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-        tie_word_embeddings=False,
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
         # Phi-3 "mini 4k" keeps both at its context; a difference makes the builder expect LongRoPE factors.
         **({"original_max_position_embeddings": context} if architecture == "phi3" else {}),
     )  # fmt: skip

@@ -22,6 +22,7 @@ from shipyard.artifact.manifest import GenerationRecord, Manifest
 from shipyard.dtypes import numpy_of
 from shipyard.errors import InvalidInputError, ModelLoadError, ShipyardError, UnavailableError
 from shipyard.kvcache import CacheSlots, StepRunner
+from shipyard.serve.core.constraint import Constrained, Grammars, grammar_of
 from shipyard.serve.core.sampling import Options, Sampler
 from shipyard.serve.core.scheduler import Scheduler, Sequence
 from shipyard.tokenizer import load_tokenizer
@@ -51,6 +52,7 @@ class Generation:
     options: Options
     max_tokens: int
     usage: Usage = field(default_factory=Usage)
+    constrained: Constrained | None = None  # structured output: its grammar's matcher
     finish_reason: str | None = None  # "stop" or "length" once finished
     first_token_s: float | None = None  # arrival to the first token
     queued_s: float | None = None  # arrival to admission
@@ -68,14 +70,15 @@ class Generation:
         seed = self.options.seed
         return [self, *(Generation(self.decoder, self.ids, self.options if seed is None else
                                    self.options.model_copy(update={"seed": (seed + i) % 2**64}),
-                                   self.max_tokens, Usage(prompt_tokens=self.usage.prompt_tokens))
+                                   self.max_tokens, Usage(prompt_tokens=self.usage.prompt_tokens),
+                                   constrained=self.constrained.copy() if self.constrained else None)
                         for i in range(1, n))]  # fmt: skip
 
     def submit(self, deadline: float | None = None) -> None:
         """Queue it for the scheduler (OverloadedError at once when the queue is full); `deadline` is
         time.monotonic() seconds."""
         record = self.decoder.record
-        sampler = Sampler(self.options, record.sampling, self.ids, frozenset(record.eos_token_ids))
+        sampler = Sampler(self.options, record.sampling, self.ids, frozenset(record.eos_token_ids), self.constrained)
         sequence = Sequence(self.ids, self.max_tokens, sampler, asyncio.get_running_loop(), deadline)
         self.decoder.scheduler.submit(sequence)
         self._sequence = sequence
@@ -122,7 +125,7 @@ class Generation:
                 raise ShipyardError("the language model failed while generating (see the server log)")
             if event == "unloaded":
                 raise UnavailableError(f"{self.decoder.name}:{self.decoder.version} was unloaded while generating")
-            self.finish_reason = event
+            self.finish_reason = "stop" if event == "done" else event
             rest = text.flush()
             if rest:
                 yield rest
@@ -205,6 +208,7 @@ class Decoder:
         self.record: GenerationRecord = manifest.generation
         self.name, self.version = manifest.name, str(manifest.version)
         self.tokenizer = load_tokenizer(folder / self.record.tokenizer_file)
+        self.grammars = Grammars(self.tokenizer, self.record.eos_token_ids)
         inputs = {t.name: t for t in manifest.signature.inputs}
         if "input_ids" not in inputs or self.record.past_key % 0 not in inputs:
             raise ModelLoadError(f"{manifest.name}: the graph lacks input_ids or {self.record.past_key % 0}")
@@ -289,4 +293,9 @@ class Decoder:
                 f"the context is {context} and the server allows {self.record.max_new_tokens} new ones",
                 param="max_tokens", code="context_length_exceeded",
             )  # fmt: skip
-        return Generation(self, ids, options, options.max_tokens or limit, Usage(prompt_tokens=len(ids)))
+        constrained = None
+        if options.constraint is not None:  # compiled here, on the request's thread: a schema can be big
+            kind, value, param = options.constraint
+            constrained = Constrained(self.grammars.matcher(grammar_of(kind, value), param))
+        return Generation(self, ids, options, options.max_tokens or limit, Usage(prompt_tokens=len(ids)),
+                          constrained=constrained)  # fmt: skip

@@ -13,14 +13,15 @@ from collections import Counter
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shipyard.errors import InvalidInputError
+from shipyard.serve.core.constraint import Constrained
 
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 1000  # characters per stop string
 MAX_LOGIT_BIAS = 300  # entries of logit_bias, as OpenAI allows
-SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # a model may set these
+_CONSTRAINTS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class Options(BaseModel):
@@ -46,6 +47,28 @@ class Options(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=64)  # extension
     min_tokens: int = Field(default=0, ge=0)  # extension: the end token is held back until this many
     ignore_eos: bool = False  # extension, for benchmarks: the end token is never generated
+    # Structured output (vLLM's names; OpenAI's response_format becomes guided_json): at most one.
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = Field(default=None, min_length=1, max_length=10_000)
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1,
+                                                                            max_length=1000)  # fmt: skip
+    guided_grammar: str | None = Field(default=None, min_length=1, max_length=100_000)  # Lark
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> Options:
+        chosen = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"set one of {', '.join(chosen)}, not several")
+        return self
+
+    @property
+    def constraint(self) -> tuple[str, Any, str] | None:
+        """(kind, value, field) of the structured-output constraint, if the request set one."""
+        for name in _CONSTRAINTS:
+            value = getattr(self, name)
+            if value is not None:
+                return name.removeprefix("guided_"), value, name
+        return None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -93,7 +116,10 @@ def _is_field(part: str) -> bool:
 class Sampler:
     """One sequence's next-token choice, from the logits of each step and the tokens it has seen."""
 
-    def __init__(self, options: Options, defaults: dict[str, float], prompt: list[int], ends: frozenset[int]) -> None:
+    def __init__(
+        self, options: Options, defaults: dict[str, float], prompt: list[int], ends: frozenset[int],
+        constrained: Constrained | None = None,
+    ) -> None:  # fmt: skip
         def pick(name: str, fallback: float) -> float:
             value = getattr(options, name)
             return float(value if value is not None else defaults.get(name, fallback))
@@ -111,6 +137,7 @@ class Sampler:
         self._eos = np.fromiter(ends, np.int64)  # never drawn with ignore_eos
         self._ends = np.fromiter(self.ends, np.int64)  # not drawn before min_tokens
         self.ignore_eos, self.min_tokens = options.ignore_eos, options.min_tokens
+        self.constrained = constrained  # structured output: the grammar's mask, each step
         self.seen = set(prompt)  # what the repetition penalty looks at: the prompt and the output
         self.produced: Counter[int] = Counter()  # what presence and frequency penalties look at: the output
 
@@ -118,6 +145,8 @@ class Sampler:
         """The next token from one row of logits [vocabulary]."""
         x = self._adjusted(logits)
         token = int(x.argmax()) if self.temperature == 0 else self._draw(x / self.temperature)
+        if self.constrained is not None and token not in self.ends:
+            self.constrained.consume(token)
         self.seen.add(token)
         self.produced[token] += 1
         return token
@@ -141,7 +170,14 @@ class Sampler:
             x[self._eos[self._eos < x.size]] = -np.inf
         if self.min_tokens and sum(self.produced.values()) < self.min_tokens:
             x[self._ends[self._ends < x.size]] = -np.inf
+        if self.constrained is not None:
+            self.constrained.mask(x)
         return x
+
+    @property
+    def finished(self) -> bool:
+        """Structured output that is complete: the grammar takes no more tokens."""
+        return self.constrained is not None and self.constrained.finished
 
     def _draw(self, x: np.ndarray) -> int:
         if 0 < self.top_k < x.size:

@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 # What the scheduler thread hands to a sequence's consumer: a token id, or the reason it ended.
-Finished = str  # "stop" (an end token), "length" (max_tokens or the context), "timeout", "error", "unloaded"
+# "stop" (an end token), "done" (the grammar of structured output is complete), "length" (max_tokens or the
+# context), "timeout", "error", "unloaded"
+Finished = str
 
 
 @dataclass(eq=False)
@@ -207,6 +209,10 @@ class Scheduler:
         events: list[tuple[Sequence, int | Finished]] = []
         done = []
         for sequence, logits in rows:
+            if sequence.sampling.finished:  # structured output that is complete
+                events.append((sequence, "done"))
+                done.append(sequence)
+                continue
             token = sequence.sampling.pick(logits)
             if token in sequence.sampling.ends:
                 events.append((sequence, "stop"))

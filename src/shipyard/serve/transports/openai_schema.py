@@ -49,6 +49,10 @@ class _Generating(_Body):
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
+    guided_json: dict[str, Any] | None = None  # structured output, as vLLM names it
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     user: str | None = None  # advisory, as OpenAI treats it
     metadata: dict[str, str] | None = None  # advisory
     store: bool | None = None  # advisory: nothing is stored
@@ -60,10 +64,15 @@ class _Generating(_Body):
             raise _refuse("stream_options", "'stream_options' is only allowed when 'stream' is true")
         return self
 
-    def options(self, max_tokens: int | None = None) -> Options:
-        """The sampling options (InvalidInputError naming a field out of range)."""
+    def options(self, max_tokens: int | None = None, schema: dict[str, Any] | None = None) -> Options:
+        """The sampling options (InvalidInputError naming a field out of range); `schema`: a JSON schema the
+        output must follow (from response_format)."""
         fields = {name: getattr(self, name) for name in Options.model_fields if name in type(self).model_fields}
         fields["max_tokens"] = max_tokens if max_tokens is not None else self.max_tokens
+        if schema is not None:
+            if self.guided_json is not None:
+                raise InvalidInputError("set response_format or guided_json, not both", param="guided_json")
+            fields["guided_json"] = schema
         try:
             return Options.model_validate({k: v for k, v in fields.items() if v is not None})
         except ValidationError as exc:
@@ -129,9 +138,29 @@ class Message(_Body):
         return out
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the grammar holds the output to the schema either way
+
+
 class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise _refuse("response_format.json_schema", "response_format json_schema needs 'json_schema'")
+        return self
+
+    @property
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow; None for plain text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.json_schema.schema_ if self.json_schema is not None else None
 
 
 class ChatRequest(_Generating):
@@ -152,8 +181,6 @@ class ChatRequest(_Generating):
             raise _refuse("logprobs", f"'logprobs' {_NOT_SUPPORTED}")
         if self.top_logprobs is not None:
             raise _refuse("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise _refuse("response_format", f"'response_format' {self.response_format.type} {_NOT_SUPPORTED}")
         if self.tools:
             raise _refuse("tools", f"'tools' {_NOT_SUPPORTED}")
         if self.tool_choice is not None:
@@ -161,7 +188,8 @@ class ChatRequest(_Generating):
         return self
 
     def chat_options(self) -> Options:
-        return self.options(self.max_completion_tokens or self.max_tokens)
+        schema = self.response_format.output_schema if self.response_format is not None else None
+        return self.options(self.max_completion_tokens or self.max_tokens, schema)
 
 
 class EmbeddingRequest(_Body):
