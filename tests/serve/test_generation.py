@@ -289,7 +289,7 @@ def test_sampling_with_a_seed_repeats(lm_server: tuple[RunningServer, str]) -> N
          "context_length_exceeded"),
         ("completions", {"model": "lm", "prompt": PROMPT, "temperature": -1}, 400, "temperature", None),
         ("completions", {"model": "lm", "prompt": PROMPT, "n": 9}, 400, "n", None),  # more than max_running
-        ("completions", {"model": "lm", "prompt": PROMPT, "logprobs": 2}, 400, "logprobs", None),
+        ("completions", {"model": "lm", "prompt": PROMPT, "logprobs": 6}, 400, "logprobs", None),  # OpenAI: 0..5
         ("completions", {"model": "nope", "prompt": PROMPT}, 404, None, "model_not_found"),
         ("completions", {"model": "lm@nothing", "prompt": PROMPT}, 404, "model", "model_not_found"),
         ("chat/completions", {"model": "lm", "messages": [{"role": "captain", "content": "hi"}]}, 400,
@@ -406,6 +406,54 @@ def test_sampling_fields_are_honoured(lm_server: tuple[RunningServer, str]) -> N
     assert late[:3] == words[:3]
     assert len(late) >= 5  # the stop token was not drawn at the fourth step: another word came
     assert late[3] != words[3]
+
+
+def test_logprobs_are_the_models_own_and_stream_as_they_come(
+    lm_server: tuple[RunningServer, str], lm_registry: tuple[Path, LocalRegistry]
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    client = _client(lm_server[0])
+    messages: Any = [{"role": "user", "content": "north wind"}]
+    reply = client.chat.completions.create(model="lm", messages=messages, max_tokens=6, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content if reply.choices[0].logprobs else None
+    assert content is not None
+    assert reply.usage is not None
+    assert len(content) == reply.usage.completion_tokens == 6
+    for entry in content:  # greedy: the drawn token is the most likely one, and the alternatives come sorted
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob) == (entry.token, entry.logprob)
+        assert sum(np.exp(t.logprob) for t in entry.top_logprobs) <= 1.0 + 1e-6
+        assert entry.bytes == list(entry.token.encode())
+    # The first token's logprobs equal a softmax of the model's own logits for the rendered prompt.
+    model = AutoModelForCausalLM.from_pretrained(lm_registry[0] / "hf").eval()
+    ids = [WORDS.index(w) for w in ["user", ":", "north", "wind", ";", "assistant", ":"]]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].double().numpy()
+    expected = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    best = np.argsort(-expected)[:3]
+    assert [t.token for t in content[0].top_logprobs] == [WORDS[i] for i in best]
+    np.testing.assert_allclose([t.logprob for t in content[0].top_logprobs], expected[best], atol=1e-4)
+    # Streamed, each chunk carries the logprobs of its tokens: together, the same list.
+    chunks = client.chat.completions.create(model="lm", messages=messages, max_tokens=6, logprobs=True,
+                                            top_logprobs=3, stream=True)  # fmt: skip
+    streamed = [e for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for e in chunk.choices[0].logprobs.content or []]  # fmt: skip
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+    # The completions API's shape: parallel lists, top alternatives as {token: logprob}.
+    legacy = client.completions.create(model="lm", prompt=PROMPT, max_tokens=4, logprobs=2).choices[0].logprobs
+    assert legacy is not None
+    assert legacy.tokens is not None
+    assert legacy.token_logprobs is not None
+    assert legacy.top_logprobs is not None
+    assert len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.top_logprobs) == 4
+    assert all(len(top) == 2 for top in legacy.top_logprobs)
+    # V2 generate has no place for them: refused, not ignored.
+    reply_v2 = httpx.post(f"{lm_server[0].base()}/v2/models/lm/generate",
+                          json={"text_input": PROMPT, "parameters": {"logprobs": 2}})  # fmt: skip
+    assert reply_v2.status_code == 400
+    assert "logprobs are returned on the OpenAI routes" in reply_v2.json()["error"]
 
 
 def test_a_body_that_is_not_utf8_json_is_refused(lm_server: tuple[RunningServer, str]) -> None:

@@ -23,7 +23,7 @@ from shipyard.dtypes import numpy_of
 from shipyard.errors import InvalidInputError, ModelLoadError, ShipyardError, UnavailableError
 from shipyard.kvcache import CacheSlots, StepRunner
 from shipyard.serve.core.constraint import Constrained, Grammars, grammar_of
-from shipyard.serve.core.sampling import Options, Sampler
+from shipyard.serve.core.sampling import Options, Sampler, TokenLogprob
 from shipyard.serve.core.scheduler import Scheduler, Sequence
 from shipyard.tokenizer import load_tokenizer
 
@@ -73,6 +73,12 @@ class Generation:
                                    self.max_tokens, Usage(prompt_tokens=self.usage.prompt_tokens),
                                    constrained=self.constrained.copy() if self.constrained else None)
                         for i in range(1, n))]  # fmt: skip
+
+    def logprobs(self, since: int = 0) -> list[TokenLogprob]:
+        """The drawn tokens' logprobs from token `since` on, up to the last token handed over (an empty list
+        when the request did not ask for them)."""
+        entries = self._sequence.sampling.logprobs if self._sequence is not None else None
+        return [] if entries is None else entries[since : self.usage.completion_tokens]
 
     def submit(self, deadline: float | None = None) -> None:
         """Queue it for the scheduler (OverloadedError at once when the queue is full); `deadline` is

@@ -47,6 +47,9 @@ class TextGeneration:
         feeds, _ = feeds_of(handle, request, self.max_elements)
         prompt = as_text("text_input", feeds["text_input"])
         options = options_of(request.parameters, known_only=True)  # V2 parameters are an open map
+        if options.logprobs is not None:
+            raise InvalidInputError("logprobs are returned on the OpenAI routes (/v1/completions, "
+                                    "/v1/chat/completions), not here", param="logprobs")  # fmt: skip
         # Tokenizing costs what the prompt makes it cost: off the event loop.
         return await asyncio.to_thread(decoder.start, str(prompt.reshape(-1)[0]), options)
 

@@ -10,6 +10,7 @@ the batch.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -47,6 +48,7 @@ class Options(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=64)  # extension
     min_tokens: int = Field(default=0, ge=0)  # extension: the end token is held back until this many
     ignore_eos: bool = False  # extension, for benchmarks: the end token is never generated
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # each token's logprob and this many alternatives
     # Structured output (vLLM's names; OpenAI's response_format becomes guided_json): at most one.
     guided_json: dict[str, Any] | None = None
     guided_regex: str | None = Field(default=None, min_length=1, max_length=10_000)
@@ -107,10 +109,28 @@ def invalid(exc: ValidationError) -> InvalidInputError:
     return InvalidInputError(f"{param!r}: {message}" if param else message, param=param or None)
 
 
+def _logprobs(x: np.ndarray, token: int, top: int) -> TokenLogprob:
+    finite = x[np.isfinite(x)]
+    total = float(finite.max() + np.log(np.exp(finite - finite.max()).sum()))  # log-sum-exp
+    best = np.argpartition(-x, top)[:top] if 0 < top < x.size else np.arange(x.size if top else 0)
+    best = best[np.argsort(-x[best])]
+    return TokenLogprob(token, float(x[token]) - total, [(int(i), float(x[i]) - total) for i in best])
+
+
 def _is_field(part: str) -> bool:
     """A location part that names a field, not the member of a union pydantic tried (`str`, `list[int]`,
     `TextPart`, `function-after[...]`)."""
     return part.isidentifier() and part.islower() and part not in ("str", "int", "float", "bool", "none")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One drawn token's log-probability and the most likely alternatives at that step, from the logits the
+    sampler drew from: after logit_bias, penalties and a grammar's mask, before temperature and truncation."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 class Sampler:
@@ -138,6 +158,10 @@ class Sampler:
         self._ends = np.fromiter(self.ends, np.int64)  # not drawn before min_tokens
         self.ignore_eos, self.min_tokens = options.ignore_eos, options.min_tokens
         self.constrained = constrained  # structured output: the grammar's mask, each step
+        # One entry per drawn token when the request asked for logprobs (written here, on the scheduler's
+        # thread, before the token is handed over; read by the consumer once it has the token).
+        self.top_logprobs = options.logprobs
+        self.logprobs: list[TokenLogprob] | None = [] if options.logprobs is not None else None
         self.seen = set(prompt)  # what the repetition penalty looks at: the prompt and the output
         self.produced: Counter[int] = Counter()  # what presence and frequency penalties look at: the output
 
@@ -145,6 +169,8 @@ class Sampler:
         """The next token from one row of logits [vocabulary]."""
         x = self._adjusted(logits)
         token = int(x.argmax()) if self.temperature == 0 else self._draw(x / self.temperature)
+        if self.logprobs is not None:
+            self.logprobs.append(_logprobs(x, token, self.top_logprobs or 0))
         if self.constrained is not None and token not in self.ends:
             self.constrained.consume(token)
         self.seen.add(token)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import itertools
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -20,8 +21,9 @@ import numpy as np
 
 from shipyard.errors import ErrorKind, InvalidInputError, NotFoundError, ShipyardError
 from shipyard.registry.refs import parse_ref
-from shipyard.serve.core.decoder import Generation
+from shipyard.serve.core.decoder import Decoder, Generation
 from shipyard.serve.core.repository import ModelHandle
+from shipyard.serve.core.sampling import TokenLogprob
 from shipyard.serve.protocol.types import InferRequest, Tensor
 from shipyard.serve.transports import rest_codec as codec
 from shipyard.serve.transports.edge import HTTP_STATUS, public_error
@@ -72,6 +74,26 @@ def _created(handle: ModelHandle) -> int:
 
 def _model_card(ident: str, created: int) -> dict[str, Any]:
     return {"id": ident, "object": "model", "created": created, "owned_by": "shipyard"}
+
+
+def _logprobs(decoder: Decoder, entries: list[TokenLogprob], chat: bool) -> dict[str, Any]:
+    """Tokens' logprobs in OpenAI's shapes: chat's `content` list, or the completions API's parallel lists."""
+
+    def text(token: int) -> str:
+        return str(decoder.tokenizer.decode([token], skip_special_tokens=False))
+
+    if chat:
+
+        def item(token: int, logprob: float) -> dict[str, Any]:
+            piece = text(token)
+            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                            for e in entries], "refusal": None}  # fmt: skip
+    tokens = [text(e.token) for e in entries]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}  # fmt: skip
 
 
 def _usage(generations: list[Generation]) -> dict[str, int]:
@@ -146,7 +168,7 @@ class OpenAIRoutes:
                 lambda: decoder.start(decoder.render_chat(messages), options, templated=True)
             )
         assert isinstance(request, CompletionRequest)
-        return request, await asyncio.to_thread(decoder.start, request.text, request.options())
+        return request, await asyncio.to_thread(decoder.start, request.text, request.completion_options())
 
     @staticmethod
     async def completions(app: RestApp, call: Call) -> Any:
@@ -166,14 +188,21 @@ class OpenAIRoutes:
         kind = "chat.completion" if chat else "text_completion"
         generating = app.services.generation
 
+        sent = [0] * len(generations)  # tokens whose logprobs went out, per choice
+
         def choice(index: int, text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
+            logprobs = None
+            if request.wants_logprobs:
+                entries = generations[index].logprobs(sent[index])
+                logprobs = _logprobs(generations[index].decoder, entries, chat)
+                sent[index] += len(entries)
             if not chat:
-                return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+                return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             key = "delta" if delta else "message"
             content: dict[str, Any] = {"content": text} if text is not None else {}
             if not delta:
                 content = {"role": "assistant", "content": text or ""}
-            return {"index": index, key: content, "logprobs": None, "finish_reason": finish}
+            return {"index": index, key: content, "logprobs": logprobs, "finish_reason": finish}
 
         generating.admit_all(generations)  # a full queue answers 429 before anything is sent
         if not stream:

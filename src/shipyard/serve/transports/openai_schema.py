@@ -64,11 +64,16 @@ class _Generating(_Body):
             raise _refuse("stream_options", "'stream_options' is only allowed when 'stream' is true")
         return self
 
-    def options(self, max_tokens: int | None = None, schema: dict[str, Any] | None = None) -> Options:
+    def options(
+        self, max_tokens: int | None = None, schema: dict[str, Any] | None = None, logprobs: int | None = None
+    ) -> Options:
         """The sampling options (InvalidInputError naming a field out of range); `schema`: a JSON schema the
-        output must follow (from response_format)."""
-        fields = {name: getattr(self, name) for name in Options.model_fields if name in type(self).model_fields}
+        output must follow (from response_format); `logprobs`: how many alternatives each token's logprob
+        comes with (None: no logprobs)."""
+        fields = {name: getattr(self, name) for name in Options.model_fields
+                  if name in type(self).model_fields and name != "logprobs"}  # fmt: skip
         fields["max_tokens"] = max_tokens if max_tokens is not None else self.max_tokens
+        fields["logprobs"] = logprobs
         if schema is not None:
             if self.guided_json is not None:
                 raise InvalidInputError("set response_format or guided_json, not both", param="guided_json")
@@ -98,8 +103,6 @@ class CompletionRequest(_Generating):
             raise _refuse("echo", f"'echo' {_NOT_SUPPORTED}")
         if self.best_of not in (None, 1):
             raise _refuse("best_of", f"'best_of' above 1 {_NOT_SUPPORTED}")
-        if self.logprobs is not None:
-            raise _refuse("logprobs", f"'logprobs' {_NOT_SUPPORTED}")
         if self.suffix:
             raise _refuse("suffix", f"'suffix' {_NOT_SUPPORTED}: this model has no fill-in-the-middle tokens")
         return self
@@ -107,6 +110,13 @@ class CompletionRequest(_Generating):
     @property
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    def completion_options(self) -> Options:
+        return self.options(logprobs=self.logprobs)
 
 
 class TextPart(_Body):
@@ -177,9 +187,7 @@ class ChatRequest(_Generating):
 
     @model_validator(mode="after")
     def _not_yet(self) -> ChatRequest:
-        if self.logprobs:
-            raise _refuse("logprobs", f"'logprobs' {_NOT_SUPPORTED}")
-        if self.top_logprobs is not None:
+        if self.top_logprobs is not None and not self.logprobs:
             raise _refuse("top_logprobs", "'top_logprobs' needs 'logprobs': true")
         if self.tools:
             raise _refuse("tools", f"'tools' {_NOT_SUPPORTED}")
@@ -187,9 +195,14 @@ class ChatRequest(_Generating):
             raise _refuse("tool_choice", "'tool_choice' is only allowed when 'tools' are given")
         return self
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
     def chat_options(self) -> Options:
         schema = self.response_format.output_schema if self.response_format is not None else None
-        return self.options(self.max_completion_tokens or self.max_tokens, schema)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.options(self.max_completion_tokens or self.max_tokens, schema, logprobs)
 
 
 class EmbeddingRequest(_Body):
