@@ -7,6 +7,7 @@ the messages a client sent is that request's error, whatever the template raised
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from jinja2 import Template, TemplateError
@@ -24,11 +25,17 @@ def _raise_template_error(message: str) -> None:
     raise TemplateError(message)
 
 
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
+    """transformers' `tojson` for chat templates: plain JSON (Jinja's own escapes <, > and & for HTML)."""
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
 def compile_template(source: str, where: str) -> Template:
     """The template compiled; ModelLoadError naming `where` when it does not compile (Jinja's syntax errors,
     and what its constant folding raises at compile time, such as `10 ** 5000`)."""
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     environment.globals["raise_exception"] = _raise_template_error
+    environment.filters["tojson"] = _tojson
     try:
         return environment.from_string(source)
     except Exception as exc:  # any error of the template's own making

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import ssl
@@ -19,9 +20,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from shipyard.dtypes import BY_V2
-from shipyard.pipeline import import_onnx
+from shipyard.pipeline import build, import_onnx
 from shipyard.registry import LocalRegistry
-from tests._helpers import free_port, make_identity_onnx, make_mlp_onnx
+from shipyard.spec import load_spec
+from tests._helpers import causal_spec, free_port, make_hf_causal, make_identity_onnx, make_mlp_onnx, write_spec
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -137,6 +139,23 @@ def start_server(
         time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"server not ready in 60 s: {log.read_text()}")
+
+
+@contextlib.contextmanager
+def byte_level_lm_server(folder: Path, template: str | None = None, context: int = 2048) -> Iterator[RunningServer]:
+    """A random-initialised tiny Llama with a byte-level BPE (it can write any text: JSON, tool calls) built
+    through the real pipeline and served; `template` replaces its chat template."""
+    make_hf_causal(folder / "hf", byte_level=True, context=context)
+    if template is not None:
+        (folder / "hf" / "chat_template.jinja").write_text(template)
+    registry = LocalRegistry(folder / "registry")
+    build(load_spec(write_spec(folder, causal_spec(max_new_tokens=96))), registry)
+    running = start_server(registry, folder / "server.log", "lm")
+    try:
+        yield running
+    finally:
+        assert stop_server(running) == 0
+    assert "Traceback" not in running.log.read_text()
 
 
 def perf_analyzer_binary() -> str:

@@ -347,6 +347,8 @@ def test_deeply_nested_values_are_a_400_naming_the_field(
         ("completions", {"best_of": 2}, "best_of"),
         ("completions", {"suffix": "the end"}, "suffix"),
         ("chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+        # This model's template shows no tools: refused rather than answered as if there were none.
+        ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("chat/completions", {"top_logprobs": 0}, "top_logprobs"),
         ("chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
         ("chat/completions", {"presence_penalty": 2.5}, "presence_penalty"),

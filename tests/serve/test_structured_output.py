@@ -15,11 +15,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from shipyard.pipeline import build
-from shipyard.registry import LocalRegistry
-from shipyard.spec import load_spec
-from tests._helpers import causal_spec, make_hf_causal, write_spec
-from tests.serve.conftest import RunningServer, start_server, stop_server
+from tests.serve.conftest import RunningServer, byte_level_lm_server
 
 
 class Ship(BaseModel):
@@ -31,14 +27,8 @@ class Ship(BaseModel):
 
 @pytest.fixture(scope="module")
 def json_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    folder = tmp_path_factory.mktemp("structured")
-    make_hf_causal(folder / "hf", byte_level=True)
-    registry = LocalRegistry(folder / "registry")
-    build(load_spec(write_spec(folder, causal_spec(max_new_tokens=96))), registry)
-    running = start_server(registry, folder / "server.log", "lm")
-    yield running
-    assert stop_server(running) == 0
-    assert "Traceback" not in running.log.read_text()
+    with byte_level_lm_server(tmp_path_factory.mktemp("structured")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

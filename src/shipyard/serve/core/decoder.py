@@ -22,6 +22,7 @@ from shipyard.artifact.manifest import GenerationRecord, Manifest
 from shipyard.dtypes import numpy_of
 from shipyard.errors import InvalidInputError, ModelLoadError, ShipyardError, UnavailableError
 from shipyard.kvcache import CacheSlots, StepRunner
+from shipyard.serve.core import tools
 from shipyard.serve.core.constraint import Constrained, Grammars, grammar_of
 from shipyard.serve.core.sampling import Options, Sampler, TokenLogprob
 from shipyard.serve.core.scheduler import Scheduler, Sequence
@@ -223,6 +224,7 @@ class Decoder:
         self._template = None
         if self.record.chat_template is not None:
             self._template = chat_template.compile_template(self.record.chat_template, f"{self.name}:{self.version}")
+        self.tool_format = tools.detect(self.record.chat_template)  # how its template writes tool calls
         logits = next((t for t in manifest.signature.outputs if t.name == "logits"), None)
         vocabulary = logits.shape[-1] if logits is not None and logits.shape else None
         self.vocabulary = vocabulary if isinstance(vocabulary, int) else None  # ids the graph's tables hold
@@ -251,11 +253,14 @@ class Decoder:
     def chat(self) -> bool:
         return self._template is not None
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The prompt a conversation becomes under the model's chat template."""
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt a conversation becomes under the model's chat template (with `tools`, as transformers'
+        apply_chat_template passes them)."""
         if self._template is None:
             raise InvalidInputError(f"{self.name} has no chat template: use completions", param="messages")
         context = {"messages": messages, "add_generation_prompt": True, **self.record.special_tokens}
+        if tools:
+            context["tools"] = tools
         return chat_template.render(self._template, context)
 
     def encode(self, text: str, templated: bool) -> list[int]:

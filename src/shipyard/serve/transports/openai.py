@@ -21,6 +21,7 @@ import numpy as np
 
 from shipyard.errors import ErrorKind, InvalidInputError, NotFoundError, ShipyardError
 from shipyard.registry.refs import parse_ref
+from shipyard.serve.core import tools
 from shipyard.serve.core.decoder import Decoder, Generation
 from shipyard.serve.core.repository import ModelHandle
 from shipyard.serve.core.sampling import TokenLogprob
@@ -163,9 +164,17 @@ class OpenAIRoutes:
         decoder = app.services.generation.decoder(name, version)
         # Rendering and tokenizing cost what the input makes them cost: off the event loop.
         if isinstance(request, ChatRequest):
-            messages, options = [m.for_template() for m in request.messages], request.chat_options()
+            offered, grammar = request.offered_tools, None
+            if offered:
+                if decoder.tool_format is None:
+                    raise InvalidInputError(f"{name}'s chat template shows the model no tools, or writes calls in a "
+                                            "format this server does not read", param="tools")  # fmt: skip
+                required, only = request.required_tool
+                if required:  # a grammar makes the answer one call
+                    grammar = tools.grammar(decoder.tool_format, offered, only)
+            messages, options = [m.for_template() for m in request.messages], request.chat_options(grammar)
             return request, await asyncio.to_thread(
-                lambda: decoder.start(decoder.render_chat(messages), options, templated=True)
+                lambda: decoder.start(decoder.render_chat(messages, offered), options, templated=True)
             )
         assert isinstance(request, CompletionRequest)
         return request, await asyncio.to_thread(decoder.start, request.text, request.completion_options())
@@ -190,7 +199,9 @@ class OpenAIRoutes:
 
         sent = [0] * len(generations)  # tokens whose logprobs went out, per choice
 
-        def choice(index: int, text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
+        def choice(
+            index: int, text: str | None, finish: str | None, delta: bool, calls: list[tools.ToolCall] | None = None
+        ) -> dict[str, Any]:
             logprobs = None
             if request.wants_logprobs:
                 entries = generations[index].logprobs(sent[index])
@@ -201,8 +212,19 @@ class OpenAIRoutes:
             key = "delta" if delta else "message"
             content: dict[str, Any] = {"content": text} if text is not None else {}
             if not delta:
-                content = {"role": "assistant", "content": text or ""}
+                content = {"role": "assistant", "content": text if calls else text or ""}
+            if calls:  # streamed as one delta each, with its index, as OpenAI's clients read them
+                content["tool_calls"] = [
+                    {"index": i, **c.openai()} if delta else c.openai() for i, c in enumerate(calls)
+                ]
             return {"index": index, key: content, "logprobs": logprobs, "finish_reason": finish}
+
+        fmt, names = None, set()
+        if isinstance(request, ChatRequest) and request.offered_tools:
+            fmt, names = generations[0].decoder.tool_format, {t["function"]["name"] for t in request.offered_tools}
+
+        def answer(text: str) -> tuple[str | None, list[tools.ToolCall]]:
+            return tools.parse(fmt, text, names) if fmt is not None else (text, [])
 
         generating.admit_all(generations)  # a full queue answers 429 before anything is sent
         if not stream:
@@ -211,8 +233,10 @@ class OpenAIRoutes:
             finally:
                 for generation in generations:
                     generation.cancel()
-            choices = [choice(i, text, g.finish_reason, delta=False)
-                       for i, (text, g) in enumerate(zip(texts, generations, strict=True))]  # fmt: skip
+            choices = []
+            for i, (text, g) in enumerate(zip(texts, generations, strict=True)):
+                content, calls = answer(text)
+                choices.append(choice(i, content, "tool_calls" if calls else g.finish_reason, False, calls))
             return app.json({"id": ident, "object": kind, "created": created, "model": model, "choices": choices,
                              "usage": _usage(generations)})  # fmt: skip
         chunk = {"id": ident, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": model}
@@ -222,6 +246,16 @@ class OpenAIRoutes:
                 for index in range(len(generations)):
                     yield {**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]}  # fmt: skip
+            if fmt is not None:  # a tool call is known only once the answer is whole: each choice is one delta
+                texts = await asyncio.gather(*(generating.text(g) for g in generations))
+                for index, text in enumerate(texts):
+                    content, calls = answer(text)
+                    yield {**chunk, "choices": [choice(index, content, None, True, calls)]}
+                    finish = "tool_calls" if calls else generations[index].finish_reason
+                    yield {**chunk, "choices": [choice(index, None, finish, delta=True)]}
+                if include_usage:
+                    yield {**chunk, "choices": [], "usage": _usage(generations)}
+                return
             async for index, piece in _interleaved([generating.stream(g) for g in generations]):
                 if piece is None:  # that choice is done
                     finish = generations[index].finish_reason

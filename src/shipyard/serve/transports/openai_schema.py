@@ -6,6 +6,7 @@ min_tokens, ignore_eos) are declared once, in sampling.Options, and shared with 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -124,13 +125,25 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallMessage(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
-    """One chat message; text content (a string, or text parts)."""
+    """One chat message; text content (a string, or text parts), and an assistant's earlier tool calls."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None
 
     @property
     def text(self) -> str:
@@ -145,7 +158,39 @@ class Message(_Body):
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:  # templates read the arguments as a mapping (transformers' convention)
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                 for c in self.tool_calls]  # fmt: skip
         return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # calls that a grammar makes follow the schema either way
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(_Body):
@@ -181,17 +226,15 @@ class ChatRequest(_Generating):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # advisory while there are no tools
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # advisory: a required call is one call
 
     @model_validator(mode="after")
     def _not_yet(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise _refuse("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-        if self.tools:
-            raise _refuse("tools", f"'tools' {_NOT_SUPPORTED}")
-        if self.tool_choice is not None:
+        if self.tool_choice is not None and not self.tools:
             raise _refuse("tool_choice", "'tool_choice' is only allowed when 'tools' are given")
         return self
 
@@ -199,10 +242,31 @@ class ChatRequest(_Generating):
     def wants_logprobs(self) -> bool:
         return bool(self.logprobs)
 
-    def chat_options(self) -> Options:
+    @property
+    def offered_tools(self) -> list[dict[str, Any]]:
+        """The tools the model is shown (none with tool_choice "none"), as transformers passes them."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    @property
+    def required_tool(self) -> tuple[bool, str | None]:
+        """(whether a call is required, the function it must be when one is named)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return True, self.tool_choice.function.name
+        return bool(self.tools) and self.tool_choice == "required", None
+
+    def chat_options(self, grammar: str | None = None) -> Options:
+        """The options; `grammar`: Lark a required tool call must follow."""
         schema = self.response_format.output_schema if self.response_format is not None else None
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.options(self.max_completion_tokens or self.max_tokens, schema, logprobs)
+        options = self.options(self.max_completion_tokens or self.max_tokens, schema, logprobs)
+        if grammar is None:
+            return options
+        if options.constraint is not None:
+            raise InvalidInputError("a required tool call is a constraint of its own: drop response_format and "
+                                    "guided_*, or use tool_choice auto", param="tool_choice")  # fmt: skip
+        return options.model_copy(update={"guided_grammar": grammar})
 
 
 class EmbeddingRequest(_Body):
