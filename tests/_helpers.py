@@ -187,13 +187,15 @@ ARCHITECTURES = ("llama", "qwen2", "phi3", "mistral")
 
 def _byte_level_tokenizer() -> Any:
     """A byte-level BPE (as GPT-2, Llama 3 and Qwen use) of about 300 tokens, trained here: it can write any
-    text, JSON included, which structured output needs. `<eos>` is id 0, `<unk>` id 1."""
+    text, JSON included, which structured output needs. `<eos>` is id 0, `<unk>` id 1, then StarCoder's
+    fill-in-the-middle tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<unk>"], show_progress=False,
+    specials = ["<eos>", "<unk>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>"]  # with fill-in-the-middle tokens
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     text = [" ".join(WORDS[2:]), '{"name": "ark", "speed": 12, "ok": true}', "user : north wind ; assistant :"]
     tokenizer.train_from_iterator(text * 20, trainer)

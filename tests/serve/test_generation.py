@@ -343,9 +343,10 @@ def test_deeply_nested_values_are_a_400_naming_the_field(
     [
         ("completions", {"frobnicate": 1}, "frobnicate"),
         ("chat/completions", {"frobnicate": 1}, "frobnicate"),
-        ("completions", {"echo": True}, "echo"),
-        ("completions", {"best_of": 2}, "best_of"),
-        ("completions", {"suffix": "the end"}, "suffix"),
+        ("completions", {"echo": True, "logprobs": 1}, "echo"),
+        ("completions", {"best_of": 2, "n": 3}, "best_of"),
+        ("completions", {"best_of": 2, "stream": True}, "best_of"),
+        ("completions", {"suffix": "the end"}, "suffix"),  # this model has no fill-in-the-middle tokens
         ("chat/completions", {"tool_choice": "auto"}, "tool_choice"),
         # This model's template shows no tools: refused rather than answered as if there were none.
         ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -408,6 +409,25 @@ def test_sampling_fields_are_honoured(lm_server: tuple[RunningServer, str]) -> N
     assert late[:3] == words[:3]
     assert len(late) >= 5  # the stop token was not drawn at the fourth step: another word came
     assert late[3] != words[3]
+
+
+def test_echo_and_best_of(lm_server: tuple[RunningServer, str]) -> None:
+    server, expected = lm_server
+    client = _client(server)
+    assert client.completions.create(model="lm", prompt=PROMPT, max_tokens=12, echo=True).choices[0].text == (
+        PROMPT + expected)  # fmt: skip
+    streamed = client.completions.create(model="lm", prompt=PROMPT, max_tokens=12, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == PROMPT + expected
+    # best_of 3: the three candidates of n=3 with the same seed, and the one with the highest summed logprob wins.
+    fields: Any = {"model": "lm", "prompt": PROMPT, "max_tokens": 6, "temperature": 1.5, "seed": 5}
+    candidates = client.completions.create(**fields, n=3, logprobs=0).choices
+    scores = {c.text: sum(c.logprobs.token_logprobs or []) for c in candidates if c.logprobs}
+    best = client.completions.create(**fields, best_of=3)
+    assert len(best.choices) == 1
+    assert best.choices[0].text == max(scores, key=lambda text: scores[text])
+    assert best.choices[0].logprobs is None  # not asked for
+    assert best.usage is not None
+    assert best.usage.completion_tokens == 18  # every candidate's tokens, as OpenAI counts them
 
 
 def test_logprobs_are_the_models_own_and_stream_as_they_come(

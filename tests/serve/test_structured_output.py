@@ -1,6 +1,7 @@
 """Structured output on a real server: OpenAI's response_format (json_schema, json_object) and vLLM's guided_*
 extensions, enforced by a grammar on a random-initialised model — the grammar, not the weights, makes the
-answer valid. The model's tokenizer is a byte-level BPE, as real ones are, so it can write JSON."""
+answer valid. The model's tokenizer is a byte-level BPE, as real ones are, so it can write JSON; it has
+fill-in-the-middle tokens too, which `suffix` uses."""
 
 from __future__ import annotations
 
@@ -103,3 +104,16 @@ def test_constrained_and_free_sequences_share_a_batch_without_changing_each_othe
     texts, answers = asyncio.run(together())
     assert texts == free
     assert all(Ship.model_validate_json(a or "") for a in answers)
+
+
+def test_suffix_asks_for_the_middle_with_the_models_fill_in_the_middle_tokens(
+    json_server: RunningServer, client: openai.OpenAI
+) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(json_server.registry.root.parent / "hf" / "tokenizer.json"))
+    infill = "<fim_prefix>def sail(<fim_suffix>):\n    return wind<fim_middle>"
+    reply = client.completions.create(model="lm", prompt="def sail(", suffix="):\n    return wind", max_tokens=4)
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(infill).ids)
+    assert reply.choices[0].text == client.completions.create(model="lm", prompt=infill, max_tokens=4).choices[0].text

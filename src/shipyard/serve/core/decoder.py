@@ -28,7 +28,8 @@ from shipyard.serve.core.sampling import Options, Sampler, TokenLogprob
 from shipyard.serve.core.scheduler import Scheduler, Sequence
 from shipyard.tokenizer import load_tokenizer
 
-ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+_FIM = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+        ("<PRE>", "<SUF>", "<MID>"))  # fmt: skip
 
 
 @dataclass
@@ -225,6 +226,8 @@ class Decoder:
         if self.record.chat_template is not None:
             self._template = chat_template.compile_template(self.record.chat_template, f"{self.name}:{self.version}")
         self.tool_format = tools.detect(self.record.chat_template)  # how its template writes tool calls
+        self.fim = next((names for names in _FIM if all(self.tokenizer.token_to_id(n) is not None for n in names)),
+                        None)  # fill-in-the-middle tokens (prefix, suffix, middle), for `suffix`  # fmt: skip
         logits = next((t for t in manifest.signature.outputs if t.name == "logits"), None)
         vocabulary = logits.shape[-1] if logits is not None and logits.shape else None
         self.vocabulary = vocabulary if isinstance(vocabulary, int) else None  # ids the graph's tables hold
@@ -262,6 +265,15 @@ class Decoder:
         if tools:
             context["tools"] = tools
         return chat_template.render(self._template, context)
+
+    def infill(self, prefix: str, suffix: str) -> str:
+        """The prompt that asks the model for what goes between prefix and suffix (prefix-suffix-middle order,
+        as StarCoder, SmolLM, Qwen Coder and Code Llama were trained)."""
+        if self.fim is None:
+            raise InvalidInputError(f"{self.name} has no fill-in-the-middle tokens: 'suffix' needs a model "
+                                    "trained with them", param="suffix")  # fmt: skip
+        before, after, middle = self.fim
+        return f"{before}{prefix}{after}{suffix}{middle}"
 
     def encode(self, text: str, templated: bool) -> list[int]:
         """Token ids of a prompt. A raw prompt gets the special tokens the tokenizer itself adds (a Llama

@@ -97,6 +97,15 @@ def _logprobs(decoder: Decoder, entries: list[TokenLogprob], chat: bool) -> dict
             "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}  # fmt: skip
 
 
+def _best(generations: list[Generation], n: int) -> list[int]:
+    """The n generations to answer with: all of them in order, or (best_of) the n whose tokens have the
+    highest summed logprob, best first."""
+    if len(generations) == n:
+        return list(range(n))
+    scores = [sum(e.logprob for e in g.logprobs()) for g in generations]
+    return sorted(range(len(generations)), key=lambda i: -scores[i])[:n]
+
+
 def _usage(generations: list[Generation]) -> dict[str, int]:
     """One prompt (it was prefilled once), every choice's completion."""
     prompt = generations[0].usage.prompt_tokens
@@ -177,7 +186,8 @@ class OpenAIRoutes:
                 lambda: decoder.start(decoder.render_chat(messages, offered), options, templated=True)
             )
         assert isinstance(request, CompletionRequest)
-        return request, await asyncio.to_thread(decoder.start, request.text, request.completion_options())
+        prompt = decoder.infill(request.text, request.suffix) if request.suffix else request.text
+        return request, await asyncio.to_thread(decoder.start, prompt, request.completion_options())
 
     @staticmethod
     async def completions(app: RestApp, call: Call) -> Any:
@@ -190,7 +200,9 @@ class OpenAIRoutes:
     @staticmethod
     async def _answer(app: RestApp, call: Call, chat: bool) -> Any:
         request, first = await OpenAIRoutes._start(app, call, chat)
-        generations = first.choices(request.n)
+        completion = request if isinstance(request, CompletionRequest) else None
+        generations = first.choices(completion.candidates if completion else request.n)
+        echo = completion.text if completion is not None and completion.echo else ""
         stream, include_usage, model = request.stream, request.include_usage, request.model
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -200,13 +212,19 @@ class OpenAIRoutes:
         sent = [0] * len(generations)  # tokens whose logprobs went out, per choice
 
         def choice(
-            index: int, text: str | None, finish: str | None, delta: bool, calls: list[tools.ToolCall] | None = None
+            index: int,
+            text: str | None,
+            finish: str | None,
+            delta: bool,
+            calls: list[tools.ToolCall] | None = None,
+            source: int | None = None,
         ) -> dict[str, Any]:
-            logprobs = None
+            """Choice `index` of the answer, from generation `source` (the same unless best_of reordered)."""
+            logprobs, source = None, index if source is None else source
             if request.wants_logprobs:
-                entries = generations[index].logprobs(sent[index])
-                logprobs = _logprobs(generations[index].decoder, entries, chat)
-                sent[index] += len(entries)
+                entries = generations[source].logprobs(sent[source])
+                logprobs = _logprobs(generations[source].decoder, entries, chat)
+                sent[source] += len(entries)
             if not chat:
                 return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             key = "delta" if delta else "message"
@@ -234,9 +252,10 @@ class OpenAIRoutes:
                 for generation in generations:
                     generation.cancel()
             choices = []
-            for i, (text, g) in enumerate(zip(texts, generations, strict=True)):
-                content, calls = answer(text)
-                choices.append(choice(i, content, "tool_calls" if calls else g.finish_reason, False, calls))
+            for i, source in enumerate(_best(generations, request.n)):
+                content, calls = answer(texts[source])
+                finish = "tool_calls" if calls else generations[source].finish_reason
+                choices.append(choice(i, echo + (content or "") if echo else content, finish, False, calls, source))
             return app.json({"id": ident, "object": kind, "created": created, "model": model, "choices": choices,
                              "usage": _usage(generations)})  # fmt: skip
         chunk = {"id": ident, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": model}
@@ -256,6 +275,8 @@ class OpenAIRoutes:
                 if include_usage:
                     yield {**chunk, "choices": [], "usage": _usage(generations)}
                 return
+            for index in range(len(generations) if echo else 0):  # the prompt first, as it was sent
+                yield {**chunk, "choices": [{"index": index, "text": echo, "logprobs": None, "finish_reason": None}]}
             async for index, piece in _interleaved([generating.stream(g) for g in generations]):
                 if piece is None:  # that choice is done
                     finish = generations[index].finish_reason

@@ -99,14 +99,19 @@ class CompletionRequest(_Generating):
     suffix: str | None = None
 
     @model_validator(mode="after")
-    def _not_yet(self) -> CompletionRequest:
-        if self.echo:
-            raise _refuse("echo", f"'echo' {_NOT_SUPPORTED}")
-        if self.best_of not in (None, 1):
-            raise _refuse("best_of", f"'best_of' above 1 {_NOT_SUPPORTED}")
-        if self.suffix:
-            raise _refuse("suffix", f"'suffix' {_NOT_SUPPORTED}: this model has no fill-in-the-middle tokens")
+    def _combinations(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise _refuse("echo", f"'echo' with 'logprobs' (the prompt's own logprobs) {_NOT_SUPPORTED}")
+        if self.best_of is not None and self.best_of < self.n:
+            raise _refuse("best_of", "'best_of' must be at least 'n'")
+        if self.best_of is not None and self.best_of > 1 and self.stream:
+            raise _refuse("best_of", "'best_of' above 1 cannot be streamed: the best are known at the end")
         return self
+
+    @property
+    def candidates(self) -> int:
+        """Completions to generate: best_of of them, the best n returned."""
+        return max(self.n, self.best_of or 1)
 
     @property
     def text(self) -> str:
@@ -117,7 +122,8 @@ class CompletionRequest(_Generating):
         return self.logprobs is not None
 
     def completion_options(self) -> Options:
-        return self.options(logprobs=self.logprobs)
+        # best_of ranks candidates by their tokens' summed logprobs, so it needs them even unasked.
+        return self.options(logprobs=self.logprobs if self.logprobs is not None or self.candidates == self.n else 0)
 
 
 class TextPart(_Body):
