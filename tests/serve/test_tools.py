@@ -13,54 +13,8 @@ import httpx
 import openai
 import pytest
 
+from tests._helpers import LLAMA3_STYLE, QWEN_STYLE
 from tests.serve.conftest import RunningServer, byte_level_lm_server
-
-QWEN_STYLE = """{%- if tools %}<|im_start|>system
-You may call these tools:
-<tools>
-{%- for tool in tools %}
-{{ tool | tojson }}
-{%- endfor %}
-</tools>
-Reply with <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
-{%- for call in message.tool_calls %}
-<tool_call>
-{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
-</tool_call>
-{%- endfor %}<|im_end|>
-{% elif message.role == "tool" %}<|im_start|>user
-<tool_response>
-{{ message.content }}
-</tool_response><|im_end|>
-{% else %}<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
-
-LLAMA3_STYLE = """{%- if tools %}<|start_header_id|>system<|end_header_id|>
-Environment: ipython
-Respond with a JSON for a function call: {"name": function name, "parameters": dictionary of arguments}.
-{%- for t in tools %}
-{{ t | tojson(indent=4) }}
-{%- endfor %}<|eot_id|>
-{%- endif %}
-{%- for message in messages %}
-{%- if message.role == "assistant" and message.tool_calls %}<|start_header_id|>assistant<|end_header_id|>
-{%- for call in message.tool_calls %}{"name": "{{ call.function.name }}", "parameters": \
-{{ call.function.arguments | tojson }}}{%- endfor %}<|eot_id|>
-{%- elif message.role == "tool" %}<|start_header_id|>ipython<|end_header_id|>
-{{ message.content }}<|eot_id|>
-{%- else %}<|start_header_id|>{{ message.role }}<|end_header_id|>
-{{ message.content }}<|eot_id|>
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
-{% endif %}"""
 
 TOOLS: Any = [
     {"type": "function", "function": {"name": "get_weather", "description": "The weather in a port.",

@@ -82,6 +82,19 @@ def _function(tool: dict[str, Any]) -> dict[str, Any]:
     return function if isinstance(function, dict) else {}
 
 
+def _closed(schema: Any) -> Any:
+    """The schema with objects that list their properties closed to others unless it says so (as OpenAI's
+    strict mode has them): a call carries the function's arguments, and a model cannot wander into more."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed(value) for key, value in schema.items()}
+    if "properties" in closed and "additionalProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed
+
+
 def grammar(fmt: Format, tools: list[dict[str, Any]], only: str | None) -> str:
     """A Lark grammar (llguidance's, with %json) for exactly one call: of `only`, else of any tool."""
     key = "parameters" if fmt == "llama3" else "arguments"
@@ -90,7 +103,7 @@ def grammar(fmt: Format, tools: list[dict[str, Any]], only: str | None) -> str:
         raise InvalidInputError(f"tool_choice names {only!r}, which is not among the tools", param="tool_choice")
     options = [{"type": "object", "additionalProperties": False, "required": ["name", key],
                 "properties": {"name": {"const": _function(t).get("name")},
-                               key: _function(t).get("parameters") or {"type": "object"}}}
+                               key: _closed(_function(t).get("parameters") or {"type": "object"})}}
                for t in chosen]  # fmt: skip
     schema = json.dumps({**(options[0] if len(options) == 1 else {"anyOf": options}), "x-guidance": _COMPACT})
     if fmt == "hermes":
