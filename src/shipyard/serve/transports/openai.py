@@ -11,10 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-import itertools
-import time
-import uuid
-from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,12 +18,12 @@ import numpy as np
 from shipyard.errors import ErrorKind, InvalidInputError, NotFoundError, ShipyardError
 from shipyard.registry.refs import parse_ref
 from shipyard.serve.core import tools
-from shipyard.serve.core.decoder import Decoder, Generation
+from shipyard.serve.core.decoder import Generation
 from shipyard.serve.core.repository import ModelHandle
-from shipyard.serve.core.sampling import TokenLogprob
 from shipyard.serve.protocol.types import InferRequest, Tensor
 from shipyard.serve.transports import rest_codec as codec
 from shipyard.serve.transports.edge import HTTP_STATUS, public_error
+from shipyard.serve.transports.openai_answer import Answer
 from shipyard.serve.transports.openai_schema import ChatRequest, CompletionRequest, EmbeddingRequest, parse
 
 if TYPE_CHECKING:
@@ -75,74 +71,6 @@ def _created(handle: ModelHandle) -> int:
 
 def _model_card(ident: str, created: int) -> dict[str, Any]:
     return {"id": ident, "object": "model", "created": created, "owned_by": "shipyard"}
-
-
-def _logprobs(decoder: Decoder, entries: list[TokenLogprob], chat: bool) -> dict[str, Any]:
-    """Tokens' logprobs in OpenAI's shapes: chat's `content` list, or the completions API's parallel lists."""
-
-    def text(token: int) -> str:
-        return str(decoder.tokenizer.decode([token], skip_special_tokens=False))
-
-    if chat:
-
-        def item(token: int, logprob: float) -> dict[str, Any]:
-            piece = text(token)
-            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
-
-        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                            for e in entries], "refusal": None}  # fmt: skip
-    tokens = [text(e.token) for e in entries]
-    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}  # fmt: skip
-
-
-def _best(generations: list[Generation], n: int) -> list[int]:
-    """The n generations to answer with: all of them in order, or (best_of) the n whose tokens have the
-    highest summed logprob, best first."""
-    if len(generations) == n:
-        return list(range(n))
-    scores = [sum(e.logprob for e in g.logprobs()) for g in generations]
-    return sorted(range(len(generations)), key=lambda i: -scores[i])[:n]
-
-
-def _usage(generations: list[Generation]) -> dict[str, int]:
-    """One prompt (it was prefilled once), every choice's completion."""
-    prompt = generations[0].usage.prompt_tokens
-    completion = sum(g.usage.completion_tokens for g in generations)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-async def _interleaved(streams: list[AsyncGenerator[str, None]]) -> AsyncGenerator[tuple[int, str | None], None]:
-    """(index, piece) from every stream as they come, then (index, None) when that one ends; the first error
-    ends them all."""
-    if len(streams) == 1:  # the common case needs no tasks
-        async for only in streams[0]:
-            yield 0, only
-        yield 0, None
-        return
-    arrived: asyncio.Queue[tuple[int, str | None, BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncGenerator[str, None]) -> None:
-        try:
-            async for piece in stream:
-                await arrived.put((index, piece, None))
-            await arrived.put((index, None, None))
-        except Exception as exc:  # handed to the consumer, which raises it
-            await arrived.put((index, None, exc))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        ended = 0
-        while ended < len(streams):
-            index, piece, error = await arrived.get()
-            if error is not None:
-                raise error
-            ended += piece is None
-            yield index, piece
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 class OpenAIRoutes:
@@ -200,97 +128,10 @@ class OpenAIRoutes:
     @staticmethod
     async def _answer(app: RestApp, call: Call, chat: bool) -> Any:
         request, first = await OpenAIRoutes._start(app, call, chat)
-        completion = request if isinstance(request, CompletionRequest) else None
-        generations = first.choices(completion.candidates if completion else request.n)
-        echo = completion.text if completion is not None and completion.echo else ""
-        stream, include_usage, model = request.stream, request.include_usage, request.model
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-        generating = app.services.generation
-
-        sent = [0] * len(generations)  # tokens whose logprobs went out, per choice
-
-        def choice(
-            index: int,
-            text: str | None,
-            finish: str | None,
-            delta: bool,
-            calls: list[tools.ToolCall] | None = None,
-            source: int | None = None,
-        ) -> dict[str, Any]:
-            """Choice `index` of the answer, from generation `source` (the same unless best_of reordered)."""
-            logprobs, source = None, index if source is None else source
-            if request.wants_logprobs:
-                entries = generations[source].logprobs(sent[source])
-                logprobs = _logprobs(generations[source].decoder, entries, chat)
-                sent[source] += len(entries)
-            if not chat:
-                return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-            key = "delta" if delta else "message"
-            content: dict[str, Any] = {"content": text} if text is not None else {}
-            if not delta:
-                content = {"role": "assistant", "content": text if calls else text or ""}
-            if calls:  # streamed as one delta each, with its index, as OpenAI's clients read them
-                content["tool_calls"] = [
-                    {"index": i, **c.openai()} if delta else c.openai() for i, c in enumerate(calls)
-                ]
-            return {"index": index, key: content, "logprobs": logprobs, "finish_reason": finish}
-
-        fmt, names = None, set()
-        if isinstance(request, ChatRequest) and request.offered_tools:
-            fmt, names = generations[0].decoder.tool_format, {t["function"]["name"] for t in request.offered_tools}
-
-        def answer(text: str) -> tuple[str | None, list[tools.ToolCall]]:
-            return tools.parse(fmt, text, names) if fmt is not None else (text, [])
-
-        generating.admit_all(generations)  # a full queue answers 429 before anything is sent
-        if not stream:
-            try:
-                texts = await asyncio.gather(*(generating.text(g) for g in generations))
-            finally:
-                for generation in generations:
-                    generation.cancel()
-            choices = []
-            for i, source in enumerate(_best(generations, request.n)):
-                content, calls = answer(texts[source])
-                finish = "tool_calls" if calls else generations[source].finish_reason
-                choices.append(choice(i, echo + (content or "") if echo else content, finish, False, calls, source))
-            return app.json({"id": ident, "object": kind, "created": created, "model": model, "choices": choices,
-                             "usage": _usage(generations)})  # fmt: skip
-        chunk = {"id": ident, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": model}
-
-        async def events() -> AsyncGenerator[dict[str, Any], None]:
-            if chat:  # each choice's first chunk names the role, as OpenAI's do
-                for index in range(len(generations)):
-                    yield {**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]}  # fmt: skip
-            if fmt is not None:  # a tool call is known only once the answer is whole: each choice is one delta
-                texts = await asyncio.gather(*(generating.text(g) for g in generations))
-                for index, text in enumerate(texts):
-                    content, calls = answer(text)
-                    yield {**chunk, "choices": [choice(index, content, None, True, calls)]}
-                    finish = "tool_calls" if calls else generations[index].finish_reason
-                    yield {**chunk, "choices": [choice(index, None, finish, delta=True)]}
-                if include_usage:
-                    yield {**chunk, "choices": [], "usage": _usage(generations)}
-                return
-            for index in range(len(generations) if echo else 0):  # the prompt first, as it was sent
-                yield {**chunk, "choices": [{"index": index, "text": echo, "logprobs": None, "finish_reason": None}]}
-            async for index, piece in _interleaved([generating.stream(g) for g in generations]):
-                if piece is None:  # that choice is done
-                    finish = generations[index].finish_reason
-                    yield {**chunk, "choices": [choice(index, None if chat else "", finish, delta=True)]}
-                else:
-                    yield {**chunk, "choices": [choice(index, piece, None, delta=True)]}
-            if include_usage:
-                yield {**chunk, "choices": [], "usage": _usage(generations)}
-
-        def cancel() -> None:
-            for generation in generations:
-                generation.cancel()
-
-        return app.events(events(), openai=True, on_close=cancel)
+        answer = Answer(request, first, app.services.generation)
+        if not request.stream:
+            return app.json(await answer.whole())
+        return app.events(answer.events(), openai=True, on_close=answer.cancel)
 
     @staticmethod
     async def embeddings(app: RestApp, call: Call) -> Any:
