@@ -54,7 +54,7 @@ def test_apply_is_idempotent_and_rollback_returns_to_an_earlier_release(
     assert first.release is not None
     assert first.release.number == 1
     again = apply(loaded, registry, "docker")
-    assert again.release is None
+    assert again.release is None, [line for change in again.plan.changes for line in change.diff]
     assert again.plan.empty
     # A new model version and a changed port: the plan names both, apply makes release 2.
     import_onnx(make_mlp_onnx(tmp_path / "mlp2.onnx", seed=5), "mlp", registry)
