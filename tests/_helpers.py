@@ -321,3 +321,66 @@ Respond with a JSON for a function call: {"name": function name, "parameters": d
 {%- endfor %}
 {%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
 {% endif %}"""
+
+
+def make_gguf(folder: Path, dest: Path) -> Path:
+    """The Llama in a `save_pretrained` folder (with a byte-level BPE) written as a float32 GGUF file the way
+    llama.cpp's converter lays it out: its tensor names, query and key rows permuted for its rotary layout,
+    the tokenizer as a gpt2-type vocabulary with merges, and the chat template in the metadata."""
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    weights = load_file(str(folder / "model.safetensors"))
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(dest), "llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(config["hidden_size"] // heads)
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = tokenizer["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    specials = {t["id"] for t in tokenizer["added_tokens"] if t.get("special")}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])  # fmt: skip
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_unk_token_id(vocab["<unk>"])
+    writer.add_pad_token_id(config["pad_token_id"])
+    writer.add_chat_template((folder / "chat_template.jinja").read_text())
+
+    def permute(x: np.ndarray, n: int) -> np.ndarray:
+        return x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}  # fmt: skip
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for layer in range(config["num_hidden_layers"]):
+        names.update({f"model.layers.{layer}.{hf}.weight": f"blk.{layer}.{ours}.weight" for hf, ours in parts.items()})
+    for hf, ours in names.items():
+        tensor = weights[hf].astype(np.float32)
+        if ours.endswith("attn_q.weight"):
+            tensor = permute(tensor, heads)
+        elif ours.endswith("attn_k.weight"):
+            tensor = permute(tensor, kv_heads)
+        writer.add_tensor(ours, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dest

@@ -52,7 +52,8 @@ def test_wrong_type_names_expected_and_got(tmp_path: Path) -> None:
 
 
 def test_bad_enum_value_lists_choices() -> None:
-    with pytest.raises(SpecError, match=r"model\.format: Input should be 'torch', 'onnx', 'sklearn' or 'huggingface'"):
+    choices = "'torch', 'onnx', 'sklearn', 'huggingface' or 'gguf'"
+    with pytest.raises(SpecError, match=rf"model\.format: Input should be {choices}"):
         parse_spec({"name": "m", "model": {"format": "tensorflow", "path": "x"}}, "s")
 
 

@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from shipyard.artifact.hashing import sha256_file
 from shipyard.artifact.layout import folder_size
 from shipyard.artifact.manifest import GenerationRecord
 from shipyard.dtypes import numpy_of
 from shipyard.errors import ConversionError, EvaluationError, ShipyardError, SpecError
 from shipyard.kvcache import CacheSlots, StepRunner
 from shipyard.onnxrt import MODEL_FILE, check_onnx, model_bytes, parameter_count, place_model, session, signature_of
+from shipyard.pipeline._gguf import check_gguf, gguf_folder
 from shipyard.pipeline._hf import HfFolder, builder_layout, export_decoder, load_torch_model, read_folder, weights_hash
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.optimize import transforms
@@ -90,18 +92,27 @@ class LanguageLoadStep:
 
     def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
         spec = ctx.loaded.spec
-        folder = read_folder(spec.model, ctx.base_dir)
+        source, from_gguf = spec.model, None
+        if source.format == "gguf":  # read into a plain folder, then built like one
+            assert source.path is not None
+            path = resolve_path(ctx.base_dir, source.path).resolve()
+            info = check_gguf(path)
+            made = gguf_folder(path, ctx.scratch_dir / "from-gguf")
+            source = source.model_copy(update={"format": "huggingface", "path": str(made), "task": "text-generation"})
+            from_gguf = info.record(path)
+        folder = read_folder(source, ctx.base_dir)
         model = load_torch_model(folder, spec.model.trust_remote_code)
-        ctx.source_sha256 = weights_hash(folder.path)
+        ctx.source_sha256 = weights_hash(folder.path) if from_gguf is None else sha256_file(path)
         context = int(folder.config.get("max_position_embeddings", 2048))
         if spec.model.generation is not None and spec.model.generation.context is not None:
             context = min(context, spec.model.generation.context)  # windows must fit the served context
         ctx.language = LanguageBuild(folder, model, _windows(spec, folder, ctx.base_dir, context))
         progress.update(1, 1)
         parameters = sum(p.numel() for p in model.parameters())
-        return {"format": "huggingface", "task": folder.task, "path": folder.path.name,
+        return {"format": spec.model.format, "task": folder.task, "path": Path(spec.model.path or "").name,
                 "architecture": folder.config["model_type"], "parameters": parameters,
-                "windows": len(ctx.language.windows), "window": int(ctx.language.windows.shape[1])}  # fmt: skip
+                "windows": len(ctx.language.windows), "window": int(ctx.language.windows.shape[1]),
+                **({"gguf": from_gguf} if from_gguf is not None else {})}  # fmt: skip
 
 
 def _record(

@@ -115,8 +115,8 @@ HF_TASKS = ("text-generation", "feature-extraction", "text-classification")
 class ModelSourceSpec(_Spec):
     """Where the trained model comes from."""
 
-    format: Literal["torch", "onnx", "sklearn", "huggingface"]
-    """Source framework."""
+    format: Literal["torch", "onnx", "sklearn", "huggingface", "gguf"]
+    """Source framework; `gguf`: a causal language model in a GGUF file (llama.cpp, Ollama, LM Studio)."""
     path: str | None = None
     """Model file: .onnx, TorchScript .pt, torch.export .pt2, or a scikit-learn .skops/.pkl/.joblib file; for
     `huggingface` a local folder as `save_pretrained` writes it (config.json, safetensors weights,
@@ -161,20 +161,22 @@ class ModelSourceSpec(_Spec):
             raise ValueError("`weights` goes with `module`")
         if self.format == "torch" and self.signature is None:
             raise ValueError("format: torch needs `signature.inputs` (names, dtypes and shapes to export)")
-        if (self.format == "huggingface") != (self.task is not None):
+        if self.format == "gguf" and self.task not in (None, "text-generation"):
+            raise ValueError("a GGUF file holds a language model: task text-generation (or leave `task` out)")
+        if self.format != "gguf" and (self.format == "huggingface") != (self.task is not None):
             raise ValueError("format: huggingface needs `task` (text-generation, feature-extraction or "
                              "text-classification), and `task` is for huggingface folders only")  # fmt: skip
-        if self.format == "huggingface" and (self.signature is not None or self.tokenizer is not None):
-            raise ValueError("a huggingface folder brings its signature and tokenizer: leave those out")
+        if self.format in ("huggingface", "gguf") and (self.signature is not None or self.tokenizer is not None):
+            raise ValueError(f"a {self.format} model brings its signature and tokenizer: leave those out")
         if self.trust_remote_code and self.format != "huggingface":
             raise ValueError("`trust_remote_code` is for huggingface folders")
-        if self.generation is not None and self.task != "text-generation":
+        if self.generation is not None and not self.generates:
             raise ValueError("`generation` settings are for task: text-generation")
         return self
 
     @property
     def generates(self) -> bool:
-        return self.task == "text-generation"
+        return self.task == "text-generation" or self.format == "gguf"
 
 
 class ToleranceSpec(_Spec):
