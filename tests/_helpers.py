@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 import socket
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,32 @@ def write_spec(folder: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+_EPHEMERAL = _ephemeral_ports()
+_PORTS = itertools.cycle(p for p in range(20000, 32768) if p not in _EPHEMERAL)
+for _ in range(secrets.randbelow(12000)):  # runs side by side on one machine start at different places
+    next(_PORTS)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port no one listens on, for a server a test starts. It comes from below the kernel's
+    ephemeral range, so between this check and the server's bind no outgoing connection or bind(0) can be
+    given it (a port taken from bind(0) and released could be), and each is handed out once per cycle."""
+    for port in _PORTS:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("unreachable: the cycle never ends")
 
 
 def publish(registry: LocalRegistry, name: str = "m", payload: bytes = b"model") -> int:
