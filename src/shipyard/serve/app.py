@@ -38,6 +38,7 @@ class Server:
     services: Services
     access: AccessControl
     rest: RestApp
+    request_log: RequestLog | None = None
 
 
 def compose(
@@ -71,4 +72,4 @@ def compose(
         open_health=settings.open_health,
     )
     rest = RestApp(services, access, settings.max_body_bytes, settings.body_timeout_s)
-    return Server(settings, metrics, repository, services, access, rest)
+    return Server(settings, metrics, repository, services, access, rest, request_log)

@@ -189,6 +189,8 @@ class ShipyardServer:
         if self.http is not None:
             await self._http_task
         await self.repository.unload_all()
+        if self.parts.request_log is not None:
+            await asyncio.to_thread(self.parts.request_log.close)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
 

@@ -11,13 +11,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import logging.handlers
+import queue
 import random
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
+
+QUEUE = 1024  # records waiting to be written; more are dropped (and counted) rather than held
 
 
 def _tensor(array: np.ndarray, redact: bool) -> dict[str, Any]:
@@ -47,23 +52,50 @@ class RequestLog:
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._handler = handler
         self._logger.addHandler(handler)
+        # Writing (and turning tensors into JSON, which costs what they are big) happens on a thread of its
+        # own: the event loop only hands the record over. A full queue drops records and counts them.
+        self._queue: queue.Queue[_Record | None] = queue.Queue(maxsize=QUEUE)
+        self.dropped = 0
+        self._writer = threading.Thread(target=self._write, name="request-log", daemon=True)
+        self._writer.start()
 
     def record(self, name: str, version: int, request_id: str | None, latency_ms: float,
                inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:  # fmt: skip
         if self._rng.random() >= self.sample:
             return
-        entry = {
-            "ts": round(time.time(), 6),
-            "model": name,
-            "version": version,
-            "id": request_id,
-            "latency_ms": round(latency_ms, 4),
-            "redacted": self.redact,
-            "inputs": {k: _tensor(v, self.redact) for k, v in inputs.items()},
-            "outputs": {k: _tensor(v, self.redact) for k, v in outputs.items()},
-        }
-        self._logger.info(orjson.dumps(entry).decode())
+        try:
+            self._queue.put_nowait(_Record(time.time(), name, version, request_id, latency_ms, inputs, outputs))
+        except queue.Full:
+            self.dropped += 1
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not None:
+            entry = {
+                "ts": round(item.ts, 6),
+                "model": item.name,
+                "version": item.version,
+                "id": item.request_id,
+                "latency_ms": round(item.latency_ms, 4),
+                "redacted": self.redact,
+                "inputs": {k: _tensor(v, self.redact) for k, v in item.inputs.items()},
+                "outputs": {k: _tensor(v, self.redact) for k, v in item.outputs.items()},
+            }
+            self._logger.info(orjson.dumps(entry).decode())
 
     def close(self) -> None:
+        """Write what is queued, then close the file."""
+        self._queue.put(None)
+        self._writer.join()
         self._logger.removeHandler(self._handler)
         self._handler.close()
+
+
+@dataclass(frozen=True)
+class _Record:
+    ts: float
+    name: str
+    version: int
+    request_id: str | None
+    latency_ms: float
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
