@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +70,19 @@ def test_external_data_is_gathered_into_the_artifact(tmp_path: Path, registry: L
     registry.manifest("ext:1", verify=True)
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": np.ones((2, 16), np.float32)})[0].shape == (2, 4)
+
+
+def test_the_lineage_hash_covers_weights_kept_beside_the_graph(
+    tmp_path: Path, registry: LocalRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onnxrt, "_SINGLE_FILE_LIMIT", 1 << 10)  # the > 2 GB layout, at a test's size
+    model = onnx.load(str(make_mlp_onnx(tmp_path / "plain.onnx", sizes=(64, 64, 4))))
+    onnx.save_model(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    manifest = import_onnx(tmp_path / "ext.onnx", "ext", registry)
+    files = {f.path: f.sha256 for f in manifest.files}
+    placed = next(step for step in manifest.lineage if step.step == "convert")  # it places the model
+    both = [["model.onnx", files["model.onnx"]], ["model.onnx.data", files["model.onnx.data"]]]
+    assert placed.output_sha256 == hashlib.sha256(json.dumps(both).encode()).hexdigest()  # not the graph's alone
 
 
 def test_invalid_import_name_is_a_spec_error(mlp_onnx: Path, registry: LocalRegistry) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -51,8 +53,28 @@ def default_steps(spec: ShipyardSpec) -> list[Step]:
     return steps
 
 
-def _current_hash(ctx: BuildContext) -> str | None:
-    return sha256_file(ctx.model_path) if ctx.model_path is not None else ctx.source_sha256
+class _ModelHashes:
+    """The lineage's hash of the model a step left: the model file's sha256, or with a side file of weights a
+    sha256 over both files' names and digests. A file is hashed once per change (its size and modification
+    time are the key), not before and after every step."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int, int], str] = {}
+
+    def _file(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._known:
+            self._known[key] = sha256_file(path)
+        return self._known[key]
+
+    def of(self, ctx: BuildContext) -> str | None:
+        if ctx.model_path is None:
+            return ctx.source_sha256
+        digests = [(f.name, self._file(f)) for f in model_files(ctx.model_path)]
+        if len(digests) == 1:
+            return digests[0][1]
+        return hashlib.sha256(json.dumps(digests).encode()).hexdigest()
 
 
 def build(
@@ -72,12 +94,13 @@ def build(
     reporter = reporter or NullReporter()
     with registry.stage() as staged, tempfile.TemporaryDirectory(prefix="shipyard-") as scratch:
         ctx = BuildContext(loaded=loaded, artifact_dir=staged, scratch_dir=Path(scratch))
+        hashes = _ModelHashes()
         for step in default_steps(spec):
-            before = _current_hash(ctx)
+            before = hashes.of(ctx)
             start = time.perf_counter()
             with reporter.step(step.description) as progress:
                 params = step.run(ctx, progress)
-            after = _current_hash(ctx)
+            after = hashes.of(ctx)
             ctx.lineage.append(
                 LineageStep(
                     step=step.name,
