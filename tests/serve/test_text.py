@@ -134,3 +134,28 @@ def test_a_tokenizer_on_a_graph_without_token_ids_is_a_clear_error(tmp_path: Pat
     with pytest.raises(ModelLoadError, match=r"not a readable tokenizer\.json"):
         build(load_spec(write_spec(tmp_path, {**SPEC, "name": "bag"})), registry)
     assert registry.all_versions() == []
+
+
+def test_embeddings_under_a_canary_read_the_schema_of_the_version_that_answers(tmp_path: Path) -> None:
+    """Version 2 names its text input differently; half the versionless requests go to it. Each must be
+    checked against the schema of the version that answers it, not the primary's."""
+    make_text_model(tmp_path)
+    registry = LocalRegistry(tmp_path / "registry")
+    build(load_spec(write_spec(tmp_path, SPEC)), registry)
+    renamed = {**SPEC, "model": {**SPEC["model"], "tokenizer": {"path": "tokenizer.json", "input": "sentence"}},
+               "evaluation": {**SPEC["evaluation"], "dataset": {"kind": "npz", "path": "eval.npz",
+                                                                "inputs": {"sentence": "text"}}}}  # fmt: skip
+    build(load_spec(write_spec(tmp_path, renamed)), registry)
+    server = start_server(registry, tmp_path / "server.log", "bag:1", "bag:2", extra_args=("--canary", "bag:2=50"))
+    try:
+        for _ in range(24):
+            reply = httpx.post(f"{server.base()}/v1/embeddings", json={"model": "bag", "input": TEXTS[:2]})
+            assert reply.status_code == 200, reply.text
+            np.testing.assert_allclose([d["embedding"] for d in reply.json()["data"]], expected(TEXTS[:2]),
+                                       rtol=1e-5)  # fmt: skip
+        metrics = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
+    finally:
+        assert stop_server(server) == 0
+    for version in ("1", "2"):  # both answered (24 draws at 50 %: all on one side has odds of 2 in 16 million)
+        series = f'shipyard_inference_requests_total{{model="bag",outcome="success",version="{version}"}}'
+        assert any(line.startswith(series) and float(line.split()[-1]) > 0 for line in metrics.splitlines())

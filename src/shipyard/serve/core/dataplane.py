@@ -78,6 +78,12 @@ class DataPlane:
     def _answering(self, name: str, version: str | None, *, draw: bool = False) -> ModelHandle:
         return answering(self.repository, self.rollout, name, version, draw=draw)
 
+    def draw(self, name: str, version: str | None) -> str:
+        """The version that answers a request for `name`: the one it names, or one the rollout rules draw (a
+        caller that reads the schema and then infers must use the same one, or a canary with another schema
+        could answer)."""
+        return str(self._answering(name, version, draw=True).version)
+
     def model_ready(self, name: str, version: str | None) -> bool:
         try:
             self._answering(name, version)

@@ -245,7 +245,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         async for request in request_iterator:
             try:
                 self._allow(context, "infer", request.model_name)
-                name, version = request.model_name, request.model_version or None
+                name = request.model_name
+                version = self.dataplane.draw(name, request.model_version or None)  # one version decides both
                 if self.services.generation.generates(name, version):
                     async for message in self._generation(name, version, decode_infer(request)):
                         yield message

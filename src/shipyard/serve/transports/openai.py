@@ -138,6 +138,7 @@ class OpenAIRoutes:
         body = parse(EmbeddingRequest, codec.decode_object(await app.body(call)))
         name, version = _model_ref(app, call, body.model)
         texts, encoding = body.texts, body.encoding_format
+        version = app.dataplane.draw(name, version)  # the schema read is the answering version's
         if app.services.generation.generates(name, version):
             raise InvalidInputError(f"model {name!r} is a language model: use /v1/completions", param="model")
         schema = app.dataplane.model_metadata(name, version)
