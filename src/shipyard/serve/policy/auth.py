@@ -145,13 +145,17 @@ class AccessControl:
     limiter: RateLimiter | None = None
     open_health: bool = True
 
-    def check(self, authorization: str | None, caller: str, action: Action, model: str | None = None) -> None:
+    def check(
+        self, authorization: str | None, caller: str, action: Action, model: str | None = None
+    ) -> TokenEntry | None:
+        """Authenticate (once per request) and authorize; the caller's token entry, None without tokens."""
         if action == "health" and self.open_health:
-            return
+            return None
         if action == "admin" and not self.allow_management:
             raise ForbiddenError(
                 "the repository load/unload API is disabled (start the server with --allow-management)"
             )
+        entry = None
         if self.tokens is not None:
             entry = self._authenticate(authorization)
             if not entry.permits(action, model):
@@ -160,18 +164,19 @@ class AccessControl:
             caller = entry.name
         if self.limiter is not None and not self.limiter.allow(caller):
             raise RateLimitedError(f"rate limit of {self.limiter.rate:g} requests/s exceeded; retry later")
+        return entry
 
-    def permits_model(self, authorization: str | None, action: Action, model: str) -> bool:
-        """Whether the (already authenticated) caller may `action` the model: what a listing shows it."""
-        return self.tokens is None or self._authenticate(authorization).permits(action, model)
+    def permits_model(self, entry: TokenEntry | None, action: Action, model: str) -> bool:
+        """Whether the caller `check` let through (its token entry) may `action` the model: what a listing
+        shows it."""
+        return self.tokens is None or (entry is not None and entry.permits(action, model))
 
-    def check_model(self, authorization: str | None, action: Action, model: str) -> None:
-        """The per-model part of `check`, for routes that name the model in the body (OpenAI's): `check`
-        has already authenticated the caller and counted the request."""
-        if self.tokens is not None:
-            entry = self._authenticate(authorization)
-            if not entry.permits(action, model):
-                raise ForbiddenError(f"token {entry.name!r} may not {action} {model}")
+    def check_model(self, entry: TokenEntry | None, action: Action, model: str) -> None:
+        """The per-model part of `check`, for routes that name the model in the body (OpenAI's), with the entry
+        `check` authenticated (the token is not looked up again)."""
+        if not self.permits_model(entry, action, model):
+            name = entry.name if entry is not None else "(none)"
+            raise ForbiddenError(f"token {name!r} may not {action} {model}")
 
     def _authenticate(self, authorization: str | None) -> TokenEntry:
         assert self.tokens is not None

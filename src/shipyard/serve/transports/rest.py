@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from shipyard.errors import IncompleteRequestError, InvalidInputError, TooLargeError
 from shipyard.serve.core.services import Services
-from shipyard.serve.policy.auth import AccessControl, Action
+from shipyard.serve.policy.auth import AccessControl, Action, TokenEntry
 from shipyard.serve.protocol.numbers import parse_count
 from shipyard.serve.transports import openai
 from shipyard.serve.transports import rest_codec as codec
@@ -89,6 +89,7 @@ class Call(NamedTuple):  # a tuple: built for every request, so as cheap to make
     receive: Receive
     name: str | None = None  # {name} in the path
     version: str | None = None  # {version} in the path
+    caller: TokenEntry | None = None  # the token that authenticated it (None without tokens)
 
 
 Handler = Callable[["RestApp", Call], Awaitable[Answer]]
@@ -187,14 +188,14 @@ class RestApp:
         if isinstance(matched, _Response):
             return matched
         route, params = matched
-        call = Call(scope, receive, params.get("name"), params.get("version"))
+        name = params.get("name")
         authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         client = scope.get("client")
         # An OpenAI model id pins a version as NAME:VERSION or NAME@ALIAS; scopes name models, and registry
         # names cannot contain either character.
-        model = None if call.name is None else call.name.partition(":")[0].partition("@")[0]
-        self.access.check(authorization, client[0] if client else "unknown", route.action, model)
-        return await route.handler(self, call)
+        model = None if name is None else name.partition(":")[0].partition("@")[0]
+        caller = self.access.check(authorization, client[0] if client else "unknown", route.action, model)
+        return await route.handler(self, Call(scope, receive, name, params.get("version"), caller))
 
     @staticmethod
     async def _send_events(stream: _EventStream, scope: Scope, receive: Receive, send: Send) -> None:
@@ -311,11 +312,11 @@ class RestApp:
 
     def check_model(self, call: Call, model: str) -> None:
         """Access to a model named in the body, not the path (the OpenAI routes)."""
-        self.access.check_model(_authorization(call), "infer", model)
+        self.access.check_model(call.caller, "infer", model)
 
     def may_infer(self, call: Call, model: str) -> bool:
         """Whether the caller's token may infer the model (what a listing shows it)."""
-        return self.access.permits_model(_authorization(call), "infer", model)
+        return self.access.permits_model(call.caller, "infer", model)
 
     # --- handlers: one per route ---------------------------------------------------------------
 
@@ -430,7 +431,3 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/chat/completions", "infer", openai.OpenAIRoutes.chat_completions),
     Route("POST", "/v1/embeddings", "infer", openai.OpenAIRoutes.embeddings),
 ]
-
-
-def _authorization(call: Call) -> str | None:
-    return next((v.decode("latin-1") for k, v in call.scope["headers"] if k == b"authorization"), None)
