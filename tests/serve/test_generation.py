@@ -346,6 +346,7 @@ def test_deeply_nested_values_are_a_400_naming_the_field(
         ("completions", {"echo": True, "logprobs": 1}, "echo"),
         ("completions", {"best_of": 2, "n": 3}, "best_of"),
         ("completions", {"best_of": 2, "stream": True}, "best_of"),
+        ("completions", {"best_of": 9}, "best_of"),  # more than the model decodes together
         ("completions", {"suffix": "the end"}, "suffix"),  # this model has no fill-in-the-middle tokens
         ("chat/completions", {"tool_choice": "auto"}, "tool_choice"),
         # This model's template shows no tools: refused rather than answered as if there were none.

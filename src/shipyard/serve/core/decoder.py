@@ -62,13 +62,13 @@ class Generation:
 
     _sequence: Sequence | None = None
 
-    def choices(self, n: int) -> list[Generation]:
-        """This generation and n - 1 more of the same prompt (OpenAI's `n`); with a seed, choice i draws with
-        seed + i, so the set repeats. The prompt is prefilled once: the others find its cache in the prefix
-        cache (they are admitted after it)."""
+    def choices(self, n: int, param: str = "n") -> list[Generation]:
+        """This generation and n - 1 more of the same prompt (OpenAI's `n`, or `best_of`: the field `param`
+        names); with a seed, choice i draws with seed + i, so the set repeats. The prompt is prefilled once:
+        the others find its cache in the prefix cache (they are admitted after it)."""
         if n > self.decoder.record.max_running:
-            raise InvalidInputError(f"'n' is {n}; this model decodes at most {self.decoder.record.max_running} "
-                                    "sequences together", param="n")  # fmt: skip
+            raise InvalidInputError(f"{param!r} is {n}; this model decodes at most "
+                                    f"{self.decoder.record.max_running} sequences together", param=param)  # fmt: skip
         seed = self.options.seed
         return [self, *(Generation(self.decoder, self.ids, self.options if seed is None else
                                    self.options.model_copy(update={"seed": (seed + i) % 2**64}),

@@ -26,7 +26,10 @@ class Answer:
         self.request, self.generating = request, generating
         self.chat = isinstance(request, ChatRequest)
         completion = request if isinstance(request, CompletionRequest) else None
-        self.generations = first.choices(completion.candidates if completion else request.n)
+        if completion is not None and completion.candidates > completion.n:
+            self.generations = first.choices(completion.candidates, "best_of")
+        else:
+            self.generations = first.choices(request.n)
         self.echo = completion.text if completion is not None and completion.echo else ""
         kind = "chat.completion" if self.chat else "text_completion"
         self.head = {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
