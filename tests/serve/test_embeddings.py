@@ -25,7 +25,8 @@ TEXTS = ["The ship left the harbour at dawn.", "A storm passed far to the north.
 def embedding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     folder = tmp_path_factory.mktemp("embeddings")
     registry = LocalRegistry(folder / "registry")
-    spec = {"name": "minilm", "model": {"format": "huggingface", "path": str(MINILM), "task": "feature-extraction"}}
+    spec = {"name": "minilm", "model": {"format": "huggingface", "path": str(MINILM), "task": "feature-extraction",
+                                        "dimensions": [384, 128]}}  # a spec may declare Matryoshka sizes  # fmt: skip
     build(load_spec(write_spec(folder, spec)), registry)
     running = start_server(registry, folder / "server.log", "minilm")
     yield running
@@ -56,7 +57,7 @@ def test_embeddings_equal_sentence_transformers(embedding_server: RunningServer)
     ("body", "param"),
     [({"model": "minilm", "input": []}, "input"), ({"model": "minilm", "input": [1, 2]}, "input"),
      ({"model": "minilm", "input": "x", "encoding_format": "int8"}, "encoding_format"),
-     ({"model": "minilm", "input": "x", "dimensions": 8}, "dimensions"),  # one size: refused, not ignored
+     ({"model": "minilm", "input": "x", "dimensions": 8}, "dimensions"),  # not a declared size: refused
      ({"model": "minilm", "input": "x", "frobnicate": 1}, "frobnicate"),
      ({"model": "nothing", "input": "x"}, None)],
 )  # fmt: skip
@@ -65,6 +66,16 @@ def test_bad_embedding_requests_are_refused(embedding_server: RunningServer, bod
     reply = httpx.post(f"{embedding_server.base()}/v1/embeddings", json=body)
     assert reply.status_code == (404 if param is None else 400), reply.text
     assert reply.json()["error"]["param"] == param
+
+
+def test_dimensions_cut_and_renormalise_to_a_declared_size(embedding_server: RunningServer) -> None:
+    with openai.OpenAI(base_url=f"{embedding_server.base()}/v1", api_key="none", max_retries=0) as client:
+        full = np.array([d.embedding for d in client.embeddings.create(model="minilm", input=TEXTS).data])
+        short = np.array([d.embedding for d in client.embeddings.create(model="minilm", input=TEXTS,
+                                                                          dimensions=128).data])  # fmt: skip
+    assert short.shape == (3, 128)
+    expected = full[:, :128] / np.linalg.norm(full[:, :128], axis=1, keepdims=True)
+    np.testing.assert_allclose(short, expected, atol=1e-6)
 
 
 def test_completions_on_an_embedding_model_are_refused(embedding_server: RunningServer) -> None:

@@ -145,6 +145,10 @@ class ModelSourceSpec(_Spec):
     token_type_ids inputs (evaluation datasets then give the texts under `tokenizer.input`)."""
     generation: GenerationSpec | None = None
     """Serving settings of a text-generation model (defaults apply when left out)."""
+    dimensions: list[Annotated[int, Field(ge=1)]] | None = None
+    """`feature-extraction` only: the sizes a Matryoshka-trained model's embeddings may be cut to; OpenAI's
+    `dimensions` on /v1/embeddings may ask for one of them (the vector is cut and L2-normalised again), and is
+    refused otherwise."""
 
     @model_validator(mode="after")
     def _source_is_complete(self) -> ModelSourceSpec:
@@ -172,6 +176,8 @@ class ModelSourceSpec(_Spec):
             raise ValueError("`trust_remote_code` is for huggingface folders")
         if self.generation is not None and not self.generates:
             raise ValueError("`generation` settings are for task: text-generation")
+        if self.dimensions is not None and self.task != "feature-extraction":
+            raise ValueError("`dimensions` are for task: feature-extraction (embedding models)")
         return self
 
     @property

@@ -73,6 +73,17 @@ def _model_card(ident: str, created: int) -> dict[str, Any]:
     return {"id": ident, "object": "model", "created": created, "owned_by": "shipyard"}
 
 
+def _shortened(vectors: np.ndarray, size: int, source: dict[str, Any]) -> np.ndarray:
+    """Embeddings cut to `size` and L2-normalised again, for a model the spec declares those sizes for."""
+    allowed = source.get("dimensions") or []
+    if size not in allowed:
+        sizes = f"the sizes it was trained for: {', '.join(map(str, allowed))}" if allowed else "one size"
+        raise InvalidInputError(f"'dimensions' {size} is not one of this model's embedding sizes ({sizes})",
+                                param="dimensions")  # fmt: skip
+    cut = vectors[:, :size]
+    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)  # type: ignore[no-any-return]
+
+
 class OpenAIRoutes:
     """The handlers; each takes the REST app (for the services and body reading) and the matched call."""
 
@@ -151,6 +162,9 @@ class OpenAIRoutes:
         request = InferRequest([Tensor(tensor.name, "BYTES", shape, data)])
         response = await app.dataplane.infer(name, version, request)
         vectors = np.asarray(response.outputs[0].data, dtype=np.float32).reshape(len(texts), -1)
+        if body.dimensions is not None:
+            handle = app.services.management.repository.get(name, response.model_version)
+            vectors = _shortened(vectors, body.dimensions, (handle.manifest.spec or {}).get("model", {}))
         items = [{"object": "embedding", "index": i,
                   "embedding": base64.b64encode(v.tobytes()).decode() if encoding == "base64" else v.tolist()}
                  for i, v in enumerate(vectors)]  # fmt: skip

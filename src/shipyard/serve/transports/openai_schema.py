@@ -285,12 +285,6 @@ class EmbeddingRequest(_Body):
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None  # advisory
 
-    @model_validator(mode="after")
-    def _not_yet(self) -> EmbeddingRequest:
-        if self.dimensions is not None:
-            raise _refuse("dimensions", "'dimensions' is not supported by this model: it has one size")
-        return self
-
     @property
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
