@@ -184,7 +184,7 @@ class ModelRepository:
             await runtime.unload()
             stats.forget()
             raise
-        if settings.instances == 1 and runtime.bounded_cost and slowest * 1000 < settings.inline_max_ms:
+        if settings.instances == 1 and slowest * 1000 < settings.inline_max_ms and runtime.bounded_cost():
             batcher.use_inline(runtime.run_sync)
         batcher.start()
         logger.info(

@@ -64,7 +64,6 @@ class OrtRuntime:
         self._text_outputs = [i for i, t in enumerate(manifest.signature.outputs) if t.dtype == "string"]
         self._text: TextEncoder | None = None  # text models: tokenized on the worker thread, after batching
         self.providers: list[str] = []
-        self.bounded_cost = False  # a batch's cost set by its size alone (onnxrt.bounded_cost): may run inline
         self._sessions: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -83,11 +82,6 @@ class OrtRuntime:
             created = session(source.model, threads, wanted, source.side_files, tensorrt)
             self._sessions.put(created)
         self.providers = created.get_providers()
-        graph = onnx.load_model_from_string(source.model) if isinstance(source.model, bytes) else onnx.load(
-            str(source.model), load_external_data=False
-        )  # fmt: skip
-        self.bounded_cost = bounded_cost(graph, self.manifest.served_signature)
-        del graph
         if self.settings.device != "cpu" and wanted[0] not in self.providers:
             raise UnavailableError(
                 f"{self.manifest.name}:{self.manifest.version} needs {wanted[0]} "
@@ -120,6 +114,15 @@ class OrtRuntime:
         for index in self._text_outputs:
             outputs[index] = _as_bytes(outputs[index])
         return outputs
+
+    def bounded_cost(self) -> bool:
+        """Whether a batch's cost is set by its size alone (onnxrt.bounded_cost), so it may run inline. Asked
+        only of models whose warm-up was fast enough, so a big model's graph is never parsed for it."""
+        source = model_source(self.folder, self.manifest, self._key)
+        graph = onnx.load_model_from_string(source.model) if isinstance(source.model, bytes) else onnx.load(
+            str(source.model), load_external_data=False
+        )  # fmt: skip
+        return bounded_cost(graph, self.manifest.served_signature)
 
     @property
     def text_encoder(self) -> TextEncoder | None:
