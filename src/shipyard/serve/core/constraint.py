@@ -53,13 +53,12 @@ class Grammars:
 
     def matcher(self, grammar: str, param: str) -> llguidance.LLMatcher:
         """A fresh matcher; InvalidInputError naming `param` when the grammar is not one (runs in a thread:
-        compiling a large schema can take a while)."""
-        tokenizer = self._llg_tokenizer()
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-        if failed:
-            raise InvalidInputError(f"{param}: {messages[0][:500] if messages else 'not a valid grammar'}",
-                                    param=param)  # fmt: skip
-        return llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        compiling a large schema can take a while). The grammar is compiled once: a matcher made from a bad
+        one does not raise but starts in its error state, which says why."""
+        made = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        if made.is_error():
+            raise InvalidInputError(f"{param}: {made.get_error()[:500] or 'not a valid grammar'}", param=param)
+        return made
 
 
 class Constrained:
