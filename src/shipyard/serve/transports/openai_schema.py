@@ -16,9 +16,7 @@ from shipyard.serve.core.sampling import Options, invalid
 
 MAX_MESSAGES = 4096  # messages in one chat request
 
-# Fields this server does not do yet: a request that sets them gets a 400 naming the field, never a silent
-# default. (A value that asks for nothing, such as n: 1 or echo: false, is accepted.)
-_NOT_SUPPORTED = "is not supported by this server"
+_NOT_SUPPORTED = "is not supported by this server"  # the end of a 400 for a combination this server does not do
 
 
 class _Body(BaseModel):
@@ -36,14 +34,15 @@ class _Generating(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=128)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    max_tokens: int | None = Field(default=None, ge=1)  # checked here too: chat's max_completion_tokens wins
+    # The sampling fields' ranges are sampling.Options' (one declaration for every route): `options` checks them.
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
