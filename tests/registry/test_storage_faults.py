@@ -74,8 +74,8 @@ def test_a_registry_on_a_read_only_volume_is_listed_verified_and_served(tmp_path
         "$SHIPYARD models show mlp:1 --verify -r reg > /dev/null\n"
         "set +e; $SHIPYARD import mlp.onnx --name other -r reg; echo \"import=$?\"; set -e\n"
         f"$SHIPYARD serve mlp -r reg --http-port {port} --grpc-port 0 --metrics-port 0 2> serve.log &\n"
-        "$PYTHON -c \"$CLIENT\" \"$BODY\"\n"
-        "kill -TERM $! && wait $! || true\n",
+        "server=$!; trap 'kill -TERM $server 2>/dev/null; wait $server' EXIT\n"  # stopped however this ends
+        "$PYTHON -c \"$CLIENT\" \"$BODY\"\n",
         tmp_path, CLIENT=client, BODY=body,
     )  # fmt: skip
     log = tmp_path / "serve.log"
