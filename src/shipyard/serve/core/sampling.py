@@ -164,13 +164,16 @@ class Sampler:
         self.logprobs: list[TokenLogprob] | None = [] if options.logprobs is not None else None
         self.seen = set(prompt)  # what the repetition penalty looks at: the prompt and the output
         self.produced: Counter[int] = Counter()  # what presence and frequency penalties look at: the output
+        # Nothing changes the logits before they are drawn from: the row is used as it is, not copied.
+        self._plain = (not options.logit_bias and self.repetition == 1.0 and not self.presence and not self.frequency
+                       and not options.ignore_eos and not options.min_tokens and constrained is None)  # fmt: skip
 
     def pick(self, logits: np.ndarray) -> int:
         """The next token from one row of logits [vocabulary]."""
-        x = self._adjusted(logits)
-        token = int(x.argmax()) if self.temperature == 0 else self._draw(x / self.temperature)
+        x = logits if self._plain else self._adjusted(logits)
+        token = int(x.argmax()) if self.temperature == 0 else self._draw(np.asarray(x, np.float64) / self.temperature)
         if self.logprobs is not None:
-            self.logprobs.append(_logprobs(x, token, self.top_logprobs or 0))
+            self.logprobs.append(_logprobs(np.asarray(x, np.float64), token, self.top_logprobs or 0))
         if self.constrained is not None and token not in self.ends:
             self.constrained.consume(token)
         self.seen.add(token)
