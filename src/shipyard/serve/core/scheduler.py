@@ -209,7 +209,7 @@ class Scheduler:
         events: list[tuple[Sequence, int | Finished]] = []
         done = []
         for sequence, logits in rows:
-            if sequence.sampling.finished:  # structured output that is complete
+            if sequence.sampling.finished:  # a grammar that takes nothing at all (or failed at once)
                 events.append((sequence, "done"))
                 done.append(sequence)
                 continue
@@ -221,7 +221,10 @@ class Scheduler:
             sequence.last = token
             sequence.produced += 1
             events.append((sequence, token))
-            if sequence.produced >= sequence.max_tokens or sequence.length >= self.cache.context:
+            if sequence.sampling.finished:  # structured output that is complete: no step runs for nothing
+                events.append((sequence, "done"))
+                done.append(sequence)
+            elif sequence.produced >= sequence.max_tokens or sequence.length >= self.cache.context:
                 events.append((sequence, "length"))
                 done.append(sequence)
         self._deliver(events)
