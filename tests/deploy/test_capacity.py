@@ -148,7 +148,7 @@ def test_a_text_model_is_timed_at_its_tokenizer_length_and_says_so(
     tmp_path: Path, registry: LocalRegistry, cli: Callable[..., Any]
 ) -> None:
     """It used to time 8-token inputs whatever the model served (about 20x too optimistic for MiniLM)."""
-    from tests.serve.test_text import SPEC, make_text_model
+    from tests.serve.core.test_text import SPEC, make_text_model
 
     make_text_model(tmp_path)
     build(load_spec(write_spec(tmp_path, SPEC)), registry)

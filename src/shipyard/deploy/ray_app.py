@@ -17,7 +17,7 @@ from shipyard.registry import open_registry
 from shipyard.registry import remote as remote_storage
 from shipyard.serve.app import compose
 from shipyard.serve.settings import ServeSettings
-from shipyard.serve.transports.rest import RestApp
+from shipyard.serve.transports.http import HttpApp
 from shipyard.settings import Environment
 
 
@@ -39,7 +39,7 @@ class ShipyardReplica:
         await self.server.repository.load_all(refs)
         self.server.services.dataplane.loading_done = True
 
-    def __serve_build_asgi_app__(self) -> RestApp:
+    def __serve_build_asgi_app__(self) -> HttpApp:
         return self.server.rest
 
 

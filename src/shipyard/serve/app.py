@@ -25,7 +25,9 @@ from shipyard.serve.policy.auth import AccessControl, TokenFileWatch
 from shipyard.serve.policy.rate_limit import Buckets, RateLimiter
 from shipyard.serve.policy.rollout import Rollout
 from shipyard.serve.settings import ServeSettings
-from shipyard.serve.transports.rest import RestApp
+from shipyard.serve.transports.http import HttpApp
+from shipyard.serve.transports.openai import OPENAI
+from shipyard.serve.transports.v2 import V2
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Server:
     repository: ModelRepository
     services: Services
     access: AccessControl
-    rest: RestApp
+    rest: HttpApp  # the V2 and OpenAI route sets on one port
     request_log: RequestLog | None = None
 
 
@@ -64,12 +66,12 @@ def compose(
     )  # fmt: skip
     management, quality = Management(repository), QualityMonitor(repository)
     cluster = join(LocalOps(dataplane, management, quality, metrics, worker))
-    services = Services(dataplane, generation, management, ServerWide(cluster, repository))
+    services = Services(dataplane, generation, management, ServerWide(cluster, quality))
     access = AccessControl(
         tokens=TokenFileWatch(settings.tokens_file) if settings.tokens_file is not None else None,
         allow_management=settings.allow_management,
         limiter=RateLimiter(settings.rate_limit, settings.rate_burst, buckets) if settings.rate_limit else None,
         open_health=settings.open_health,
     )
-    rest = RestApp(services, access, settings.max_body_bytes, settings.body_timeout_s)
+    rest = HttpApp(services, access, [V2, OPENAI], settings.max_body_bytes, settings.body_timeout_s)
     return Server(settings, metrics, repository, services, access, rest, request_log)

@@ -13,9 +13,12 @@ from collections.abc import Callable
 import numpy as np
 
 from shipyard import __version__
-from shipyard.errors import NotFoundError, TimedOutError
+from shipyard.errors import NotFoundError, ShipyardError, TimedOutError
+from shipyard.serve.core import embedding
+from shipyard.serve.core.embedding import Embedded
 from shipyard.serve.core.generation import TextGeneration
-from shipyard.serve.core.repository import ModelHandle, ModelRepository
+from shipyard.serve.core.loaded import LanguageModel, LoadedModel, TensorModel, tensor_model
+from shipyard.serve.core.repository import ModelRepository
 from shipyard.serve.core.routing import answering
 from shipyard.serve.core.validate import check_outputs, feeds_of
 from shipyard.serve.policy.rollout import Rollout
@@ -24,6 +27,7 @@ from shipyard.serve.protocol.types import (
     ConfigTensor,
     InferRequest,
     InferResponse,
+    ModelCard,
     ModelConfig,
     ModelMetadata,
     ModelStatistics,
@@ -34,7 +38,7 @@ from shipyard.serve.protocol.types import (
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
 PLATFORM = "onnxruntime_onnx"
 # After each answered request: (handle, request, feeds, samples, outputs, start in perf_counter ns).
-AnswerHook = Callable[[ModelHandle, InferRequest, dict[str, np.ndarray], int, list[np.ndarray], int], None]
+AnswerHook = Callable[[TensorModel, InferRequest, dict[str, np.ndarray], int, list[np.ndarray], int], None]
 
 
 def _config_tensors(specs: dict[str, TensorSchema], batched: bool) -> list[ConfigTensor]:
@@ -75,7 +79,7 @@ class DataPlane:
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata("shipyard", __version__, EXTENSIONS)
 
-    def _answering(self, name: str, version: str | None, *, draw: bool = False) -> ModelHandle:
+    def _answering(self, name: str, version: str | None, *, draw: bool = False) -> LoadedModel:
         return answering(self.repository, self.rollout, name, version, draw=draw)
 
     def draw(self, name: str, version: str | None) -> str:
@@ -104,10 +108,9 @@ class DataPlane:
     def model_config(self, name: str, version: str | None) -> ModelConfig:
         """Triton's model configuration: what perf_analyzer and tritonclient read."""
         handle = self._answering(name, version)
-        batched = handle.batchable and handle.batcher.max_batch_size > 0
+        batched = handle.max_batch_size > 0
         return ModelConfig(
-            name=name, platform=PLATFORM, backend="onnxruntime",
-            max_batch_size=handle.batcher.max_batch_size if batched else 0,
+            name=name, platform=PLATFORM, backend="onnxruntime", max_batch_size=handle.max_batch_size,
             inputs=_config_tensors(handle.schema.inputs, batched),
             outputs=_config_tensors(handle.schema.outputs, batched),
             instances=handle.settings.instances, preferred_batch_sizes=handle.settings.preferred_batch_sizes,
@@ -125,19 +128,52 @@ class DataPlane:
                 raise NotFoundError(f"model {name!r} is not loaded")
         return [h.stats.snapshot() for h in handles]
 
+    async def resolve(self, model_id: str) -> tuple[str, str | None]:
+        """`NAME`, `NAME:VERSION` or `NAME@ALIAS` as (name, version or None); an alias is looked up in the
+        registry off the event loop."""
+        if "@" not in model_id:
+            name, _, version = model_id.partition(":")
+            return name, version or None
+        try:
+            record = await asyncio.to_thread(self.repository.resolve, model_id)
+        except ShipyardError as exc:
+            raise NotFoundError(f"model {model_id!r}: {exc}", param="model") from None
+        return record.name, str(record.version)
+
+    def cards(self) -> list[ModelCard]:
+        """The newest loaded version of each model, with when it was built."""
+        newest: dict[str, LoadedModel] = {}
+        for model in self.repository.handles():
+            if model.version >= getattr(newest.get(model.name), "version", 0):
+                newest[model.name] = model
+        return [ModelCard(n, str(newest[n].version), newest[n].manifest.created_at) for n in sorted(newest)]
+
+    def card(self, name: str, version: str | None) -> ModelCard:
+        model = self.repository.get(name, version)  # NotFoundError when it is not loaded
+        return ModelCard(model.name, str(model.version), model.manifest.created_at)
+
     # --- inference -----------------------------------------------------------------------------
+
+    async def embed(self, name: str, version: str | None, texts: list[str], dimensions: int | None) -> Embedded:
+        """One vector per text from an embedding model (a tensor model with one text input)."""
+        model = embedding.embedding_model(self._answering(name, version, draw=True))
+        response = await self._infer(model, embedding.request_of(model, texts), time.perf_counter_ns())
+        return embedding.embedded(model, texts, response, dimensions)
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """Validate against the model's signature, batch, run, and select the requested outputs."""
         start = time.perf_counter_ns()
         handle = self._answering(name, version, draw=True)
-        if handle.generates:  # a language model's whole answer
+        if isinstance(handle, LanguageModel):  # its whole answer
             return await self.generation.complete(await self.generation.start_on(handle, request), request)
+        return await self._infer(tensor_model(handle), request, start)
+
+    async def _infer(self, handle: TensorModel, request: InferRequest, start: int) -> InferResponse:
         samples = 1
         try:
             check_outputs(handle, request)
             feeds, samples = feeds_of(handle, request, self.max_elements)
-            outputs = await self._run(handle, handle.runtime.prepare(feeds), samples)
+            outputs = await self._run(handle, feeds, samples)
         except TimeoutError:
             handle.stats.request_done(False, time.perf_counter_ns() - start, samples)
             raise TimedOutError(f"no answer within the {self.timeout_s:g} s request timeout") from None
@@ -149,14 +185,14 @@ class DataPlane:
         self.after_answer(handle, request, feeds, samples, outputs, start)
         return response
 
-    async def _run(self, handle: ModelHandle, feeds: dict[str, np.ndarray], samples: int) -> list[np.ndarray]:
+    async def _run(self, handle: TensorModel, feeds: dict[str, np.ndarray], samples: int) -> list[np.ndarray]:
         if self.timeout_s is None:
-            return await handle.batcher.submit(feeds, samples)
+            return await handle.infer(feeds, samples)
         async with asyncio.timeout(self.timeout_s):  # a deadline on this task; wait_for would add a task per request
-            return await handle.batcher.submit(feeds, samples)
+            return await handle.infer(feeds, samples)
 
     @staticmethod
-    def _response(handle: ModelHandle, request: InferRequest, outputs: list[np.ndarray]) -> InferResponse:
+    def _response(handle: LoadedModel, request: InferRequest, outputs: list[np.ndarray]) -> InferResponse:
         schema = handle.schema
         by_name = dict(zip(schema.output_order, outputs, strict=True))
         wanted = [(o.name, o.parameters) for o in request.outputs] if request.outputs else None

@@ -10,7 +10,8 @@ import numpy as np
 
 from shipyard.errors import InvalidInputError, TimedOutError
 from shipyard.serve.core.decoder import Decoder, Generation
-from shipyard.serve.core.repository import ModelHandle, ModelRepository
+from shipyard.serve.core.loaded import LanguageModel, language_model
+from shipyard.serve.core.repository import ModelRepository
 from shipyard.serve.core.routing import answering
 from shipyard.serve.core.runtime import as_text
 from shipyard.serve.core.sampling import options_of
@@ -31,18 +32,19 @@ class TextGeneration:
         self.max_elements = max_elements
 
     def generates(self, name: str, version: str | None) -> bool:
-        return answering(self.repository, self.rollout, name, version).generates
+        return isinstance(answering(self.repository, self.rollout, name, version), LanguageModel)
 
     def decoder(self, name: str, version: str | None) -> Decoder:
         """The language model that answers a request for `name` (the rollout rules pick a versionless one)."""
-        return _decoder_of(answering(self.repository, self.rollout, name, version, draw=True))
+        return language_model(answering(self.repository, self.rollout, name, version, draw=True)).decoder
 
     async def start(self, name: str, version: str | None, request: InferRequest) -> Generation:
         """A checked generation from a V2 request (`text_input`, parameters); nothing runs until it is streamed."""
-        return await self.start_on(answering(self.repository, self.rollout, name, version, draw=True), request)
+        model = language_model(answering(self.repository, self.rollout, name, version, draw=True))
+        return await self.start_on(model, request)
 
-    async def start_on(self, handle: ModelHandle, request: InferRequest) -> Generation:
-        decoder = _decoder_of(handle)
+    async def start_on(self, handle: LanguageModel, request: InferRequest) -> Generation:
+        decoder = handle.decoder
         check_outputs(handle, request)
         feeds, _ = feeds_of(handle, request, self.max_elements)
         prompt = as_text("text_input", feeds["text_input"])
@@ -93,13 +95,3 @@ class TextGeneration:
         output = Tensor("text_output", "BYTES", [1], np.array([text.encode()], dtype=object))
         decoder = generation.decoder
         return InferResponse(decoder.name, decoder.version, [output], request.id, generation.usage.parameters())
-
-
-def _decoder_of(handle: ModelHandle) -> Decoder:
-    if handle.decoder is None:
-        inputs = handle.manifest.served_signature.inputs
-        if len(inputs) == 1 and inputs[0].dtype == "string":  # text in, vectors out: an embedding model
-            raise InvalidInputError(f"{handle.name}:{handle.version} is not a language model: it embeds text, so "
-                                    "use POST /v1/embeddings (or V2 infer)", param="model")  # fmt: skip
-        raise InvalidInputError(f"{handle.name}:{handle.version} is not a language model: use V2 infer", param="model")
-    return handle.decoder

@@ -5,89 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from shipyard import memory
 from shipyard.artifact.manifest import Manifest
-from shipyard.artifact.reference import read_reference
 from shipyard.artifact.signing import verify_signature
 from shipyard.errors import ErrorKind, ModelLoadError, NotFoundError, ShipyardError, UnavailableError
-from shipyard.onnxrt import is_batchable
 from shipyard.registry import LocalRegistry, VersionRecord
 from shipyard.registry.refs import ModelRef, parse_ref
-from shipyard.serve.core.batching import Batcher
-from shipyard.serve.core.decoder import Decoder
+from shipyard.serve.core.loaded import LoadedModel, TensorModel, open_model
 from shipyard.serve.core.runtime import OrtRuntime
-from shipyard.serve.observe.drift import DriftMonitor
-from shipyard.serve.observe.feedback import SUPPORTED as FEEDBACK_METRICS
-from shipyard.serve.observe.feedback import FeedbackStore
 from shipyard.serve.observe.metrics import ServerMetrics
 from shipyard.serve.observe.stats import ModelStats
 from shipyard.serve.protocol.numbers import parse_count
-from shipyard.serve.protocol.signature import ModelSchema
 from shipyard.serve.protocol.types import RepositoryEntry
-from shipyard.spec.models import EvaluationSpec, ServeSpec
+from shipyard.spec.models import ServeSpec
 
 logger = logging.getLogger(__name__)
 # ONNX Runtime's messages name its own source files: "/onnxruntime_src/onnxruntime/core/graph/model.cc:180 ..."
 _SOURCE_LOCATION = re.compile(r"\S*onnxruntime_src\S*:\d+ ?(\S+\(.*?\) )?")
-
-
-@dataclass
-class ModelHandle:
-    """One loaded version: its runtime, batcher, settings and statistics."""
-
-    name: str
-    version: int
-    manifest: Manifest
-    settings: ServeSpec
-    runtime: OrtRuntime
-    batcher: Batcher
-    stats: ModelStats
-    batchable: bool
-    schema: ModelSchema
-    drift: DriftMonitor | None = None  # when the build recorded reference distributions
-    feedback: FeedbackStore | None = None  # when the build had an evaluation metric that can be scored online
-    feedback_output: int = 0  # the output the evaluation metric (and so the online metric) reads
-    decoder: Decoder | None = None  # language models: requests generate token by token
-
-    @property
-    def generates(self) -> bool:
-        """Whether this is a language model (it answers token by token)."""
-        return self.decoder is not None
-
-    def warm_up_sizes(self) -> list[int]:
-        if not self.batchable or self.batcher.max_batch_size <= 1:
-            return [1]
-        sizes = {1, self.batcher.max_batch_size, *self.settings.preferred_batch_sizes}
-        size = 2
-        while size < self.batcher.max_batch_size:
-            sizes.add(size)
-            size *= 2
-        return sorted(sizes)
-
-
-def _drift_monitor(folder: Path, manifest: Manifest) -> DriftMonitor | None:
-    if manifest.generation is not None:  # its reference describes logits; clients see text
-        return None
-    reference = read_reference(folder)
-    names = [t.name for t in manifest.signature.outputs]
-    if reference is None or reference.get("output") not in names:
-        return None
-    return DriftMonitor(reference, names.index(reference["output"]))
-
-
-def _feedback_store(manifest: Manifest) -> tuple[FeedbackStore | None, int]:
-    evaluation = (manifest.spec or {}).get("evaluation")
-    if not evaluation or manifest.generation is not None:
-        return None, 0
-    spec = EvaluationSpec.model_validate(evaluation)
-    if spec.metric.name not in FEEDBACK_METRICS:
-        return None, 0
-    names = [t.name for t in manifest.signature.outputs]
-    index = names.index(spec.output) if spec.output in names else 0
-    return FeedbackStore(spec.metric.name, manifest.metrics.get(spec.metric.name)), index
 
 
 def serve_settings(manifest: Manifest) -> ServeSpec:
@@ -111,11 +47,11 @@ class ModelRepository:
         self.memory_limit_bytes = memory_limit_bytes  # a configured budget; else what the machine has free
         self.workers = workers  # processes of this server sharing the cores (and the budget)
         self.tensorrt_cache = tensorrt_cache  # engines built by the TensorRT provider, one folder per artifact
-        self._models: dict[str, dict[int, ModelHandle]] = {}
+        self._models: dict[str, dict[int, LoadedModel]] = {}
         self._lock = asyncio.Lock()  # serializes load/unload; inference never takes it
         self._failed: dict[tuple[str, int], str] = {}  # versions that failed to load -> why (for the index)
 
-    async def load(self, ref: str | ModelRef) -> ModelHandle:
+    async def load(self, ref: str | ModelRef) -> LoadedModel:
         """Load (or return the already loaded) version a registry reference names; ready when this returns."""
         parsed = parse_ref(ref) if isinstance(ref, str) else ref
         async with self._lock:
@@ -133,9 +69,9 @@ class ModelRepository:
                     # Triton answers a failed load), never a 500 or where the registry is.
                     raise ModelLoadError(f"{record.name}:{record.version} cannot be loaded: {reason}") from None
                 raise
-            if handle.drift is not None:
+            if isinstance(handle, TensorModel) and handle.drift is not None:
                 self.metrics.drift[(record.name, record.version)] = handle.drift
-            if handle.feedback is not None:
+            if isinstance(handle, TensorModel) and handle.feedback is not None:
                 self.metrics.feedback[(record.name, record.version)] = handle.feedback.online
             self._models.setdefault(record.name, {})[record.version] = handle
             self._failed.pop((record.name, record.version), None)
@@ -147,8 +83,8 @@ class ModelRepository:
         message = message.replace(f"{self.registry.root}/", "").replace(str(self.registry.root), "the registry")
         return _SOURCE_LOCATION.sub("", message)
 
-    async def _open(self, record: VersionRecord) -> ModelHandle:
-        """Verify, load and warm up one version; its batcher is running when this returns."""
+    async def _open(self, record: VersionRecord) -> LoadedModel:
+        """Verify, load and warm up one version: ready for requests when this returns."""
         folder = self.registry.path(record)
         manifest = self.registry.manifest(record)
         if self.trusted_key is not None:  # hashes every file: off the event loop
@@ -157,41 +93,13 @@ class ModelRepository:
         self._check_memory(folder, manifest, settings)
         runtime = OrtRuntime(folder, manifest, settings, self.encryption_key, self.workers, self.tensorrt_cache)
         stats = ModelStats.of(record.name, record.version, self.metrics)
-        batchable = is_batchable(manifest.served_signature)
-        batcher = Batcher(
-            runtime.infer, stats, max_batch_size=settings.max_batch_size if batchable else 0,
-            max_queue_delay_s=settings.max_queue_delay_ms / 1000, preferred_sizes=settings.preferred_batch_sizes,
-            max_queue_size=settings.max_queue_size, instances=settings.instances,
-        )  # fmt: skip
-        feedback, feedback_output = _feedback_store(manifest)
-        handle: ModelHandle | None = None
         try:  # a version that fails here leaves no sessions, threads or metric series behind
-            handle = ModelHandle(
-                name=record.name, version=record.version, manifest=manifest, settings=settings, runtime=runtime,
-                batcher=batcher, stats=stats, batchable=batchable, schema=ModelSchema.of(manifest.served_signature),
-                drift=_drift_monitor(folder, manifest), feedback=feedback, feedback_output=feedback_output,
-                decoder=Decoder(folder, manifest) if manifest.generation is not None else None,
-            )  # fmt: skip
-            await runtime.load()
-            if handle.decoder is not None:  # its scheduler feeds the graph; nothing goes through the batcher
-                slowest = await asyncio.to_thread(handle.decoder.attach, runtime.exclusive_session())
-                stats.scheduler = handle.decoder.scheduler.stats
-            else:
-                slowest = await runtime.warm_up(handle.warm_up_sizes())
+            model = open_model(record.version, folder, manifest, settings, runtime, stats)
+            await model.start()
         except BaseException:
-            if handle is not None and handle.decoder is not None:
-                handle.decoder.detach()
-            await runtime.unload()
             stats.forget()
             raise
-        if settings.instances == 1 and slowest * 1000 < settings.inline_max_ms and runtime.bounded_cost():
-            batcher.use_inline(runtime.run_sync)
-        batcher.start()
-        logger.info(
-            "loaded %s:%s (%s; slowest warm-up batch %.2f ms, %s)", record.name, record.version,
-            ", ".join(runtime.providers), slowest * 1000, "inline" if batcher.inline else "worker threads",
-        )  # fmt: skip
-        return handle
+        return model
 
     def _check_memory(self, folder: Path, manifest: Manifest, settings: ServeSpec) -> None:
         """Refuse a version that would not fit (memory.py's estimate against the budget or what is free):
@@ -210,6 +118,10 @@ class ModelRepository:
                 f"ONNX Runtime's working memory, {memory.mib(memory.cache_bytes(manifest))} of key/value cache), "
                 f"more than {where} ({memory.mib(room)})"
             )
+
+    def resolve(self, ref: str) -> VersionRecord:
+        """The registered version a reference (NAME, NAME:VERSION, NAME@ALIAS) names; reads the registry."""
+        return self.registry.resolve(parse_ref(ref))
 
     def resolve_all(self, refs: list[str]) -> list[VersionRecord]:
         """The registered version each reference names; NotFoundError for one that names nothing (a typo must
@@ -243,10 +155,7 @@ class ModelRepository:
         for handle in handles:
             self.metrics.drift.pop((handle.name, handle.version), None)
             self.metrics.feedback.pop((handle.name, handle.version), None)
-            await handle.batcher.stop()
-            if handle.decoder is not None:
-                await asyncio.to_thread(handle.decoder.detach)
-            await handle.runtime.unload()
+            await handle.stop()
             handle.stats.forget()
         return targets
 
@@ -254,7 +163,7 @@ class ModelRepository:
         for name in list(self._models):
             await self.unload(name)
 
-    def get(self, name: str, version: str | None = None) -> ModelHandle:
+    def get(self, name: str, version: str | None = None) -> LoadedModel:
         """The handle for a request; NotFoundError naming what is loaded otherwise."""
         versions = self._models.get(name)
         if not versions:
@@ -266,7 +175,7 @@ class ModelRepository:
             raise NotFoundError(f"model {name!r} has no loaded version {version} (loaded: {sorted(versions)})")
         return handle
 
-    def handles(self) -> list[ModelHandle]:
+    def handles(self) -> list[LoadedModel]:
         return [h for versions in self._models.values() for h in versions.values()]
 
     def versions(self, name: str) -> list[int]:

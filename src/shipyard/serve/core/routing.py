@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from shipyard.errors import NotFoundError
-from shipyard.serve.core.repository import ModelHandle, ModelRepository
+from shipyard.serve.core.loaded import LoadedModel
+from shipyard.serve.core.repository import ModelRepository
 from shipyard.serve.policy.rollout import Rollout
 
 
 def answering(
     repository: ModelRepository, rollout: Rollout, name: str, version: str | None, *, draw: bool = False
-) -> ModelHandle:
+) -> LoadedModel:
     """A named version, or the primary (with `draw`, a canary by its weight); shadows never answer a versionless
     request, for inference, generation and metadata alike."""
     if version or not rollout.governs(name):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from shipyard.errors import InvalidInputError, TooLargeError
-from shipyard.serve.core.repository import ModelHandle
+from shipyard.serve.core.loaded import LoadedModel
 from shipyard.serve.protocol.signature import TensorSchema
 from shipyard.serve.protocol.types import InferRequest
 
@@ -20,7 +20,7 @@ def _check_input(tensor: TensorSchema, datatype: str, shape: list[int]) -> None:
             raise InvalidInputError(f"input {tensor.name!r}: shape {shape} does not match {tensor.shape}")
 
 
-def check_outputs(handle: ModelHandle, request: InferRequest) -> None:
+def check_outputs(handle: LoadedModel, request: InferRequest) -> None:
     """Every requested output exists."""
     names = handle.schema.outputs
     for wanted in request.outputs or ():
@@ -28,7 +28,7 @@ def check_outputs(handle: ModelHandle, request: InferRequest) -> None:
             raise InvalidInputError(f"unknown output {wanted.name!r}; the model has {', '.join(sorted(names))}")
 
 
-def feeds_of(handle: ModelHandle, request: InferRequest, max_elements: int | None) -> tuple[dict[str, np.ndarray], int]:
+def feeds_of(handle: LoadedModel, request: InferRequest, max_elements: int | None) -> tuple[dict[str, np.ndarray], int]:
     """The request's inputs by name, checked (names, datatypes, shapes, sizes), and its batch size."""
     expected = handle.schema.inputs
     feeds: dict[str, np.ndarray] = {}

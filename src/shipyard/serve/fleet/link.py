@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from shipyard.errors import UnavailableError
-from shipyard.serve.core.cluster import Cluster, LocalOps, Outcome, Replies, unpack
+from shipyard.serve.core.cluster import Cluster, LocalOps, Operation, Outcome, Replies, T, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +77,15 @@ class Link:
         except (EOFError, OSError):
             self._lost()
 
-    async def _do(self, job: int, op: str, args: tuple[Any, ...]) -> None:
-        assert self._ops is not None
-        self._send(("reply", job, await self._ops.run(op, args)))
+    async def _do(self, job: int, op: Operation[Any]) -> None:
+        assert self._ops is not None  # joined (compose) before start() tells the supervisor it is up
+        self._send(("reply", job, await self._ops.run(op)))
 
-    async def each(self, op: str, *args: Any) -> Replies:
+    async def each(self, op: Operation[T]) -> Replies[T]:
         ask = next(self._ids)
         future: asyncio.Future[tuple[list[Outcome], int]] = asyncio.get_running_loop().create_future()
         self._asks[ask] = future
-        self._send(("ask", ask, op, args))
+        self._send(("ask", ask, op))
         outcomes, missing = await future
         for ok, value in outcomes:
             if not ok:

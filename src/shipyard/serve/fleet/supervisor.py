@@ -33,7 +33,7 @@ from prometheus_client.core import Metric
 from shipyard import cpus, memory
 from shipyard.errors import UnavailableError
 from shipyard.registry import LocalRegistry, VersionRecord
-from shipyard.serve.core.cluster import Outcome, Replies
+from shipyard.serve.core.cluster import Loaded, Observe, Operation, Outcome, Replies, T
 from shipyard.serve.core.repository import serve_settings
 from shipyard.serve.fleet import worker as worker_process
 from shipyard.serve.observe.metrics import Snapshot, families
@@ -109,7 +109,7 @@ class _Job:
     """One operation fanned out to every worker that is up; answered once each has replied or died."""
 
     origin: tuple[_Worker, int] | None  # the asking worker and its id; None: the supervisor's own
-    op: str
+    op: Operation[Any]
     pending: set[int]
     missing: int
     outcomes: dict[int, Outcome] = field(default_factory=dict)
@@ -154,19 +154,19 @@ class Supervisor:
         elif kind == "failed":
             worker.failure = message[1]
         elif kind == "ask":
-            self._fan_out((worker, message[1]), message[2], message[3])
+            self._fan_out((worker, message[1]), message[2])
         elif kind == "reply":
             job = self.jobs.get(message[1])
             if job is not None and worker.index in job.pending:
                 job.pending.discard(worker.index)
                 job.outcomes[worker.index] = message[2]
                 ok, value = message[2]
-                if job.op == "observe" and ok:
+                if isinstance(job.op, Observe) and ok:
                     worker.observed = value
                 self._maybe_finish(message[1])
 
     def _fan_out(
-        self, origin: tuple[_Worker, int] | None, op: str, args: tuple[Any, ...],
+        self, origin: tuple[_Worker, int] | None, op: Operation[Any],
         done: asyncio.Future[tuple[list[Outcome], int]] | None = None,
     ) -> None:  # fmt: skip
         targets = [w for w in self.workers.values() if w.up]
@@ -175,7 +175,7 @@ class Supervisor:
                                  done=done)  # fmt: skip
         for target in targets:
             with contextlib.suppress(OSError):  # it is dying; its exit callback counts it missing
-                target.conn.send(("do", job_id, op, args))
+                target.conn.send(("do", job_id, op))
         self._maybe_finish(job_id)
 
     def _maybe_finish(self, job_id: int) -> None:
@@ -192,11 +192,11 @@ class Supervisor:
                 with contextlib.suppress(OSError):  # the asker is dying
                     asker.conn.send(("answer", ask, outcomes, job.missing))
 
-    async def each(self, op: str, *args: Any) -> Replies:
+    async def each(self, op: Operation[T]) -> Replies[T]:
         """The supervisor's own operation on every worker; a worker that failed it counts as missing."""
         assert self._loop is not None
         done: asyncio.Future[tuple[list[Outcome], int]] = self._loop.create_future()
-        self._fan_out(None, op, args, done)
+        self._fan_out(None, op, done)
         outcomes, missing = await done
         return Replies([value for ok, value in outcomes if ok], missing + sum(not ok for ok, _ in outcomes))
 
@@ -254,14 +254,14 @@ class Supervisor:
             self._spawn(index, http_socket, buckets, replacement=True)
 
     async def _refresh_refs(self) -> None:
-        loaded = (await self.each("loaded")).values
+        loaded = (await self.each(Loaded())).values
         if loaded:
             self.refs = loaded[0]
 
     # --- metrics ---------------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
-        live = functools.reduce(operator.add, (await self.each("observe")).values, Snapshot())
+        live = functools.reduce(operator.add, (await self.each(Observe())).values, Snapshot())
         self.retired = self.retired.within(live)
         return self.retired + live + Snapshot(worker_restarts=self.restarts)
 

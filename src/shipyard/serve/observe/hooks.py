@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-from shipyard.serve.core.repository import ModelHandle, ModelRepository
+from shipyard.serve.core.loaded import TensorModel
+from shipyard.serve.core.repository import ModelRepository
 from shipyard.serve.observe.request_log import RequestLog
 from shipyard.serve.policy.rollout import Rollout
 from shipyard.serve.protocol.types import InferRequest
@@ -24,7 +25,7 @@ class AfterAnswer:
         self.request_log = request_log
         self._shadow_tasks: set[asyncio.Task[None]] = set()  # referenced until done, or they may be collected
 
-    def __call__(self, handle: ModelHandle, request: InferRequest, feeds: dict[str, np.ndarray], samples: int,
+    def __call__(self, handle: TensorModel, request: InferRequest, feeds: dict[str, np.ndarray], samples: int,
                  outputs: list[np.ndarray], start_ns: int) -> None:  # fmt: skip
         if handle.drift is not None and self.rollout.rng.random() < self.drift_sample:
             handle.drift.observe(feeds, outputs)
@@ -38,7 +39,9 @@ class AfterAnswer:
             return
         for shadow in self.rollout.shadows_for(handle.name, handle.version, self.repository.versions(handle.name)):
             target = self.repository.get(handle.name, str(shadow))
-            run = target.batcher.submit(target.runtime.prepare(feeds), samples)
+            if not isinstance(target, TensorModel):  # a version of another kind cannot shadow this one
+                continue
+            run = target.infer(feeds, samples)
             task = asyncio.create_task(self.rollout.compare(handle.name, shadow, run, outputs))
             self._shadow_tasks.add(task)
             task.add_done_callback(self._shadow_tasks.discard)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from shipyard.errors import NotFoundError
-from shipyard.serve.core.repository import ModelHandle, ModelRepository
-from shipyard.serve.observe.drift import DriftCounts
+from shipyard.serve.core.loaded import LoadedModel, TensorModel
+from shipyard.serve.core.repository import ModelRepository
+from shipyard.serve.observe.drift import DriftCounts, DriftMonitor
 from shipyard.serve.observe.feedback import FeedbackStore, OnlineMetric
 
 
-def _store(handle: ModelHandle) -> FeedbackStore:
-    assert handle.feedback is not None  # only scorable handles get here
+def _store(handle: LoadedModel) -> FeedbackStore:
+    if not isinstance(handle, TensorModel) or handle.feedback is None:
+        raise NotFoundError(f"{handle.name}:{handle.version}: no online metric (the build had no scorable evaluation)")
     return handle.feedback
 
 
@@ -21,14 +23,14 @@ class QualityMonitor:
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
 
-    def _scorable(self, name: str, version: str | None) -> list[ModelHandle]:
+    def _scorable(self, name: str, version: str | None) -> list[TensorModel]:
         if version:
             handles = [self.repository.get(name, version)]
         else:
             handles = [self.repository.get(name, str(v)) for v in self.repository.versions(name)] or [
                 self.repository.get(name)  # the repository's own "not loaded" error
             ]
-        scorable = [h for h in handles if h.feedback is not None]
+        scorable = [h for h in handles if isinstance(h, TensorModel) and h.feedback is not None]
         if not scorable:
             raise NotFoundError(f"{name}: no online metric (the build had no scorable evaluation)")
         return scorable
@@ -50,9 +52,14 @@ class QualityMonitor:
             _store(self.repository.get(name, str(version))).record(request_id, value)
         return {h.version: _store(h).online for h in self._scorable(name, None)}
 
+    def drift_monitor(self, name: str, version: str | None) -> tuple[int, DriftMonitor]:
+        """The version's drift monitor; NotFoundError for one built without reference distributions."""
+        handle = self.repository.get(name, version)
+        if not isinstance(handle, TensorModel) or handle.drift is None:
+            raise NotFoundError(f"{name}:{handle.version} has no reference distributions (built without evaluation)")
+        return handle.version, handle.drift
+
     def drift_counts(self, name: str, version: str | None) -> tuple[int, DriftCounts]:
         """The answering version's drift window as bin counts."""
-        handle = self.repository.get(name, version)
-        if handle.drift is None:
-            raise NotFoundError(f"{name}:{handle.version} has no reference distributions (built without evaluation)")
-        return handle.version, handle.drift.counts()
+        answered, drift = self.drift_monitor(name, version)
+        return answered, drift.counts()

@@ -70,6 +70,15 @@ class ModelMetadata:
     outputs: list[TensorMetadata]
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """A served model as a listing shows it: the version that answers by default, and when it was built."""
+
+    name: str
+    version: str
+    created_at: str  # ISO 8601, from the manifest
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigTensor:
     """A tensor in Triton's model configuration: `dims` leave out the batch dimension of batched models."""

@@ -11,23 +11,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
-from shipyard.errors import ErrorKind, InvalidInputError, NotFoundError, ShipyardError
-from shipyard.registry.refs import parse_ref
+from shipyard.errors import ErrorKind, InvalidInputError, ShipyardError
 from shipyard.serve.core import tools
 from shipyard.serve.core.decoder import Generation
-from shipyard.serve.core.repository import ModelHandle
-from shipyard.serve.protocol.types import InferRequest, Tensor
+from shipyard.serve.protocol.types import ModelCard
+from shipyard.serve.transports import openai_answer
 from shipyard.serve.transports import rest_codec as codec
 from shipyard.serve.transports.edge import HTTP_STATUS, public_error
-from shipyard.serve.transports.openai_answer import Answer
+from shipyard.serve.transports.http import Answer, Api, Call, EventStream, HttpApp, Route, json_answer
 from shipyard.serve.transports.openai_schema import ChatRequest, CompletionRequest, EmbeddingRequest, parse
-
-if TYPE_CHECKING:
-    from shipyard.serve.transports.rest import Call, RestApp
 
 PREFIX = "/v1/"
 STATUS = {**HTTP_STATUS, ErrorKind.OVERLOADED: 429}
@@ -48,67 +42,41 @@ def error_body(exc: BaseException, where: str) -> tuple[int, dict[str, Any]]:
                               "code": code}}  # fmt: skip
 
 
-def _model_ref(app: RestApp, call: Call, model: Any) -> tuple[str, str | None]:
+async def _model_ref(app: HttpApp, call: Call, model: Any) -> tuple[str, str | None]:
     """`NAME`, `NAME:VERSION` or `NAME@ALIAS` as (name, version or None), once the caller's token may use
     NAME: the scope is checked before an alias is looked up, so a 404 never tells an outsider which exist."""
     if not isinstance(model, str) or not model:
         raise InvalidInputError("'model' must be a model id (see GET /v1/models)", param="model")
     app.check_model(call, model.partition("@")[0].partition(":")[0])
-    if "@" in model:
-        try:
-            record = app.services.management.repository.registry.resolve(parse_ref(model))
-        except ShipyardError as exc:
-            raise NotFoundError(f"model {model!r}: {exc}", param="model") from None
-        return record.name, str(record.version)
-    name, _, version = model.partition(":")
-    return name, version or None
+    return await app.dataplane.resolve(model)
 
 
-def _created(handle: ModelHandle) -> int:
-    """When the version was built, as OpenAI's `created` (seconds since the epoch)."""
-    return int(datetime.datetime.fromisoformat(handle.manifest.created_at).timestamp())
-
-
-def _model_card(ident: str, created: int) -> dict[str, Any]:
+def _model_card(ident: str, card: ModelCard) -> dict[str, Any]:
+    """A model as OpenAI lists it; `created` is when the version was built (seconds since the epoch)."""
+    created = int(datetime.datetime.fromisoformat(card.created_at).timestamp())
     return {"id": ident, "object": "model", "created": created, "owned_by": "shipyard"}
-
-
-def _shortened(vectors: np.ndarray, size: int, source: dict[str, Any]) -> np.ndarray:
-    """Embeddings cut to `size` and L2-normalised again, for a model the spec declares those sizes for."""
-    allowed = source.get("dimensions") or []
-    if size not in allowed:
-        sizes = f"the sizes it was trained for: {', '.join(map(str, allowed))}" if allowed else "one size"
-        raise InvalidInputError(f"'dimensions' {size} is not one of this model's embedding sizes ({sizes})",
-                                param="dimensions")  # fmt: skip
-    cut = vectors[:, :size]
-    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)  # type: ignore[no-any-return]
 
 
 class OpenAIRoutes:
     """The handlers; each takes the REST app (for the services and body reading) and the matched call."""
 
     @staticmethod
-    async def models(app: RestApp, call: Call) -> Any:
+    async def models(app: HttpApp, call: Call) -> Answer:
         """One entry per model a client should name (`NAME`: the version the rollout rules pick), created when
         its newest loaded version was built; pinned ids (NAME:VERSION, NAME@ALIAS) work without being listed."""
-        newest: dict[str, ModelHandle] = {}
-        for handle in app.services.management.repository.handles():
-            if app.may_infer(call, handle.name) and handle.version >= getattr(newest.get(handle.name), "version", 0):
-                newest[handle.name] = handle  # a token sees the models it may use
-        cards = [_model_card(name, _created(newest[name])) for name in sorted(newest)]
-        return app.json({"object": "list", "data": cards})
+        cards = [_model_card(card.name, card) for card in app.dataplane.cards() if app.may_infer(call, card.name)]
+        return json_answer({"object": "list", "data": cards})  # a token sees the models it may use
 
     @staticmethod
-    async def model(app: RestApp, call: Call) -> Any:
-        name, version = _model_ref(app, call, call.name)
-        handle = app.services.management.repository.get(name, version)  # NotFoundError when it is not loaded
-        return app.json(_model_card(str(call.name), _created(handle)))
+    async def model(app: HttpApp, call: Call) -> Answer:
+        name, version = await _model_ref(app, call, call.name)
+        return json_answer(_model_card(str(call.name), app.dataplane.card(name, version)))
 
     @staticmethod
-    async def _start(app: RestApp, call: Call, chat: bool) -> tuple[ChatRequest | CompletionRequest, Generation]:
+    async def _start(app: HttpApp, call: Call, chat: bool) -> tuple[ChatRequest | CompletionRequest, Generation]:
         body = codec.decode_object(await app.body(call))
         request = parse(ChatRequest if chat else CompletionRequest, body)
-        name, version = _model_ref(app, call, request.model)
+        name, version = await _model_ref(app, call, request.model)
         decoder = app.services.generation.decoder(name, version)
         # Rendering and tokenizing cost what the input makes them cost: off the event loop.
         if isinstance(request, ChatRequest):
@@ -129,46 +97,44 @@ class OpenAIRoutes:
         return request, await asyncio.to_thread(decoder.start, prompt, request.completion_options())
 
     @staticmethod
-    async def completions(app: RestApp, call: Call) -> Any:
+    async def completions(app: HttpApp, call: Call) -> Answer:
         return await OpenAIRoutes._answer(app, call, chat=False)
 
     @staticmethod
-    async def chat_completions(app: RestApp, call: Call) -> Any:
+    async def chat_completions(app: HttpApp, call: Call) -> Answer:
         return await OpenAIRoutes._answer(app, call, chat=True)
 
     @staticmethod
-    async def _answer(app: RestApp, call: Call, chat: bool) -> Any:
+    async def _answer(app: HttpApp, call: Call, chat: bool) -> Answer:
         request, first = await OpenAIRoutes._start(app, call, chat)
-        answer = Answer(request, first, app.services.generation)
+        answer = openai_answer.Answer(request, first, app.services.generation)
         if not request.stream:
-            return app.json(await answer.whole())
-        return app.events(answer.events(), openai=True, on_close=answer.cancel)
+            return json_answer(await answer.whole())
+        return EventStream(answer.events(), on_close=answer.cancel)
 
     @staticmethod
-    async def embeddings(app: RestApp, call: Call) -> Any:
+    async def embeddings(app: HttpApp, call: Call) -> Answer:
         body = parse(EmbeddingRequest, codec.decode_object(await app.body(call)))
-        name, version = _model_ref(app, call, body.model)
-        texts, encoding = body.texts, body.encoding_format
-        version = app.dataplane.draw(name, version)  # the schema read is the answering version's
-        if app.services.generation.generates(name, version):
-            raise InvalidInputError(f"model {name!r} is a language model: use /v1/completions", param="model")
-        schema = app.dataplane.model_metadata(name, version)
-        if len(schema.inputs) != 1 or schema.inputs[0].datatype != "BYTES" or not schema.outputs:
-            raise InvalidInputError(f"model {name!r} does not take one text input: it is not an embedding model",
-                                    param="model")  # fmt: skip
-        tensor = schema.inputs[0]
-        shape = [len(texts), *([1] * (len(tensor.shape) - 1))]
-        data = np.array([t.encode() for t in texts], dtype=object).reshape(shape)
-        request = InferRequest([Tensor(tensor.name, "BYTES", shape, data)])
-        response = await app.dataplane.infer(name, version, request)
-        vectors = np.asarray(response.outputs[0].data, dtype=np.float32).reshape(len(texts), -1)
-        if body.dimensions is not None:
-            handle = app.services.management.repository.get(name, response.model_version)
-            vectors = _shortened(vectors, body.dimensions, (handle.manifest.spec or {}).get("model", {}))
+        name, version = await _model_ref(app, call, body.model)
+        embedded = await app.dataplane.embed(name, version, body.texts, body.dimensions)
+        base64_vectors = body.encoding_format == "base64"
         items = [{"object": "embedding", "index": i,
-                  "embedding": base64.b64encode(v.tobytes()).decode() if encoding == "base64" else v.tolist()}
-                 for i, v in enumerate(vectors)]  # fmt: skip
-        encoder = app.services.management.repository.get(name, response.model_version).runtime.text_encoder
-        tokens = encoder.count(texts) if encoder is not None else 0
-        return app.json({"object": "list", "data": items, "model": body.model,
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
+                  "embedding": base64.b64encode(v.tobytes()).decode() if base64_vectors else v.tolist()}
+                 for i, v in enumerate(embedded.vectors)]  # fmt: skip
+        tokens = embedded.tokens
+        return json_answer({"object": "list", "data": items, "model": body.model,
+                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
+
+
+OPENAI = Api(
+    PREFIX,
+    [  # the model is named in the body, and checked there (HttpApp.check_model)
+        Route("GET", "/v1/models", "read", OpenAIRoutes.models),
+        Route("GET", "/v1/models/{name}", "read", OpenAIRoutes.model),
+        Route("POST", "/v1/completions", "infer", OpenAIRoutes.completions),
+        Route("POST", "/v1/chat/completions", "infer", OpenAIRoutes.chat_completions),
+        Route("POST", "/v1/embeddings", "infer", OpenAIRoutes.embeddings),
+    ],
+    error_body,
+    stream_end=b"[DONE]",
+)

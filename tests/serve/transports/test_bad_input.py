@@ -17,7 +17,7 @@ from shipyard.registry import LocalRegistry
 from shipyard.serve.app import compose
 from shipyard.serve.core.repository import ModelRepository
 from shipyard.serve.settings import ServeSettings
-from shipyard.serve.transports.rest import RestApp
+from shipyard.serve.transports.http import HttpApp
 from tests.serve.conftest import RunningServer
 
 GOOD = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.5] * 16}]}
@@ -131,7 +131,7 @@ def test_routes_and_methods(server: RunningServer) -> None:
 
 
 @pytest.fixture
-async def app(model_registry: LocalRegistry) -> AsyncIterator[tuple[RestApp, ModelRepository]]:
+async def app(model_registry: LocalRegistry) -> AsyncIterator[tuple[HttpApp, ModelRepository]]:
     server = compose(ServeSettings(models=["mlp:1"], max_body_bytes=1 << 20), model_registry)
     await server.repository.load_all(server.settings.models)
     server.services.dataplane.loading_done = True
@@ -139,7 +139,7 @@ async def app(model_registry: LocalRegistry) -> AsyncIterator[tuple[RestApp, Mod
     await server.repository.unload_all()
 
 
-async def test_full_queue_answers_503(app: tuple[RestApp, ModelRepository]) -> None:
+async def test_full_queue_answers_503(app: tuple[HttpApp, ModelRepository]) -> None:
     rest, repository = app
     handle = repository.get("mlp")
     handle.batcher._max_queue = 2  # a tiny queue for this test
@@ -182,7 +182,7 @@ bodies = st.one_of(
     | st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=5),
 )
 async def test_random_bodies_never_cause_a_5xx(
-    app: tuple[RestApp, ModelRepository], body: bytes, header: str | None
+    app: tuple[HttpApp, ModelRepository], body: bytes, header: str | None
 ) -> None:
     rest, _ = app
     headers = {} if header is None else {"Inference-Header-Content-Length": header}
@@ -196,7 +196,7 @@ async def test_random_bodies_never_cause_a_5xx(
 
 
 @pytest.fixture
-async def managed_app(model_registry: LocalRegistry) -> AsyncIterator[RestApp]:
+async def managed_app(model_registry: LocalRegistry) -> AsyncIterator[HttpApp]:
     """The in-process app with the repository API on, so load parameters reach version parsing."""
     server = compose(ServeSettings(models=["mlp:1"], allow_management=True), model_registry)
     await server.repository.load_all(server.settings.models)
@@ -216,7 +216,7 @@ number_texts = st.one_of(
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(number=number_texts)
 async def test_random_numbers_in_headers_paths_and_parameters_never_cause_a_5xx(
-    managed_app: RestApp, number: str
+    managed_app: HttpApp, number: str
 ) -> None:
     transport = httpx.ASGITransport(app=managed_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

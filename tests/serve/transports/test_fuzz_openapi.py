@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.serve.conftest import RunningServer
 
-SPEC = Path(__file__).resolve().parents[3] / "shared" / "specs" / "open-inference-rest.yaml"
+SPEC = Path(__file__).resolve().parents[4] / "shared" / "specs" / "open-inference-rest.yaml"
 if not SPEC.is_file():
     pytest.skip("../shared/specs is not beside this checkout (CI checks that it is)", allow_module_level=True)
 schemathesis = pytest.importorskip("schemathesis")

@@ -1,26 +1,25 @@
-"""The REST transport: a plain ASGI app that decodes, calls the data plane, and encodes.
+"""The HTTP kernel under every REST route set: a plain ASGI app that matches routes, authenticates a request
+once, reads bodies within their limits, and turns errors into each API's own error shape.
 
-Every route is declared once in ROUTES with its method, path template and the access action it needs, so
-a new endpoint cannot get a scope by accident. No web framework: matching a request is a split of its
-path and a comparison with the templates of that length (a few microseconds), which is the whole of the
-per-request routing cost. Error kinds become HTTP statuses here, through edge.py.
+Route sets (V2 in v2.py, OpenAI's in openai.py) declare each route once, with its method, path template and
+the access action it needs, so a new endpoint cannot get a scope by accident; they import this module, never
+each other. No web framework: matching a request is a split of its path and a comparison with the templates
+of that length (a few microseconds), which is the whole of the per-request routing cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from shipyard.errors import IncompleteRequestError, InvalidInputError, TooLargeError
+from shipyard.errors import IncompleteRequestError, InvalidInputError, NotFoundError, TooLargeError
 from shipyard.serve.core.services import Services
 from shipyard.serve.policy.auth import AccessControl, Action, TokenEntry
 from shipyard.serve.protocol.numbers import parse_count
-from shipyard.serve.transports import openai
 from shipyard.serve.transports import rest_codec as codec
-from shipyard.serve.transports.edge import HTTP_STATUS, public_error
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -28,37 +27,32 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _JSON = [(b"content-type", b"application/json")]
 
 
-class _Response:
+class Response:
     __slots__ = ("body", "headers", "status")
 
     def __init__(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self.status, self.body, self.headers = status, body, headers or _JSON
 
 
-class _EventStream:
-    """A server-sent-events answer: each item of `events` becomes one `data:` event; OpenAI's streams end
-    with `data: [DONE]` and carry errors in its shape."""
+class EventStream:
+    """A server-sent-events answer: each item of `events` becomes one `data:` event; an error after the start
+    becomes a last event in the API's error shape, and the API's end marker (if any) closes the stream."""
 
-    __slots__ = ("events", "on_close", "openai")
+    __slots__ = ("events", "on_close")
 
     def __init__(
-        self, events: AsyncGenerator[dict[str, Any], None], openai: bool = False,
-        on_close: Callable[[], None] | None = None,
-    ) -> None:  # fmt: skip
-        self.events, self.openai = events, openai
+        self, events: AsyncGenerator[dict[str, Any], None], on_close: Callable[[], None] | None = None
+    ) -> None:
+        self.events = events
         self.on_close = on_close  # runs however the stream ends, even if it never started (a client gone at once)
 
 
-Answer = _Response | _EventStream
+Answer = Response | EventStream
 PARAMETER = "{}"  # the shape key of a template whose last segment is a parameter
 
 
-def _json(value: Any, status: int = 200) -> _Response:
-    return _Response(status, codec.encode_json(value))
-
-
-def _error(status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> _Response:
-    return _Response(status, codec.encode_json({"error": message}), [*_JSON, *(headers or [])])
+def json_answer(value: Any, status: int = 200) -> Response:
+    return Response(status, codec.encode_json(value))
 
 
 _WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}  # HTTP's deflate is the zlib format
@@ -82,6 +76,14 @@ def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
     return data
 
 
+class MethodNotAllowedError(Exception):
+    """The path names a route, but not for this method (405, with the methods it takes)."""
+
+    def __init__(self, allowed: list[str]) -> None:
+        super().__init__(allowed)
+        self.allowed = allowed
+
+
 class Call(NamedTuple):  # a tuple: built for every request, so as cheap to make as possible
     """One matched request: its ASGI scope and receive channel, and the path's parameters."""
 
@@ -92,7 +94,7 @@ class Call(NamedTuple):  # a tuple: built for every request, so as cheap to make
     caller: TokenEntry | None = None  # the token that authenticated it (None without tokens)
 
 
-Handler = Callable[["RestApp", Call], Awaitable[Answer]]
+Handler = Callable[["HttpApp", Call], Awaitable[Answer]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,25 +109,32 @@ class Route:
         return tuple(self.path.strip("/").split("/"))
 
 
-def _model_routes(method: str, tail: str, action: Action, handler: Handler) -> list[Route]:
-    """A per-model route, for the newest loaded version and for a given one."""
-    return [Route(method, f"/v2/models/{{name}}{tail}", action, handler),
-            Route(method, f"/v2/models/{{name}}/versions/{{version}}{tail}", action, handler)]  # fmt: skip
+@dataclass(frozen=True)
+class Api:
+    """One route set and how its errors leave: `error` gives the status and JSON body of an exception raised
+    under `prefix` (or of a stream that fails after it started); `stream_end` is the data of a last event."""
+
+    prefix: str
+    routes: Sequence[Route]
+    error: Callable[[BaseException, str], tuple[int, dict[str, Any]]]
+    stream_end: bytes | None = None
 
 
-class RestApp:
-    """ASGI application serving the Open Inference Protocol REST API and its extensions."""
+class HttpApp:
+    """The ASGI application serving every route set; the first is the default for paths no route set claims."""
 
-    def __init__(self, services: Services, access: AccessControl, max_body_bytes: int, body_timeout_s: float) -> None:
+    def __init__(self, services: Services, access: AccessControl, apis: Sequence[Api], max_body_bytes: int,
+                 body_timeout_s: float) -> None:  # fmt: skip
         self.services = services
         self.dataplane = services.dataplane
         self.access = access
+        self.apis = apis
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s  # a body that promises more bytes than it sends must not hold a slot
         # Routes by (segment count, last segment), each list followed by the templates of that length that end
         # in a parameter: a request compares itself with one or two templates.
         shapes: dict[tuple[int, str], list[tuple[Route, tuple[str, ...]]]] = {}
-        for route in ROUTES:
+        for route in (route for api in apis for route in api.routes):
             last = route.segments[-1]
             shapes.setdefault((len(route.segments), PARAMETER if last[0] == "{" else last), []).append(
                 (route, route.segments)
@@ -145,24 +154,24 @@ class RestApp:
             return
         if scope["type"] != "http":
             return
+        path = scope.get("path", "")
+        api = next((api for api in self.apis if path.startswith(api.prefix)), self.apis[0])
         try:
             response = await self._dispatch(scope, receive)
-        except Exception as exc:  # every error becomes an answer; public_error logs the unexpected ones
-            path = scope.get("path", "")
-            if path.startswith(openai.PREFIX):
-                status, body = openai.error_body(exc, path)
-                response = _Response(status, codec.encode_json(body))
-            else:
-                kind, message = public_error(exc, path)
-                response = _error(HTTP_STATUS[kind], message)
-        if isinstance(response, _EventStream):
-            await self._send_events(response, scope, receive, send)
+        except MethodNotAllowedError as exc:
+            body = api.error(InvalidInputError(f"use {' or '.join(exc.allowed)}"), path)[1]
+            response = Response(405, codec.encode_json(body), [*_JSON, (b"allow", ", ".join(exc.allowed).encode())])
+        except Exception as exc:  # every error becomes an answer in its API's shape
+            status, body = api.error(exc, path)
+            response = Response(status, codec.encode_json(body))
+        if isinstance(response, EventStream):
+            await self._send_events(response, api, scope, receive, send)
             return
         headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
 
-    def _match(self, path: str, method: str) -> tuple[Route, dict[str, str]] | _Response:
+    def _match(self, path: str, method: str) -> tuple[Route, dict[str, str]]:
         parts = path.strip("/").split("/")
         allowed: list[str] = []
         shape = self._by_shape.get((len(parts), parts[-1])) or self._by_shape.get((len(parts), PARAMETER), [])
@@ -180,14 +189,11 @@ class RestApp:
                     return route, params
                 allowed.append(route.method)
         if allowed:
-            return _error(405, f"use {' or '.join(sorted(set(allowed)))}", [(b"allow", ", ".join(allowed).encode())])
-        return _error(404, f"no route for {path}")
+            raise MethodNotAllowedError(sorted(set(allowed)))
+        raise NotFoundError(f"no route for {path}")
 
     async def _dispatch(self, scope: Scope, receive: Receive) -> Answer:
-        matched = self._match(scope["path"], scope["method"])
-        if isinstance(matched, _Response):
-            return matched
-        route, params = matched
+        route, params = self._match(scope["path"], scope["method"])
         name = params.get("name")
         authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         client = scope.get("client")
@@ -198,7 +204,7 @@ class RestApp:
         return await route.handler(self, Call(scope, receive, name, params.get("version"), caller))
 
     @staticmethod
-    async def _send_events(stream: _EventStream, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _send_events(stream: EventStream, api: Api, scope: Scope, receive: Receive, send: Send) -> None:
         """Send events as they come; stop generating when the client goes away (uvicorn drops writes to a
         closed connection silently, so the disconnect is watched on `receive`). An error after the start
         goes out as a last {"error": ...} event."""
@@ -209,12 +215,12 @@ class RestApp:
                     await send({"type": "http.response.body", "body": b"data: " + codec.encode_json(event) + b"\n\n",
                                 "more_body": True})  # fmt: skip
             except Exception as exc:
-                path = scope.get("path", "")
-                body = openai.error_body(exc, path)[1] if stream.openai else {"error": public_error(exc, path)[1]}
+                body = api.error(exc, scope.get("path", ""))[1]
                 await send({"type": "http.response.body", "more_body": True,
                             "body": b"data: " + codec.encode_json(body) + b"\n\n"})  # fmt: skip
-            if stream.openai:
-                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+            if api.stream_end is not None:
+                await send({"type": "http.response.body", "body": b"data: " + api.stream_end + b"\n\n",
+                            "more_body": True})  # fmt: skip
             await send({"type": "http.response.body", "body": b""})
 
         async def disconnect() -> None:
@@ -298,17 +304,7 @@ class RestApp:
                     self._expired.add(task)
                     task.cancel()
 
-    # --- what handlers (here and in openai.py) build answers with ------------------------------
-
-    @staticmethod
-    def json(value: Any, status: int = 200) -> Answer:
-        return _json(value, status)
-
-    @staticmethod
-    def events(
-        events: AsyncGenerator[dict[str, Any], None], openai: bool = False, on_close: Callable[[], None] | None = None
-    ) -> Answer:
-        return _EventStream(events, openai, on_close)
+    # --- what route sets' handlers use ---------------------------------------------------------------
 
     def check_model(self, call: Call, model: str) -> None:
         """Access to a model named in the body, not the path (the OpenAI routes)."""
@@ -317,117 +313,3 @@ class RestApp:
     def may_infer(self, call: Call, model: str) -> bool:
         """Whether the caller's token may infer the model (what a listing shows it)."""
         return self.access.permits_model(call.caller, "infer", model)
-
-    # --- handlers: one per route ---------------------------------------------------------------
-
-    async def server_metadata(self, call: Call) -> Answer:
-        return _json(codec.server_metadata(self.dataplane.server_metadata()))
-
-    async def live(self, call: Call) -> Answer:
-        # The protocol: 200 means true, a 4xx means false (Triton answers 400 too).
-        return _json({"live": True}, 200 if self.dataplane.live() else 400)
-
-    async def ready(self, call: Call) -> Answer:
-        ok = await self.services.wide.ready()
-        return _json({"ready": ok}, 200 if ok else 400)
-
-    async def all_statistics(self, call: Call) -> Answer:
-        return _json(codec.statistics(await self.services.wide.statistics(None, None)))
-
-    async def model_metadata(self, call: Call) -> Answer:
-        return _json(codec.model_metadata(self.dataplane.model_metadata(str(call.name), call.version)))
-
-    async def model_ready(self, call: Call) -> Answer:
-        ready = await self.services.wide.model_ready(str(call.name), call.version)
-        return _json({"name": call.name, "ready": ready}, 200 if ready else 400)
-
-    async def model_config(self, call: Call) -> Answer:
-        return _json(codec.model_config(self.dataplane.model_config(str(call.name), call.version)))
-
-    async def model_statistics(self, call: Call) -> Answer:
-        return _json(codec.statistics(await self.services.wide.statistics(call.name, call.version)))
-
-    async def drift(self, call: Call) -> Answer:
-        return _json(await self.services.wide.drift(str(call.name), call.version))
-
-    async def feedback(self, call: Call) -> Answer:
-        body = codec.decode_object(await self.body(call))
-        items = body.get("items", [body])
-        return _json(await self.services.wide.feedback(str(call.name), call.version,
-                                                       items if isinstance(items, list) else [items]))  # fmt: skip
-
-    async def infer(self, call: Call) -> Answer:
-        body = await self.body(call)
-        header_length = None
-        for key, value in call.scope["headers"]:
-            if key == codec.HEADER_LENGTH.encode():
-                header_length = parse_count(value, "Inference-Header-Content-Length")
-        request = codec.decode_request(body, header_length)
-        response = await self.dataplane.infer(str(call.name), call.version, request)
-        payload, json_length = codec.encode_response(response, request)
-        if json_length is None:
-            return _Response(200, payload)
-        headers = [(b"content-type", b"application/octet-stream"),
-                   (codec.HEADER_LENGTH.encode(), str(json_length).encode())]  # fmt: skip
-        return _Response(200, payload, headers)
-
-    async def generate(self, call: Call) -> Answer:
-        """Triton's generate extension: the whole text in one JSON answer."""
-        request = codec.decode_generate(await self.body(call))
-        generation = self.services.generation
-        response = await generation.complete(await generation.start(str(call.name), call.version, request), request)
-        return _json({"model_name": response.model_name, "model_version": response.model_version,
-                      "text_output": response.outputs[0].data[0].decode(), **response.parameters})  # fmt: skip
-
-    async def generate_stream(self, call: Call) -> Answer:
-        """Triton's generate extension as server-sent events, one per piece of text, then a final one."""
-        request = codec.decode_generate(await self.body(call))
-        generation = self.services.generation
-        started = await generation.start(str(call.name), call.version, request)  # validated before the stream starts
-        generation.admit(started)  # a full queue is refused before the stream starts
-        model = {"model_name": started.decoder.name, "model_version": started.decoder.version}
-
-        async def events() -> AsyncGenerator[dict[str, Any], None]:
-            async for piece in generation.stream(started):
-                yield {**model, "text_output": piece}
-            yield {**model, "text_output": "", "final": True, **started.usage.parameters()}
-
-        return _EventStream(events(), on_close=started.cancel)
-
-    async def repository_index(self, call: Call) -> Answer:
-        return _json(codec.repository_index(self.services.management.index()))
-
-    async def load(self, call: Call) -> Answer:
-        await self.services.wide.load(str(call.name), codec.decode_parameters(await self.body(call)))
-        return _json({})
-
-    async def unload(self, call: Call) -> Answer:
-        await self.services.wide.unload(str(call.name), codec.decode_parameters(await self.body(call)))
-        return _json({})
-
-
-# Literal paths come before templates of the same length: /v2/models/stats is not a model named "stats".
-ROUTES: list[Route] = [
-    Route("GET", "/v2", "metadata", RestApp.server_metadata),
-    Route("GET", "/v2/health/live", "health", RestApp.live),
-    Route("GET", "/v2/health/ready", "health", RestApp.ready),
-    Route("GET", "/v2/models/stats", "index", RestApp.all_statistics),
-    Route("POST", "/v2/repository/index", "index", RestApp.repository_index),
-    Route("POST", "/v2/repository/models/{name}/load", "admin", RestApp.load),
-    Route("POST", "/v2/repository/models/{name}/unload", "admin", RestApp.unload),
-    *_model_routes("GET", "", "read", RestApp.model_metadata),
-    *_model_routes("GET", "/ready", "read", RestApp.model_ready),
-    *_model_routes("GET", "/config", "read", RestApp.model_config),
-    *_model_routes("GET", "/stats", "read", RestApp.model_statistics),
-    *_model_routes("GET", "/drift", "read", RestApp.drift),
-    *_model_routes("POST", "/infer", "infer", RestApp.infer),
-    *_model_routes("POST", "/generate", "infer", RestApp.generate),
-    *_model_routes("POST", "/generate_stream", "infer", RestApp.generate_stream),
-    *_model_routes("POST", "/feedback", "infer", RestApp.feedback),
-    # OpenAI's API: the model is named in the body, and checked there (RestApp.check_model)
-    Route("GET", "/v1/models", "read", openai.OpenAIRoutes.models),
-    Route("GET", "/v1/models/{name}", "read", openai.OpenAIRoutes.model),
-    Route("POST", "/v1/completions", "infer", openai.OpenAIRoutes.completions),
-    Route("POST", "/v1/chat/completions", "infer", openai.OpenAIRoutes.chat_completions),
-    Route("POST", "/v1/embeddings", "infer", openai.OpenAIRoutes.embeddings),
-]
