@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -12,9 +12,6 @@ from shipyard.artifact.manifest import GenerationRecord, LineageStep
 from shipyard.spec.loader import LoadedSpec
 from shipyard.spec.models import ConvertSpec, SignatureSpec
 from shipyard.tokenizer import TextEncoder
-
-if TYPE_CHECKING:  # the language steps import this module
-    from shipyard.pipeline.language import LanguageBuild
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,6 @@ class BuildContext:
     eval_data: EvalData | None = None
     text: TextEncoder | None = None  # text models: the tokenizer in front of the graph
     generation: GenerationRecord | None = None  # language models: served token by token
-    language: LanguageBuild | None = None  # language models: what their build steps share
     model_path: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     lineage: list[LineageStep] = field(default_factory=list)

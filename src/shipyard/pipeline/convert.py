@@ -57,47 +57,44 @@ def compare_outputs(
     return {"max_abs_error": worst_abs, "max_rel_error": worst_rel}
 
 
-class ConvertStep:
-    name = "convert"
-    description = "Convert to ONNX and verify"
+def convert(ctx: BuildContext, progress: Progress) -> dict[str, Any]:
+    """The tensor family's convert: the source exported to ONNX and verified against it."""
+    if ctx.source is None or ctx.signature is None:
+        raise RuntimeError("pipeline order: the load step must run before convert")
+    spec = ctx.loaded.spec.convert
+    exported = ctx.source.export_onnx(ctx.scratch_dir / MODEL_FILE, ctx.signature, spec)
+    progress.update(1, 3)
+    graph = check_onnx(exported.path)
+    ctx.model_path = place_model(exported.path, graph, ctx.artifact_dir / MODEL_FILE)
+    check_declared(ctx.signature, signature_of(graph))
+    ctx.signature = merge_signature(ctx.signature, signature_of(graph))
+    ctx.metrics["parameters"] = float(parameter_count(graph))
+    progress.update(2, 3)
 
-    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
-        if ctx.source is None or ctx.signature is None:
-            raise RuntimeError("pipeline order: the load step must run before convert")
-        spec = ctx.loaded.spec.convert
-        exported = ctx.source.export_onnx(ctx.scratch_dir / MODEL_FILE, ctx.signature, spec)
-        progress.update(1, 3)
-        graph = check_onnx(exported.path)
-        ctx.model_path = place_model(exported.path, graph, ctx.artifact_dir / MODEL_FILE)
-        check_declared(ctx.signature, signature_of(graph))
-        ctx.signature = merge_signature(ctx.signature, signature_of(graph))
-        ctx.metrics["parameters"] = float(parameter_count(graph))
-        progress.update(2, 3)
-
-        if ctx.eval_data is not None:
-            feeds = ctx.eval_data.head(spec.verify_samples)
-        elif ctx.text is not None:  # token ids must come from the tokenizer: random ones fall outside the tables
-            feeds = sample_feeds(ctx.text, 4)
-        elif is_batchable(ctx.signature):
-            feeds = random_feeds(ctx.signature, batch=min(spec.verify_samples, 16))
-        else:
-            feeds = random_feeds(ctx.signature, batch=1)
-        sess = session(ctx.model_path)
-        try:
-            converted = run_in_chunks(ort_predict(sess), feeds, ctx.signature)
-        except Exception as exc:  # onnxruntime's own exception types
-            raise ConversionError(f"the ONNX model cannot run the verification inputs: {exc}") from None
-        check_produced(ctx.signature, converted)
-        del sess
-        try:
-            original = run_in_chunks(ctx.source.predict, feeds, ctx.signature)
-        except Exception as exc:  # the user's model code
-            last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise ConversionError(f"the original model failed on the verification inputs: {last_line}") from None
-        release(ctx.source)
-        errors = compare_outputs(original, converted, [t.name for t in ctx.signature.outputs], spec.tolerance)
-        ctx.metrics.update(errors)
-        progress.update(3, 3)
-        samples = len(next(iter(feeds.values())))
-        return {**exported.params, "verify_samples": samples, "atol": spec.tolerance.atol,
-                "rtol": spec.tolerance.rtol, **errors}  # fmt: skip
+    if ctx.eval_data is not None:
+        feeds = ctx.eval_data.head(spec.verify_samples)
+    elif ctx.text is not None:  # token ids must come from the tokenizer: random ones fall outside the tables
+        feeds = sample_feeds(ctx.text, 4)
+    elif is_batchable(ctx.signature):
+        feeds = random_feeds(ctx.signature, batch=min(spec.verify_samples, 16))
+    else:
+        feeds = random_feeds(ctx.signature, batch=1)
+    sess = session(ctx.model_path)
+    try:
+        converted = run_in_chunks(ort_predict(sess), feeds, ctx.signature)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ConversionError(f"the ONNX model cannot run the verification inputs: {exc}") from None
+    check_produced(ctx.signature, converted)
+    del sess
+    try:
+        original = run_in_chunks(ctx.source.predict, feeds, ctx.signature)
+    except Exception as exc:  # the user's model code
+        last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"the original model failed on the verification inputs: {last_line}") from None
+    release(ctx.source)
+    errors = compare_outputs(original, converted, [t.name for t in ctx.signature.outputs], spec.tolerance)
+    ctx.metrics.update(errors)
+    progress.update(3, 3)
+    samples = len(next(iter(feeds.values())))
+    return {**exported.params, "verify_samples": samples, "atol": spec.tolerance.atol,
+            "rtol": spec.tolerance.rtol, **errors}  # fmt: skip

@@ -10,19 +10,21 @@ import numpy as np
 
 from shipyard._extras import require
 from shipyard.dtypes import numpy_of
-from shipyard.errors import EvaluationError
+from shipyard.errors import EvaluationError, SpecError
 from shipyard.pipeline._imports import import_object
 from shipyard.pipeline.context import EvalData
 from shipyard.spec.models import (
     DatasetSpec,
     FunctionDatasetSpec,
     NpzDatasetSpec,
+    ShipyardSpec,
     SignatureSpec,
     SklearnDatasetSpec,
     TensorSpec,
+    TextDatasetSpec,
     resolve_path,
 )
-from shipyard.tokenizer import TextEncoder
+from shipyard.tokenizer import TextEncoder, load_tokenizer
 
 _CLASSIFICATION_SETS = {"digits", "iris", "wine", "breast_cancer"}
 
@@ -134,3 +136,24 @@ def load_dataset(
     if max_samples is not None and len(target) > max_samples:
         inputs, target = {k: v[:max_samples] for k, v in inputs.items()}, target[:max_samples]
     return EvalData(inputs=inputs if text is None else text.apply(inputs), target=target)
+
+
+def text_windows(spec: ShipyardSpec, vocab: int, tokenizer_file: Path, base_dir: Path, context: int) -> np.ndarray:
+    """A language model's held-out token windows [n, width] from the evaluation's text file; without one, a
+    fixed random draw (verification only)."""
+    dataset = spec.evaluation.dataset if spec.evaluation is not None else None
+    if not isinstance(dataset, TextDatasetSpec):
+        return np.random.default_rng(0).integers(0, vocab, (4, min(64, context)))
+    path = resolve_path(base_dir, dataset.path)
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"evaluation.dataset: cannot read {path} as UTF-8 text: {exc}") from None
+    tokenizer = load_tokenizer(tokenizer_file)
+    ids = [i for line in lines for i in tokenizer.encode(line + "\n", add_special_tokens=False).ids]
+    width = min(dataset.window, context)
+    count = len(ids) // width
+    if count < 2:
+        raise SpecError(f"evaluation.dataset: {path} has {len(ids)} tokens, fewer than two windows of {width}")
+    limit = spec.evaluation.max_samples if spec.evaluation is not None else None
+    return np.asarray(ids[: count * width]).reshape(count, width)[:limit]

@@ -69,44 +69,40 @@ def measure_latency(
     return result
 
 
-class EvaluateStep:
-    name = "evaluate"
-    description = "Evaluate and time"
-
-    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
-        model_path, signature = ctx.require_model()
-        evaluation = ctx.loaded.spec.evaluation
-        latency = evaluation.latency if evaluation is not None else LatencySpec()
-        original = None
-        if evaluation is not None and ctx.eval_data is not None and ctx.source is not None:
-            original = run_in_chunks(ctx.source.predict, ctx.eval_data.inputs, signature)[
-                output_index(evaluation, signature)
-            ]
-            release(ctx.source)  # before the converted model's session: not two copies of the weights at once
-        # Timed where it will be served: the spec's device's providers, those this machine has (else the CPU).
-        sess = session(model_path, threads=latency.threads, preferred=ctx.loaded.spec.serve.providers())
-        params: dict[str, Any] = {"threads": latency.threads, "provider": sess.get_providers()[0]}
-        if evaluation is not None and ctx.eval_data is not None and original is not None:
-            index = output_index(evaluation, signature)
-            feeds, target = ctx.eval_data.inputs, ctx.eval_data.target
-            converted = run_in_chunks(ort_predict(sess), feeds, signature)[index]
-            name = evaluation.metric.name
-            ctx.metrics[name] = metrics.compute(evaluation.metric, converted, target)
-            ctx.metrics[f"{name}_original"] = metrics.compute(evaluation.metric, np.asarray(original), target)
-            # What live traffic is compared with (input and prediction drift) when the model is served.
-            # Token ids are not features: a text model's reference keeps its predictions only. A language
-            # model gets none: clients see text, not the logits the evaluation scores.
-            tokens = ctx.text.record.feeds if ctx.text is not None else []
-            watched = {k: v for k, v in feeds.items() if k not in tokens}
-            if ctx.generation is None:
-                write_reference(ctx.artifact_dir, build_reference(watched, converted, signature.outputs[index].name))
-            params.update(metric=name, direction=evaluation.metric.better, samples=len(target))
-        ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
-        if all(t.dtype != "string" for t in signature.inputs):
-            timed = ctx.eval_data
-            if timed is None and ctx.text is not None:  # token ids from the tokenizer, not random ones
-                feeds = sample_feeds(ctx.text, max(latency.throughput_batch, 1))
-                timed = EvalData(feeds, np.zeros(latency.throughput_batch))
-            ctx.metrics.update(measure_latency(lambda f: sess.run(None, f), signature, latency, progress, timed))
-            params.update(iterations=latency.iterations)
-        return params
+def evaluate(ctx: BuildContext, progress: Progress) -> dict[str, Any]:
+    """The tensor family's evaluate: the metric on both models, drift references, latency and throughput."""
+    model_path, signature = ctx.require_model()
+    evaluation = ctx.loaded.spec.evaluation
+    latency = evaluation.latency if evaluation is not None else LatencySpec()
+    original = None
+    if evaluation is not None and ctx.eval_data is not None and ctx.source is not None:
+        original = run_in_chunks(ctx.source.predict, ctx.eval_data.inputs, signature)[
+            output_index(evaluation, signature)
+        ]
+        release(ctx.source)  # before the converted model's session: not two copies of the weights at once
+    # Timed where it will be served: the spec's device's providers, those this machine has (else the CPU).
+    sess = session(model_path, threads=latency.threads, preferred=ctx.loaded.spec.serve.providers())
+    params: dict[str, Any] = {"threads": latency.threads, "provider": sess.get_providers()[0]}
+    if evaluation is not None and ctx.eval_data is not None and original is not None:
+        index = output_index(evaluation, signature)
+        feeds, target = ctx.eval_data.inputs, ctx.eval_data.target
+        converted = run_in_chunks(ort_predict(sess), feeds, signature)[index]
+        name = evaluation.metric.name
+        ctx.metrics[name] = metrics.compute(evaluation.metric, converted, target)
+        ctx.metrics[f"{name}_original"] = metrics.compute(evaluation.metric, np.asarray(original), target)
+        # What live traffic is compared with (input and prediction drift) when the model is served.
+        # Token ids are not features: a text model's reference keeps its predictions only. (A language model,
+        # another family, gets none: clients see text, not the logits its evaluation scores.)
+        tokens = ctx.text.record.feeds if ctx.text is not None else []
+        watched = {k: v for k, v in feeds.items() if k not in tokens}
+        write_reference(ctx.artifact_dir, build_reference(watched, converted, signature.outputs[index].name))
+        params.update(metric=name, direction=evaluation.metric.better, samples=len(target))
+    ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
+    if all(t.dtype != "string" for t in signature.inputs):
+        timed = ctx.eval_data
+        if timed is None and ctx.text is not None:  # token ids from the tokenizer, not random ones
+            feeds = sample_feeds(ctx.text, max(latency.throughput_batch, 1))
+            timed = EvalData(feeds, np.zeros(latency.throughput_batch))
+        ctx.metrics.update(measure_latency(lambda f: sess.run(None, f), signature, latency, progress, timed))
+        params.update(iterations=latency.iterations)
+    return params

@@ -79,38 +79,35 @@ def open_source(source: ModelSourceSpec, base_dir: Path) -> tuple[SourceModel, S
     return TorchSource.load(source, base_dir), source.signature
 
 
-class LoadStep:
-    name = "load"
-    description = "Load model and data"
+def load(ctx: BuildContext, progress: Progress) -> dict[str, Any]:
+    """The tensor family's load: the source model, its tokenizer (text models) and the evaluation data."""
+    spec = ctx.loaded.spec
+    ctx.source, ctx.signature = open_source(spec.model, ctx.base_dir)
+    params: dict[str, Any] = {"format": spec.model.format}
+    tokenizer = spec.model.tokenizer
+    if spec.model.format == "huggingface":
+        from shipyard.pipeline._hf import read_folder, tokenizer_spec, weights_hash
 
-    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
-        spec = ctx.loaded.spec
-        ctx.source, ctx.signature = open_source(spec.model, ctx.base_dir)
-        params: dict[str, Any] = {"format": spec.model.format}
-        tokenizer = spec.model.tokenizer
-        if spec.model.format == "huggingface":
-            from shipyard.pipeline._hf import read_folder, tokenizer_spec, weights_hash
-
-            folder = read_folder(spec.model, ctx.base_dir)
-            ctx.source_sha256 = weights_hash(folder.path)
-            tokenizer = tokenizer_spec(folder)
-            params.update(path=folder.path.name, task=spec.model.task, architecture=folder.config["model_type"])
-        elif spec.model.path is not None:
-            path = resolve_path(ctx.base_dir, spec.model.path)
-            ctx.source_sha256 = sha256_file(path)
-            params["path"] = path.name
-        else:
-            assert spec.model.weights is not None
-            ctx.source_sha256 = sha256_file(resolve_path(ctx.base_dir, spec.model.weights))
-            params.update(module=spec.model.module, weights=Path(spec.model.weights).name)
-        if tokenizer is not None:
-            ctx.text = spec_encoder(tokenizer, ctx.signature, ctx.base_dir, ctx.artifact_dir)
-            params["tokenizer"] = {"input": ctx.text.record.input, "feeds": ctx.text.record.feeds}
-        if spec.evaluation is not None:
-            ctx.eval_data = load_dataset(
-                spec.evaluation.dataset, ctx.signature, ctx.base_dir, spec.evaluation.max_samples, ctx.text
-            )
-            params["dataset"] = spec.evaluation.dataset.model_dump(mode="json")
-            params["samples"] = len(ctx.eval_data)
-        progress.update(1, 1)
-        return params
+        folder = read_folder(spec.model, ctx.base_dir)
+        ctx.source_sha256 = weights_hash(folder.path)
+        tokenizer = tokenizer_spec(folder)
+        params.update(path=folder.path.name, task=spec.model.task, architecture=folder.config["model_type"])
+    elif spec.model.path is not None:
+        path = resolve_path(ctx.base_dir, spec.model.path)
+        ctx.source_sha256 = sha256_file(path)
+        params["path"] = path.name
+    else:
+        assert spec.model.weights is not None
+        ctx.source_sha256 = sha256_file(resolve_path(ctx.base_dir, spec.model.weights))
+        params.update(module=spec.model.module, weights=Path(spec.model.weights).name)
+    if tokenizer is not None:
+        ctx.text = spec_encoder(tokenizer, ctx.signature, ctx.base_dir, ctx.artifact_dir)
+        params["tokenizer"] = {"input": ctx.text.record.input, "feeds": ctx.text.record.feeds}
+    if spec.evaluation is not None:
+        ctx.eval_data = load_dataset(
+            spec.evaluation.dataset, ctx.signature, ctx.base_dir, spec.evaluation.max_samples, ctx.text
+        )
+        params["dataset"] = spec.evaluation.dataset.model_dump(mode="json")
+        params["samples"] = len(ctx.eval_data)
+    progress.update(1, 1)
+    return params

@@ -18,14 +18,10 @@ from shipyard.artifact.layout import create_manifest
 from shipyard.artifact.manifest import LineageStep, Manifest
 from shipyard.onnxrt import model_files
 from shipyard.pipeline.context import BuildContext
-from shipyard.pipeline.convert import ConvertStep
-from shipyard.pipeline.evaluate import EvaluateStep
-from shipyard.pipeline.load import LoadStep
-from shipyard.pipeline.optimize.search import OptimizeStep
-from shipyard.pipeline.step import NullProgress, Progress, Step
+from shipyard.pipeline.family import build_steps
+from shipyard.pipeline.step import NullProgress, Progress
 from shipyard.registry.local import LocalRegistry
 from shipyard.spec.loader import LoadedSpec, parse_spec
-from shipyard.spec.models import ShipyardSpec
 
 
 class Reporter(Protocol):
@@ -38,19 +34,6 @@ class NullReporter:
     @contextlib.contextmanager
     def step(self, description: str) -> Iterator[Progress]:
         yield NullProgress()
-
-
-def default_steps(spec: ShipyardSpec) -> list[Step]:
-    if spec.model.generates:
-        from shipyard.pipeline import language
-
-        steps: list[Step] = [language.LanguageLoadStep(), language.LanguageConvertStep(),
-                             language.LanguageEvaluateStep()]  # fmt: skip
-        return [*steps, language.LanguageOptimizeStep()] if spec.optimize is not None else steps
-    steps = [LoadStep(), ConvertStep(), EvaluateStep()]
-    if spec.optimize is not None:
-        steps.append(OptimizeStep())
-    return steps
 
 
 class _ModelHashes:
@@ -95,7 +78,7 @@ def build(
     with registry.stage() as staged, tempfile.TemporaryDirectory(prefix="shipyard-") as scratch:
         ctx = BuildContext(loaded=loaded, artifact_dir=staged, scratch_dir=Path(scratch))
         hashes = _ModelHashes()
-        for step in default_steps(spec):
+        for step in build_steps(spec):
             before = hashes.of(ctx)
             start = time.perf_counter()
             with reporter.step(step.description) as progress:

@@ -21,8 +21,11 @@ class NullProgress:
 class Step(Protocol):
     """One stage of the build: reads and extends the context, returns its lineage parameters."""
 
-    name: str
-    description: str
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
 
     def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
         """Do the work; the returned parameters are recorded in the manifest's lineage."""

@@ -1,5 +1,8 @@
-"""The optimize step: try each configured transform on the best model so far; keep it only if it passes both guards.
+"""The optimize step, for every model family: try each configured transform; keep a candidate only if the
+family's judge accepts it (its quality guard, then its cost guard against the best so far).
 
+A family's judge says how steps relate: chained (tensor models: each step builds on the best model so far)
+or alternatives (language models: each made from the unoptimized model, the cheapest that passes kept).
 The best valid model is kept at every point, so a failed, timed-out or interrupted search still
 registers the best variant found (the unoptimized model if none passed).
 """
@@ -7,70 +10,52 @@ registers the best variant found (the unoptimized model if none passed).
 from __future__ import annotations
 
 import functools
-import json
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from shipyard.artifact.layout import folder_size
 from shipyard.errors import ShipyardError
 from shipyard.onnxrt import (
     TENSORRT,
-    TENSORRT_FILE,
     TensorrtRun,
     check_onnx,
     has_external_data,
-    is_batchable,
     model_bytes,
-    ort_predict,
-    parameter_count,
-    place_model,
-    run_in_chunks,
     save_graph,
     save_streaming,
-    session,
 )
 from shipyard.pipeline._torch import TorchSource
 from shipyard.pipeline.context import BuildContext, EvalData
-from shipyard.pipeline.datasets import load_dataset
-from shipyard.pipeline.evaluate import measure_latency, output_index
+from shipyard.pipeline.evaluate import output_index
+from shipyard.pipeline.optimize.candidate import Candidate
 from shipyard.pipeline.optimize.fallback import rank_nodes
-from shipyard.pipeline.optimize.guard import check_metric, paired_p50_ms
 from shipyard.pipeline.optimize.torch_steps import TorchSteps, Training
 from shipyard.pipeline.optimize.transforms import QUANTIZERS, TRANSFORMS, check_params, quiet_root_logger
-from shipyard.pipeline.step import NullProgress, Progress
-from shipyard.spec.models import TORCH_STEPS, LatencySpec, MetricSpec, OptimizeSpec, OptimizeStepSpec
+from shipyard.pipeline.step import Progress
+from shipyard.spec.models import TORCH_STEPS, OptimizeSpec, OptimizeStepSpec
 
 
-@dataclass
-class Candidate:
-    """One tried variant and the verdict, as the report shows it."""
+class Judge(Protocol):
+    """A family's verdict on candidates, and what it keeps of the winner."""
 
-    trial: int
-    step: str
-    params: dict[str, Any]
-    accepted: bool
-    reason: str
-    metric: float | None = None
-    drop_bound: float | None = None
-    p50_ms: float | None = None
-    parent_p50_ms: float | None = None
-    size_bytes: int | None = None
-    failed_guard: str | None = None  # "metric", "speed", "error" or "unavailable" (needs what is not here)
-    built_on: int | None = None  # the trial whose model this one transformed (None: the unoptimized model)
-    fallback: list[str] = field(default_factory=list)  # nodes kept in float
-    path: Path | None = None
+    chained: bool  # steps build on the best model so far; else each is made from the unoptimized model
+    fallback: bool  # a quantizer that loses too much is tried again with its most sensitive nodes in float
+    runtime_ops: bool  # candidates use ONNX Runtime's own operators (onnx.checker does not know them)
+    calibration: dict[str, np.ndarray]  # inputs static quantization and node ranking calibrate on
+    train: EvalData | None  # the spec's training data, for steps that learn (pruning, distillation)
 
-    def record(self) -> dict[str, Any]:
-        """What the manifest keeps (the scratch path is not part of it)."""
-        out = asdict(self)
-        del out["path"]
-        return out
+    def judge(self, candidate: Candidate, model: Path, best: Path, tensorrt: TensorrtRun | None = None) -> None:
+        """Fill in the verdict on `model` against `best`: accepted, or the guard that failed and why."""
+        ...
+
+    def finish(self, ctx: BuildContext, winner: Candidate | None, best: Path, work: Path) -> dict[str, Any]:
+        """Make the winner (if any) the artifact's model and re-measure it; what the lineage records of the
+        budget it was judged by."""
+        ...
 
 
 def _advance(progress: Progress, step: int, steps: int, fraction: float) -> None:
@@ -126,34 +111,17 @@ def explain(step: str, exc: Exception) -> str:
 class _Search:
     """One guarded search: every candidate tried so far, the best model, and the budgets that bound it."""
 
-    def __init__(self, ctx: BuildContext, spec: OptimizeSpec, metric: MetricSpec, data: EvalData,
-                 work: Path) -> None:  # fmt: skip
-        evaluation = ctx.loaded.spec.evaluation
-        assert evaluation is not None  # checked by OptimizeStep.run
-        model_path, self.signature = ctx.require_model()
-        self.spec, self.metric, self.data, self.work = spec, metric, data, work
-        self.providers = ctx.loaded.spec.serve.providers()  # candidates are timed where they will be served
-        self.index = output_index(evaluation, self.signature)
-        self.base = self.best = _named_copy(model_path, work / "base.onnx")
-        self.base_pred = self.predict(self.base)
-        # Timed on real evaluation samples: random inputs can take shapes (e.g. sequence lengths) nobody sends.
-        self.single = data.head(spec.speed_batch if is_batchable(self.signature) else 1)
-        # Static quantization calibrates on the training data when the spec names it: the evaluation set
-        # that judges the candidate then plays no part in making it.
-        train = None if spec.train_data is None else load_dataset(spec.train_data, self.signature, ctx.base_dir,
-                                                                   text=ctx.text)  # fmt: skip
-        self.calibration = data.inputs if train is None else train.inputs
-        self.torch = _torch_steps(ctx, train) if any(s.step in TORCH_STEPS for s in spec.steps) else None
+    def __init__(self, ctx: BuildContext, spec: OptimizeSpec, judge: Judge, work: Path) -> None:
+        model_path, _ = ctx.require_model()
+        self.spec, self.judge, self.work = spec, judge, work
+        # Quantizers exclude nodes by name: the fallback needs every node named.
+        self.base = self.best = _named_copy(model_path, work / "base.onnx") if judge.fallback else model_path
+        self.calibration = judge.calibration
+        self.torch = _torch_steps(ctx, judge.train) if any(s.step in TORCH_STEPS for s in spec.steps) else None
         self.candidates: list[Candidate] = []
         self.winner: Candidate | None = None  # the accepted candidate `best` is, None for the unoptimized model
         self.held: Candidate | None = None  # good enough, but not faster on its own: later steps may build on it
         self.started = time.monotonic()
-
-    def predict(self, path: Path, tensorrt: TensorrtRun | None = None) -> np.ndarray:
-        """The model's outputs on the evaluation set: on the CPU, or on TensorRT for a candidate that is a
-        way of running the graph there (its FP16 engines change the numbers the guard judges)."""
-        sess = session(path) if tensorrt is None else session(path, preferred=self.providers, tensorrt=tensorrt)
-        return run_in_chunks(ort_predict(sess), self.data.inputs, self.signature)[self.index]
 
     def spent(self) -> bool:
         return len(self.candidates) >= self.spec.max_trials or time.monotonic() - self.started > self.spec.timeout_s
@@ -163,7 +131,9 @@ class _Search:
         then on top of a held candidate."""
         fallback: list[str] = []
         ranking: list[str] | None = None
-        for retries in range(self.spec.fallback_trials + 1):
+        source = self.winner if self.judge.chained else None
+        retries_allowed = self.spec.fallback_trials if self.judge.fallback else 0
+        for retries in range(retries_allowed + 1):
             if self.spent():
                 skipped = "not tried: trial or time budget spent"
                 self.candidates.append(Candidate(len(self.candidates), step.step, step.params, False, skipped))
@@ -171,11 +141,11 @@ class _Search:
             params = dict(step.params)
             if fallback:
                 params["nodes_to_exclude"] = sorted({*params.get("nodes_to_exclude", []), *fallback})
-            verdict = self._keep(self._attempt(step.step, params, self.winner))
+            verdict = self._keep(self._attempt(step.step, params, source))
             verdict.fallback = fallback
             if verdict.accepted or step.step not in QUANTIZERS or verdict.failed_guard != "metric":
                 break
-            if retries == self.spec.fallback_trials:
+            if retries == retries_allowed:
                 break
             if ranking is None:
                 with quiet_root_logger():
@@ -190,6 +160,7 @@ class _Search:
         # beats whatever this step achieved alone. A step this machine cannot run is not tried a second time.
         if (
             self.held is not None
+            and self.judge.chained
             and alone.failed_guard != "unavailable"
             and len(self.candidates) < self.spec.max_trials
         ):
@@ -228,9 +199,9 @@ class _Search:
             else:
                 with quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
                     applied = TRANSFORMS[step](parent, dest, params, self.calibration)
-            check_onnx(dest)
+            check_onnx(dest, runtime_ops=self.judge.runtime_ops)
             verdict = Candidate(trial, step, applied, False, "", size_bytes=model_bytes(dest))
-            self._judge(verdict, self.predict(dest), dest)
+            self.judge.judge(verdict, dest, self.best)
         except ShipyardError as exc:
             verdict = Candidate(trial, step, params, False, f"failed: {exc}", failed_guard="error")
         except Exception as exc:  # the quantizer's and converter's own errors
@@ -256,88 +227,34 @@ class _Search:
         run = TensorrtRun(self.work / "tensorrt-engines", applied["fp16"])
         verdict = Candidate(trial, "tensorrt", applied, False, "", size_bytes=model_bytes(graph), built_on=built_on)
         try:
-            self._judge(verdict, self.predict(graph, run), graph, run)
+            self.judge.judge(verdict, graph, self.best, run)
         except ShipyardError as exc:
             verdict.reason, verdict.failed_guard = f"failed: {exc}", "error"
         verdict.path = graph
         return verdict
 
-    def _judge(self, candidate: Candidate, pred: np.ndarray, model: Path, tensorrt: TensorrtRun | None = None) -> None:
-        """Fill in the verdict: the metric guard first (cheap to explain), then the speed guard against `best`."""
-        spec, metric = self.spec, self.metric
-        check = check_metric(metric, spec, self.base_pred, pred, self.data.target)
-        candidate.metric, candidate.drop_bound = check.value, check.drop_bound
-        if not check.passed:
-            candidate.failed_guard = "metric"
-            candidate.reason = (f"{metric.name} loss up to {check.drop_bound:.4g} "
-                                f"({spec.confidence:.0%} bound) exceeds the budget {check.budget:.4g}")  # fmt: skip
-            return
-        parent_ms, ms = paired_p50_ms(session(self.best, preferred=self.providers),
-                                      session(model, preferred=self.providers, tensorrt=tensorrt),
-                                      self.single)  # fmt: skip
-        candidate.p50_ms, candidate.parent_p50_ms = ms, parent_ms
-        if ms > parent_ms * (1 - spec.min_speedup):
-            candidate.failed_guard = "speed"
-            candidate.reason = (f"not faster than its parent: p50 {ms:.3f} ms vs {parent_ms:.3f} ms "
-                                f"(needs {spec.min_speedup:.0%} less)")  # fmt: skip
-            return
-        candidate.accepted = True
-        candidate.reason = f"{parent_ms / ms:.2f}x faster, {metric.name} loss ≤ {check.drop_bound:.4g}"
 
-
-class OptimizeStep:
-    name = "optimize"
-    description = "Optimize (guarded search)"
-
-    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
-        spec, evaluation, data = ctx.loaded.spec.optimize, ctx.loaded.spec.evaluation, ctx.eval_data
-        ctx.require_model()
-        if spec is None or evaluation is None or data is None:
-            raise RuntimeError("pipeline order: optimize runs only with an evaluation set")
-        work = ctx.scratch_dir / "optimize"
-        work.mkdir()
-        search = _Search(ctx, spec, evaluation.metric, data, work)
-        try:
-            for number, step in enumerate(spec.steps):
-                progress.update(number, len(spec.steps))
-                if search.torch is not None:
-                    search.torch.on_epoch = functools.partial(_advance, progress, number, len(spec.steps))
-                search.step(step)
-        except KeyboardInterrupt:
-            search.candidates.append(Candidate(len(search.candidates), "-", {}, False, "interrupted: search stopped"))
-        progress.update(len(spec.steps), len(spec.steps))
-        chain = applied_chain(search.candidates, search.winner)
-        if search.winner is not None:
-            tensorrt = None
-            if search.winner.step == "tensorrt":  # the server runs the graph as the search timed it
-                (ctx.artifact_dir / TENSORRT_FILE).write_text(json.dumps(search.winner.params))
-                tensorrt = TensorrtRun(work / "tensorrt-engines", search.winner.params["fp16"])
-            self._adopt(ctx, search.best, evaluation.metric.name, search.winner.metric, tensorrt)
-        return {
-            "applied": [{"step": c.step, "params": c.params} for c in chain],
-            "candidates": [c.record() for c in search.candidates],
-            "budget": {
-                "max_drop": spec.max_drop,
-                "relative": spec.relative,
-                "confidence": spec.confidence,
-                "speed_batch": spec.speed_batch,
-            },
-        }
-
-    @staticmethod
-    def _adopt(ctx: BuildContext, best: Path, metric: str, value: float | None, tensorrt: TensorrtRun | None) -> None:
-        """Make the winner the artifact's model and re-measure it; the old figures keep an _unoptimized suffix."""
-        model_path, signature = ctx.require_model()
-        for key in (metric, "latency_p50_ms", "latency_p99_ms", "throughput_sps", "size_bytes", "parameters"):
-            if key in ctx.metrics:
-                ctx.metrics[f"{key}_unoptimized"] = ctx.metrics.pop(key)
-        place_model(best, check_onnx(best), model_path)
-        ctx.metrics["parameters"] = float(parameter_count(check_onnx(model_path)))
-        if value is not None:
-            ctx.metrics[metric] = value
-        ctx.metrics["size_bytes"] = float(folder_size(ctx.artifact_dir))
-        evaluation = ctx.loaded.spec.evaluation
-        latency = evaluation.latency if evaluation is not None else LatencySpec()
-        sess = session(model_path, latency.threads, ctx.loaded.spec.serve.providers(), tensorrt=tensorrt)
-        timed = measure_latency(lambda f: sess.run(None, f), signature, latency, NullProgress(), ctx.eval_data)
-        ctx.metrics.update(timed)
+def optimize(ctx: BuildContext, progress: Progress, judge: Judge) -> dict[str, Any]:
+    """Run the spec's steps as a guarded search judged by `judge`; the winner becomes the artifact's model."""
+    spec = ctx.loaded.spec.optimize
+    if spec is None:
+        raise RuntimeError("pipeline order: optimize runs only with an optimize section")
+    work = ctx.scratch_dir / "optimize"
+    work.mkdir(exist_ok=True)
+    search = _Search(ctx, spec, judge, work)
+    try:
+        for number, step in enumerate(spec.steps):
+            progress.update(number, len(spec.steps))
+            if search.torch is not None:
+                search.torch.on_epoch = functools.partial(_advance, progress, number, len(spec.steps))
+            search.step(step)
+    except KeyboardInterrupt:
+        search.candidates.append(Candidate(len(search.candidates), "-", {}, False, "interrupted: search stopped"))
+    progress.update(len(spec.steps), len(spec.steps))
+    chain = applied_chain(search.candidates, search.winner)
+    budget = judge.finish(ctx, search.winner, search.best, work)
+    return {
+        "applied": [{"step": c.step, "params": c.params} for c in chain],
+        "candidates": [c.record() for c in search.candidates],
+        **budget,
+    }
