@@ -226,13 +226,20 @@ def _byte_level_tokenizer() -> Any:
 
 
 def make_hf_causal(
-    folder: Path, architecture: str = "llama", context: int = 128, bos: bool = False, byte_level: bool = False
+    folder: Path,
+    architecture: str = "llama",
+    context: int = 128,
+    bos: bool = False,
+    byte_level: bool = False,
+    head_scale: float = 1.0,
 ) -> Path:
     """A random-initialised causal LM of `architecture` (tiny dims) saved with save_pretrained, with a
     word-level tokenizer over WORDS (so every token decodes to whole words) and a chat template. Its `<eos>`
     row of the output layer is zero, so greedy decoding never ends early on a random draw. With `bos` the
     tokenizer puts its BOS (`<eos>`, id 0, as the config says) before every text, as Llama's does; with
-    `byte_level` the tokenizer is a byte-level BPE that can write any text."""
+    `byte_level` the tokenizer is a byte-level BPE that can write any text. `head_scale` multiplies the output
+    layer: random weights give nearly flat logits, and a larger scale makes the model decide between tokens
+    (its top token clearly ahead at most positions), as a trained one does."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -258,6 +265,7 @@ def make_hf_causal(
     torch.manual_seed(0)
     model = getattr(transformers, f"{names}ForCausalLM")(config).eval()
     with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(head_scale)
         model.get_output_embeddings().weight[0].zero_()
     model.save_pretrained(folder)
     fast.save_pretrained(folder)

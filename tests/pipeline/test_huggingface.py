@@ -63,6 +63,8 @@ def _heldout(folder: Path) -> None:
 
 
 def test_compression_is_guarded_by_perplexity_and_token_agreement(tmp_path: Path) -> None:
+    """Random weights decide no position (flat logits): candidates are judged by perplexity alone. The same
+    model with a scaled output layer decides some, and greedy agreement is counted there."""
     make_hf_causal(tmp_path / "hf")
     _heldout(tmp_path)
     spec = {**causal_spec(),
@@ -73,20 +75,82 @@ def test_compression_is_guarded_by_perplexity_and_token_agreement(tmp_path: Path
                          "min_token_agreement": 1.0}}  # fmt: skip
     registry = LocalRegistry(tmp_path / "registry")
     manifest = build(load_spec(write_spec(tmp_path, spec)), registry)
-    metrics = manifest.metrics
-    assert metrics["perplexity"] == pytest.approx(metrics["perplexity_original"], rel=1e-4)  # FP32 kept
-    *candidates, failed = _lineage(manifest, "optimize")["candidates"]
+    search = _lineage(manifest, "optimize")
+    *candidates, failed = search["candidates"]
     assert failed["reason"] == "failed: optimize step weight_only: bits must be 4 or 8"
     assert [c["step"] for c in candidates] == ["weight_only", "quantize_dynamic"]
-    assert not any(c["accepted"] for c in candidates)
-    assert all("greedy tokens agree" in c["reason"] for c in candidates)
-    assert all(c["size_bytes"] < metrics["size_bytes"] for c in candidates)
+    assert search["budget"]["decided_positions"] == 0
+    assert all(c["token_agreement"] is None for c in candidates)
+    assert [c["accepted"] for c in candidates] == [True, False]  # 4-bit is the smallest; INT8 passes too
+    assert candidates[1]["reason"] == "passes, but an earlier candidate's size is lower"
+    assert manifest.metrics["perplexity"] == pytest.approx(candidates[0]["metric"])
+    assert manifest.metrics["size_bytes"] < manifest.metrics["size_bytes_unoptimized"]
+    assert manifest.metrics["perplexity"] - manifest.metrics["perplexity_unoptimized"] <= 0.5 * manifest.metrics[
+        "perplexity_unoptimized"]  # fmt: skip
 
-    # The same search judged by the resident memory a fresh process needs to serve each candidate.
-    steps = spec["optimize"]["steps"][:2]
-    relaxed = {**spec, "name": "lm2", "optimize": {**spec["optimize"], "min_token_agreement": 0.5,
-                                                   "objective": "memory", "steps": steps}}  # fmt: skip
-    lighter = build(load_spec(write_spec(tmp_path, relaxed)), registry)
+    make_hf_causal(tmp_path / "decided" / "hf", head_scale=5.0)
+    _heldout(tmp_path / "decided")
+    decided = build(load_spec(write_spec(tmp_path / "decided", {**spec, "name": "lm-decided"})), registry)
+    search = _lineage(decided, "optimize")
+    assert 0 < search["budget"]["decided_positions"] < 1
+    assert all(0 <= c["token_agreement"] <= 1 for c in search["candidates"][:2])
+
+
+def test_greedy_agreement_counts_the_positions_the_reference_decides() -> None:
+    from shipyard.pipeline.scoring import Scores
+
+    reference = Scores(np.zeros(1), np.array([[1, 2, 3, 4]]), np.array([[True, True, False, False]]))
+    assert reference.agreement(Scores(np.zeros(1), np.array([[1, 9, 9, 9]]), reference.clear)) == 0.5
+    assert reference.agreement(Scores(np.zeros(1), np.array([[1, 2, 0, 0]]), reference.clear)) == 1.0
+    undecided = Scores(np.zeros(1), reference.greedy, np.zeros((1, 4), dtype=bool))
+    assert undecided.agreement(reference) is None
+
+
+def test_4_bit_schemes_and_an_8_bit_output_layer(tmp_path: Path) -> None:
+    """HQQ (asymmetric: zero points) and round-to-nearest with the output projection kept at 8 bits, each a
+    candidate of the search; what a scheme cannot do is a failed candidate naming why."""
+    import onnx
+
+    make_hf_causal(tmp_path / "hf")
+    _heldout(tmp_path)
+    steps = [{"step": "weight_only", "params": {"algorithm": "hqq", "head_bits": 8}},
+             {"step": "weight_only", "params": {"head_bits": 8, "accuracy_level": 4}},
+             {"step": "weight_only", "params": {"algorithm": "hqq", "symmetric": True}},
+             {"step": "weight_only", "params": {"algorithm": "gptq"}}]  # fmt: skip
+    spec = {**causal_spec(),
+            "evaluation": {"dataset": {"kind": "text", "path": "heldout.txt", "window": 32}, "metric": "perplexity"},
+            "optimize": {"steps": steps, "objective": "size", "max_drop": 0.5, "relative": True}}  # fmt: skip
+    registry = LocalRegistry(tmp_path / "registry")
+    manifest = build(load_spec(write_spec(tmp_path, spec)), registry)
+    hqq, rtn, symmetric_hqq, gptq = _lineage(manifest, "optimize")["candidates"]
+    assert hqq["params"]["algorithm"] == "hqq"
+    assert hqq["params"]["head_bits"] == 8
+    assert hqq["params"]["symmetric"] is False  # HQQ fits zero points
+    assert rtn["params"]["symmetric"]
+    assert rtn["params"]["head_bits"] == 8
+    assert "symmetric: true is for rtn" in symmetric_hqq["reason"]
+    assert "algorithm must be one of rtn, k_quant, hqq" in gptq["reason"]
+    assert all(c["metric"] is not None for c in (hqq, rtn))
+    # The accepted candidate is in the artifact: the head's MatMulNBits at 8 bits, the rest at 4.
+    winner = next(c for c in (hqq, rtn) if c["accepted"])
+    graph = onnx.load(str(registry.path(registry.resolve("lm")) / "model.onnx"), load_external_data=False).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node
+            if n.op_type == "MatMulNBits"}  # fmt: skip
+    head = [name for name in bits if "lm_head" in name]
+    assert len(head) == 1
+    assert set(bits.values()) == ({4, 8} if winner["params"]["head_bits"] == 8 else {4})
+    assert bits[head[0]] == (8 if winner["params"]["head_bits"] == 8 else 4)
+
+
+def test_compression_judged_by_memory(tmp_path: Path) -> None:
+    """The search judged by the resident memory a fresh process needs to serve each candidate."""
+    make_hf_causal(tmp_path / "hf")
+    _heldout(tmp_path)
+    spec = {**causal_spec("lm2"),
+            "evaluation": {"dataset": {"kind": "text", "path": "heldout.txt", "window": 32}, "metric": "perplexity"},
+            "optimize": {"steps": [{"step": "weight_only"}, {"step": "quantize_dynamic"}], "objective": "memory",
+                         "max_drop": 0.5, "relative": True}}  # fmt: skip
+    lighter = build(load_spec(write_spec(tmp_path, spec)), LocalRegistry(tmp_path / "registry"))
     search = _lineage(lighter, "optimize")
     assert search["unoptimized_cost"] > 0
     for candidate in search["candidates"]:  # a model this small may or may not save memory: either way, say so

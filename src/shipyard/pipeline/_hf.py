@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shipyard.artifact.manifest import GenerationRecord
 from shipyard.chat_template import compile_template
 from shipyard.errors import ConversionError, MissingExtraError, ModelLoadError, UnsafeModelError
 from shipyard.settings import HUB_OFFLINE, child_environment, hub_offline
-from shipyard.spec.models import ModelSourceSpec, SignatureSpec, TensorSpec, TokenizerSpec, resolve_path
+from shipyard.spec.models import GenerationSpec, ModelSourceSpec, SignatureSpec, TensorSpec, TokenizerSpec, resolve_path
 from shipyard.tokenizer import load_tokenizer
 
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -281,3 +282,21 @@ def tokenizer_spec(folder: HfFolder) -> TokenizerSpec:
     """The folder's tokenizer in front of the graph, truncating at the model's positions (512 at most)."""
     length = int(folder.config.get("max_position_embeddings", 512))
     return TokenizerSpec(path=str(folder.tokenizer_file), input="text", max_length=min(length, 512))
+
+
+def generation_record(folder: HfFolder, layout: dict[str, Any], spec: GenerationSpec, cache_bytes_per_slot: int
+            ) -> GenerationRecord:  # fmt: skip
+    """What the server needs to generate: the tokenizer, context, cache layout and slots, end tokens, chat
+    template and sampling defaults (the folder's, under the spec's)."""
+    context = min(layout.pop("context"), spec.context or 1 << 30)
+    slots = spec.max_running
+    if spec.kv_cache_mb is not None:
+        per_slot = cache_bytes_per_slot * context / 2**20
+        slots = max(1, min(slots, int(spec.kv_cache_mb // per_slot)))
+    sampling = {**folder.sampling_defaults(), **(spec.sampling.model_dump(exclude_none=True) if spec.sampling else {})}
+    return GenerationRecord(
+        tokenizer_file="tokenizer.json", max_new_tokens=spec.max_new_tokens, context=context,
+        eos_token_ids=folder.eos_token_ids(), chat_template=folder.chat_template(),
+        special_tokens=folder.special_tokens(), prefix_cache=spec.prefix_cache, max_running=slots, sampling=sampling,
+        max_waiting=spec.max_waiting, prefill_chunk=spec.prefill_chunk, **layout,
+    )  # fmt: skip

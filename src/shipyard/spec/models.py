@@ -202,7 +202,8 @@ class ConvertSpec(_Spec):
     exporter: Literal["auto", "dynamo", "legacy"] = "auto"
     """torch.onnx exporter: `auto` tries dynamo first and falls back to the legacy TorchScript one."""
     tolerance: ToleranceSpec = Field(default_factory=ToleranceSpec)
-    """Verification tolerance; the build fails above it."""
+    """Verification tolerance; the build fails above it. Unset, language models take atol 1e-3 (deep decoders'
+    FP32 logits drift that far from PyTorch's), with greedy tokens equal at every position."""
     verify_samples: int = Field(default=64, ge=1, le=100_000)
     """How many samples both models run for the comparison."""
 
@@ -347,8 +348,9 @@ class OptimizeStepSpec(_Spec):
     params: dict[str, Any] = Field(default_factory=dict)
     """Step parameters (prune: method, amount, finetune_epochs, ignore; distill: student, epochs, lr,
     batch_size, temperature, alpha; graph: level, transformer; quantize_*: per_channel, weight_type,
-    nodes_to_exclude; static: method MinMax/Entropy/Percentile, calibration_samples; fp16: keep_io_types;
-    tensorrt: fp16)."""
+    nodes_to_exclude; static: method MinMax/Entropy/Percentile, calibration_samples; weight_only: bits,
+    block_size, accuracy_level, algorithm rtn/k_quant/hqq, symmetric (rtn), head_bits (a language model's
+    output projection), nodes_to_exclude, nodes_to_quantize; fp16: keep_io_types; tensorrt: fp16)."""
 
     @property
     def trains(self) -> bool:
@@ -380,7 +382,8 @@ class OptimizeSpec(_Spec):
     process adds to load it and run one decode step of every cache slot). Other models: latency only."""
     min_token_agreement: float = Field(default=0.9, ge=0, le=1)
     """Language models: the share of held-out positions where a candidate's greedy next token must equal the
-    unoptimized model's."""
+    unoptimized model's, counted where that model has decided (its top token at least twice as likely as the
+    runner-up; a model that decides nowhere, as random weights do, is judged by perplexity alone)."""
     min_speedup: float = Field(default=0.05, ge=0)
     """A candidate must be at least this fraction faster (p50 at `speed_batch`) than its parent."""
     speed_batch: int = Field(default=1, ge=1, le=4096)

@@ -21,7 +21,9 @@ class Candidate:
     p50_ms: float | None = None
     parent_p50_ms: float | None = None
     size_bytes: int | None = None
-    token_agreement: float | None = None  # language models: share of held-out positions whose greedy token agrees
+    token_agreement: float | None = (
+        None  # language models: share of decided held-out positions whose greedy token agrees
+    )
     memory_bytes: float | None = None  # language models judged by memory: resident bytes when served
     failed_guard: str | None = None  # "metric", "speed", "error" or "unavailable" (needs what is not here)
     built_on: int | None = None  # the trial whose model this one transformed (None: the unoptimized model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import onnxruntime as ort
 
 from shipyard.errors import InvalidInputError
 from shipyard.onnxrt import save_graph, uses_external_data
+from shipyard.pipeline.optimize.zero_points import integer_zero_points
 
 Calibration = dict[str, np.ndarray]
 Transform = Callable[[Path, Path, dict[str, Any], Calibration], dict[str, Any]]
@@ -154,29 +156,84 @@ def fp16(source: Path, dest: Path, params: dict[str, Any], calibration: Calibrat
     return {"keep_io_types": keep}
 
 
-def weight_only(source: Path, dest: Path, params: dict[str, Any], calibration: Calibration) -> dict[str, Any]:
-    """4-bit (or 8-bit) block-quantized MatMul weights (MatMulNBits) for MatMul-heavy transformer models."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+_ALGORITHMS = ("rtn", "k_quant", "hqq")
 
-    allowed = {"bits", "block_size", "symmetric", "accuracy_level", "nodes_to_exclude", "nodes_to_quantize"}
+
+def _head(model: onnx.ModelProto) -> str | None:
+    """The MatMul that writes the logits (a language model's output projection), if the graph has one."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    names = [o.name for o in model.graph.output]
+    node = producers.get("logits") if "logits" in names else None
+    while node is not None and node.op_type != "MatMul":
+        node = producers.get(node.input[0]) if node.op_type in ("Cast", "Reshape", "Identity") else None
+    return node.name if node is not None else None
+
+
+def _nbits(model: onnx.ModelProto, bits: int, block: int, algorithm: str, symmetric: bool, level: int | None,
+           exclude: list[str], include: list[str] | None) -> onnx.ModelProto:  # fmt: skip
+    """One MatMulNBitsQuantizer pass: round-to-nearest (symmetric, or asymmetric with zero points), k-quant's
+    clipping search, or HQQ's half-quadratic fit of scales and zero points; none needs calibration data."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    config: nbits.WeightOnlyQuantConfig | None = None
+    if algorithm == "k_quant":
+        config = nbits.KQuantWeightOnlyQuantConfig()
+    elif algorithm == "hqq":
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
+    quantizer = nbits.MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=level, nodes_to_exclude=exclude,
+        nodes_to_include=include, algo_config=config,
+    )  # fmt: skip
+    with warnings.catch_warnings():  # HQQ hands numpy buffers to torch, which warns about their flags
+        warnings.simplefilter("ignore", UserWarning)
+        quantizer.process()
+    quantized: onnx.ModelProto = quantizer.model.model
+    if algorithm == "hqq":  # its float zero points keep the CPU kernel off its integer path: made integer
+        integer_zero_points(quantized)
+        for node in quantized.graph.node:  # and HQQ's config takes no accuracy level: set it on its nodes
+            set_already = any(a.name == "accuracy_level" for a in node.attribute)
+            if level is not None and node.op_type == "MatMulNBits" and not set_already:
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+    return quantized
+
+
+def weight_only(source: Path, dest: Path, params: dict[str, Any], calibration: Calibration) -> dict[str, Any]:
+    """4-bit (or 8-bit) block-quantized MatMul weights (MatMulNBits) for MatMul-heavy transformer models;
+    `head_bits: 8` keeps a language model's output projection at 8 bits."""
+    allowed = {"bits", "block_size", "symmetric", "accuracy_level", "algorithm", "head_bits", "nodes_to_exclude",
+               "nodes_to_quantize"}  # fmt: skip
     check_params(params, allowed, "weight_only")
     bits, block = int(params.get("bits", 4)), int(params.get("block_size", 32))
     if bits not in (4, 8):
         raise InvalidInputError("optimize step weight_only: bits must be 4 or 8")
+    algorithm = str(params.get("algorithm", "rtn"))
+    if algorithm not in _ALGORITHMS:
+        raise InvalidInputError(f"optimize step weight_only: algorithm must be one of {', '.join(_ALGORITHMS)}")
     # accuracy_level 4 lets the CPU kernel multiply in int8 (VNNI where the CPU has it); unset, it computes
     # in float32 after unpacking the weights.
     level = params.get("accuracy_level")
     if level is not None and level not in (0, 1, 2, 3, 4):
         raise InvalidInputError("optimize step weight_only: accuracy_level must be 0-4 (4: int8 compute)")
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(source)), bits=bits, block_size=block, is_symmetric=bool(params.get("symmetric", True)),
-        accuracy_level=level, nodes_to_exclude=list(params.get("nodes_to_exclude", [])),
-        nodes_to_include=list(params.get("nodes_to_quantize", [])) or None,
-    )  # fmt: skip
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dest), use_external_data_format=uses_external_data(source))
-    return {"bits": bits, "block_size": block, "symmetric": bool(params.get("symmetric", True)),
-            "accuracy_level": level, "nodes_to_exclude": list(params.get("nodes_to_exclude", []))}  # fmt: skip
+    symmetric = bool(params.get("symmetric", algorithm == "rtn"))  # k-quant and HQQ fit zero points
+    if symmetric and algorithm != "rtn":
+        raise InvalidInputError(f"optimize step weight_only: algorithm {algorithm} is asymmetric (zero points); "
+                                "symmetric: true is for rtn")  # fmt: skip
+    model = onnx.load(str(source))
+    exclude = list(params.get("nodes_to_exclude", []))
+    head_bits = params.get("head_bits")
+    head = _head(model) if head_bits is not None and head_bits != bits else None
+    if head_bits is not None and head_bits not in (4, 8):
+        raise InvalidInputError("optimize step weight_only: head_bits must be 4 or 8")
+    if head_bits is not None and head_bits != bits and head is None:
+        raise InvalidInputError("optimize step weight_only: head_bits is for language models (a MatMul that "
+                                "writes `logits`); this graph has none")  # fmt: skip
+    model = _nbits(model, bits, block, algorithm, symmetric, level, [*exclude, *([head] if head else [])],
+                   list(params.get("nodes_to_quantize", [])) or None)  # fmt: skip
+    if head is not None and head not in exclude:  # a second pass: only the head is still a MatMul with weights
+        model = _nbits(model, int(head_bits or bits), block, "rtn", symmetric, level, [], [head])
+    save_graph(model, dest, external=uses_external_data(source))
+    return {"bits": bits, "block_size": block, "algorithm": algorithm, "symmetric": symmetric, "accuracy_level": level,
+            "head_bits": head_bits if head is not None else None, "nodes_to_exclude": exclude}  # fmt: skip
 
 
 QUANTIZERS = ("quantize_dynamic", "quantize_static", "weight_only")
