@@ -82,6 +82,7 @@ class GenerationRecord(_Record):
     max_running: int = 8  # sequences decoded together (cache slots)
     max_waiting: int = 64  # requests queued beyond those before new ones are refused
     prefill_chunk: int = 256  # prompt tokens run between two decode steps
+    prefill_pace: float = 0.0  # while others decode, a prefill run takes about this many steps' time (0: off)
     # Sampling defaults for requests that leave them out (temperature, top_p, top_k, min_p,
     # repetition_penalty): the folder's generation_config.json as transformers reads it, then the spec's.
     sampling: dict[str, float] = Field(default_factory=dict)

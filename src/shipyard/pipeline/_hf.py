@@ -298,5 +298,5 @@ def generation_record(folder: HfFolder, layout: dict[str, Any], spec: Generation
         tokenizer_file="tokenizer.json", max_new_tokens=spec.max_new_tokens, context=context,
         eos_token_ids=folder.eos_token_ids(), chat_template=folder.chat_template(),
         special_tokens=folder.special_tokens(), prefix_cache=spec.prefix_cache, max_running=slots, sampling=sampling,
-        max_waiting=spec.max_waiting, prefill_chunk=spec.prefill_chunk, **layout,
+        max_waiting=spec.max_waiting, prefill_chunk=spec.prefill_chunk, prefill_pace=spec.prefill_pace, **layout,
     )  # fmt: skip

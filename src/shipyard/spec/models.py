@@ -100,8 +100,12 @@ class GenerationSpec(_Spec):
     """Requests waiting for a slot beyond the running ones; more are refused at once (429 on the OpenAI
     routes, 503 on the V2 ones)."""
     prefill_chunk: int = Field(default=256, ge=1, le=131072)
-    """Prompt tokens run between two decode steps: a long prompt delays the running sequences by at most one
-    chunk per step."""
+    """The most prompt tokens run between two decode steps."""
+    prefill_pace: float = Field(default=2.0, ge=0, le=100)
+    """While sequences are decoding, a prompt runs in pieces that take about this many decode steps' time
+    (measured as the server runs, never below 16 tokens), so a new prompt delays the running sequences'
+    next token by about that much instead of a whole chunk. Lower: steadier streams; higher: earlier first
+    tokens and more throughput under a burst of new prompts. 0: whole chunks (docs/benchmarks.md)."""
     prefix_cache: int = Field(default=32, ge=0, le=4096)
     """Prompts whose key/value cache the server keeps (least recently used go first): a request whose prompt
     starts with one of them computes only the rest. 0 turns it off."""

@@ -19,9 +19,9 @@ from shipyard.pipeline import build
 from shipyard.registry import LocalRegistry
 from shipyard.serve.core.decoder import Decoder, Generation
 from shipyard.serve.core.sampling import Options, Sampler
-from shipyard.serve.core.scheduler import Scheduler, Sequence
+from shipyard.serve.core.scheduler import MIN_CHUNK, Scheduler, Sequence
 from shipyard.spec import load_spec
-from tests._helpers import causal_spec, make_hf_causal, write_spec
+from tests._helpers import WORDS, causal_spec, make_hf_causal, write_spec
 
 PROMPT = "the ship sails"
 
@@ -31,7 +31,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LocalRegistry
     folder = tmp_path_factory.mktemp("scheduler")
     make_hf_causal(folder / "hf", context=512)
     registry = LocalRegistry(folder / "registry")
-    build(load_spec(write_spec(folder, causal_spec(max_new_tokens=400, max_running=2, max_waiting=2))), registry)
+    spec = causal_spec(max_new_tokens=400, max_running=2, max_waiting=2, prefill_pace=1.0)
+    build(load_spec(write_spec(folder, spec)), registry)
     return folder, registry
 
 
@@ -125,6 +126,39 @@ def test_unloading_mid_generation_ends_it_as_unavailable(decoder: Decoder) -> No
 
     with pytest.raises(UnavailableError, match="unloaded while generating"):
         asyncio.run(run())
+
+
+def test_a_new_prompt_runs_in_pieces_of_about_one_decode_step_while_others_decode(decoder: Decoder) -> None:
+    """The runner paced to known costs (a decode step 40 ms, a prompt token 1 ms) and `prefill_pace: 1`:
+    once both are measured, a 200-token prompt that arrives while another sequence decodes runs in pieces of
+    about 40 tokens, one between two decode steps, instead of stalling the running sequence for its whole
+    prefill."""
+    runner = decoder.scheduler.runner
+    real, prefills = runner.run, []
+
+    def paced(slot: int, ids: np.ndarray, lengths: list[int], every_position: bool = False) -> np.ndarray:
+        time.sleep(0.04 if ids.shape[1] == 1 else 0.001 * ids.shape[1])
+        if ids.shape[1] > 1:
+            prefills.append(ids.shape[1])
+        return real(slot, ids, lengths, every_position=every_position)
+
+    runner.run = paced  # type: ignore[method-assign]
+    long = " ".join((WORDS[2:] * 40)[:200])
+
+    async def run() -> None:
+        await _text(decoder.start(long[: len(long) // 2], Options(max_tokens=1)))  # alone: one piece, measured
+        running = decoder.start(PROMPT, Options(max_tokens=30))
+        running.submit()
+        pieces = running.run()
+        await pieces.__anext__()
+        prefills.clear()
+        await _text(decoder.start(long, Options(max_tokens=1)))
+        async for _ in pieces:
+            pass
+
+    asyncio.run(run())
+    assert len(prefills) >= 3
+    assert all(MIN_CHUNK <= width <= 80 for width in prefills[:-1]), prefills  # the last is what remained
 
 
 def _runner(registry: LocalRegistry, slots: int) -> tuple[StepRunner, GenerationRecord]:

@@ -1,8 +1,10 @@
 """Continuous batching for language models: one scheduler thread per model, one batched graph run per token.
 
-Between decode steps the scheduler admits waiting sequences (their prompts run in chunks, one chunk
-between two decode steps, so a long prompt never stalls the running ones for long) and retires finished
-or abandoned ones; every running sequence then advances by one token in the same run of the graph.
+Between decode steps the scheduler admits waiting sequences and retires finished or abandoned ones; every
+running sequence then advances by one token in the same run of the graph. A prompt runs in chunks, one
+chunk between two decode steps. While sequences are running, a chunk is as many tokens as take about
+`prefill_pace` decode steps (both measured as they run), so a new prompt delays the running ones' next
+token by about that much, not by its whole prefill.
 
 The key/value cache is preallocated (kvcache.py) and no step copies it. Running sequences occupy slots
 0..n-1 so that a batch is one contiguous view of it; a retired sequence's slot is refilled by moving the
@@ -28,6 +30,8 @@ from shipyard.serve.core.sampling import Sampler
 from shipyard.serve.observe.metrics import BATCH_BUCKETS, Histogram
 
 logger = logging.getLogger(__name__)
+MIN_CHUNK = 16  # prompt tokens: smaller prefill runs cost more per token than they spare the running ones
+_SMOOTHING = 0.2  # weight of the newest decode-step time in its running average
 
 
 # What the scheduler thread hands to a sequence's consumer: a token id, or the reason it ended.
@@ -73,8 +77,10 @@ class Scheduler:
     def __init__(self, runner: StepRunner, record: GenerationRecord) -> None:
         self.runner, self.cache = runner, runner.cache
         self.record = record
-        self.chunk = record.prefill_chunk
+        self.chunk = record.prefill_chunk  # the most prompt tokens one run takes
         self.stats = SchedulerStats()
+        self._step_s: float | None = None  # a decode step's time, averaged
+        self._prefilled: tuple[int, float] | None = None  # the latest prefill run of MIN_CHUNK+ tokens: (tokens, s)
         self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=record.max_waiting)
         self._running: list[Sequence] = []
         self._prefilling: Sequence | None = None
@@ -175,8 +181,11 @@ class Scheduler:
             self._deliver([(sequence, "timeout")] if not sequence.cancelled else [])
             return
         start = sequence.length
-        piece = sequence.prompt[start : start + self.chunk]
+        piece = sequence.prompt[start : start + self._chunk_size()]
+        began = time.perf_counter()
         logits = self.runner.run(sequence.slot, np.asarray([piece]), [start + len(piece)])
+        if len(piece) >= MIN_CHUNK:
+            self._prefilled = (len(piece), max(time.perf_counter() - began, 1e-6))
         sequence.length += len(piece)
         sequence.computed += len(piece)
         if sequence.length < len(sequence.prompt):
@@ -185,6 +194,17 @@ class Scheduler:
         self._remember(sequence)
         self._running.append(sequence)
         self._advance([(sequence, logits[0])])
+
+    def _chunk_size(self) -> int:
+        """Prompt tokens to run before the next decode step: the whole chunk while nothing runs (no one
+        waits), else as many as take about `prefill_pace` decode steps."""
+        pace = self.record.prefill_pace
+        if not pace or not self._running or self._step_s is None or self._prefilled is None:
+            return self.chunk
+        # The latest run's size scaled by how far its time was from the target: with a run's cost a + b * tokens
+        # this converges to the size that takes the target (a stable fixed point), whatever the fixed cost a.
+        tokens, took = self._prefilled
+        return max(MIN_CHUNK, min(self.chunk, int(tokens * pace * self._step_s / took)))
 
     def _remember(self, sequence: Sequence) -> None:
         if self.record.prefix_cache == 0 or len(sequence.prompt) < 2:
@@ -198,7 +218,9 @@ class Scheduler:
     def _decode(self) -> None:
         running = self._running
         ids = np.asarray([[s.last] for s in running])
+        began = time.perf_counter()
         logits = self.runner.run(0, ids, [s.length + 1 for s in running])
+        self._step_s = _averaged(self._step_s, time.perf_counter() - began)
         for sequence in running:
             sequence.length += 1
         self.stats.step_batch.observe(len(running))
@@ -259,6 +281,10 @@ class Scheduler:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that loop is closed: nobody is listening any more
                 continue
+
+
+def _averaged(average: float | None, value: float) -> float:
+    return value if average is None else average + _SMOOTHING * (value - average)
 
 
 def _put_all(items: list[tuple[Sequence, int | Finished]]) -> None:
