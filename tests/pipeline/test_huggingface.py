@@ -41,6 +41,12 @@ def test_each_architecture_builds_from_a_save_pretrained_folder(tmp_path: Path, 
     assert manifest.generation.context == 128
     assert manifest.generation.chat_template is not None
     assert manifest.generation.sampling == {"temperature": 0.0}  # generation_config.json without do_sample
+    # The artifact's graph projects only the last position to logits; checked against the whole one.
+    served = _lineage(manifest, "serve graph")
+    assert served["trimmed"]
+    assert served["max_abs_difference"] < 1e-5
+    logits = next(t for t in manifest.signature.outputs if t.name == "logits")
+    assert logits.shape[1:] == [1, len(WORDS)]
 
 
 def test_sampling_defaults_come_from_generation_config_then_the_spec(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ encoders (one graph run per request); the language family, causal language model
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from shipyard.pipeline.context import BuildContext
@@ -18,7 +17,7 @@ from shipyard.pipeline.evaluate import evaluate
 from shipyard.pipeline.load import load
 from shipyard.pipeline.optimize.search import Judge, optimize
 from shipyard.pipeline.optimize.tensor_judge import TensorJudge
-from shipyard.pipeline.step import Progress, Step
+from shipyard.pipeline.step import ActionStep, Progress, Step
 from shipyard.spec.models import ShipyardSpec
 
 StepAction = Callable[[BuildContext, Progress], dict[str, Any]]
@@ -35,6 +34,10 @@ class Family(Protocol):
 
     def judge(self, ctx: BuildContext) -> Judge:
         """The optimize search's judge, once evaluate has measured the unoptimized model."""
+        ...
+
+    def last_steps(self) -> list[Step]:
+        """Steps after the search (the language family's: the graph the server runs)."""
         ...
 
 
@@ -58,17 +61,8 @@ class TensorFamily:
     def judge(self, ctx: BuildContext) -> Judge:
         return TensorJudge(ctx)
 
-
-@dataclass(frozen=True)
-class FamilyStep:
-    """One of the build's steps, done by the family."""
-
-    name: str
-    description: str
-    action: StepAction
-
-    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
-        return self.action(ctx, progress)
+    def last_steps(self) -> list[Step]:
+        return []
 
 
 def family_of(spec: ShipyardSpec) -> Family:
@@ -85,4 +79,5 @@ def build_steps(spec: ShipyardSpec) -> list[Step]:
     actions: dict[str, StepAction] = {"load": family.load, "convert": family.convert, "evaluate": family.evaluate}
     if spec.optimize is not None:
         actions["optimize"] = lambda ctx, progress: optimize(ctx, progress, family.judge(ctx))
-    return [FamilyStep(name, family.descriptions[name], action) for name, action in actions.items()]
+    steps: list[Step] = [ActionStep(name, family.descriptions[name], action) for name, action in actions.items()]
+    return [*steps, *family.last_steps()]

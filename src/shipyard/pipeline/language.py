@@ -34,8 +34,9 @@ from shipyard.pipeline._hf import (
 from shipyard.pipeline.context import BuildContext
 from shipyard.pipeline.datasets import text_windows
 from shipyard.pipeline.optimize.search import Judge
-from shipyard.pipeline.scoring import LanguageJudge, Scorer, Scores, nll_of, perplexity
-from shipyard.pipeline.step import Progress
+from shipyard.pipeline.scoring import LanguageJudge, Scorer, Scores, nll_of, perplexity, torch_logits
+from shipyard.pipeline.serve_graph import serve_last_position
+from shipyard.pipeline.step import ActionStep, Progress, Step
 from shipyard.spec.models import GenerationSpec, ToleranceSpec, resolve_path
 
 GREEDY_CHECK_TOKENS = 32  # tokens generated through the cache and compared with transformers' generate()
@@ -50,13 +51,6 @@ def _made(value: T | None) -> T:
     if value is None:
         raise RuntimeError("pipeline order: load, convert and evaluate run in that order")
     return value
-
-
-def _torch_logits(model: Any, windows: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.from_numpy(windows)).logits.float().numpy()  # type: ignore[no-any-return]
 
 
 class LanguageFamily:
@@ -134,7 +128,7 @@ class LanguageFamily:
         if ctx.loaded.spec.evaluation is not None:
             self._scored = scorer.score(windows)
             ctx.metrics["perplexity"] = perplexity(self._scored.nll)
-            ctx.metrics["perplexity_original"] = perplexity(nll_of(_torch_logits(model, windows), windows))
+            ctx.metrics["perplexity_original"] = perplexity(nll_of(torch_logits(model, windows), windows))
             params.update(metric="perplexity", direction="minimize", samples=len(windows))
         progress.update(1, 2)
         times = scorer.decode_ms()
@@ -144,6 +138,12 @@ class LanguageFamily:
         ctx.metrics["tokens_per_s"] = 1000.0 / ctx.metrics["latency_p50_ms"]
         progress.update(2, 2)
         return {**params, "iterations": len(times), "timed": "decode step, batch 1"}
+
+    def last_steps(self) -> list[Step]:
+        def trim(ctx: BuildContext, progress: Progress) -> dict[str, Any]:
+            return serve_last_position(ctx, _made(self._exported)[0], _made(self._loaded)[2][0])
+
+        return [ActionStep("serve graph", "Keep only the logits the server samples from", trim)]
 
     def judge(self, ctx: BuildContext) -> Judge:
         _, _, windows = _made(self._loaded)
@@ -164,7 +164,7 @@ def _verify(model: Any, windows: np.ndarray, record: GenerationRecord, scorer: S
 
     worst, positions = 0.0, 0
     for window in windows[: max(1, 256 // windows.shape[1])]:  # a few hundred positions
-        reference = _torch_logits(model, window[None, :])[0]
+        reference = torch_logits(model, window[None, :])[0]
         converted = scorer.logits(window)
         worst = max(worst, float(np.abs(converted - reference).max()))
         if not np.allclose(converted, reference, atol=tolerance.atol, rtol=tolerance.rtol):

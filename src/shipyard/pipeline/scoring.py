@@ -99,6 +99,14 @@ class Scorer:
         return times
 
 
+def torch_logits(model: Any, windows: np.ndarray) -> np.ndarray:
+    """PyTorch's logits of windows [n, width] (the reference the exported graph is checked against)."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(windows)).logits.float().numpy()  # type: ignore[no-any-return]
+
+
 def nll_of(logits: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """Each window's mean negative log-likelihood of its next tokens, from logits [n, width, vocab]."""
     logits = logits.astype(np.float64)

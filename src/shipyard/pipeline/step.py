@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shipyard.pipeline.context import BuildContext
@@ -30,3 +32,15 @@ class Step(Protocol):
     def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
         """Do the work; the returned parameters are recorded in the manifest's lineage."""
         ...
+
+
+@dataclass(frozen=True)
+class ActionStep:
+    """A step whose work is one callable (a model family's method)."""
+
+    name: str
+    description: str
+    action: Callable[[BuildContext, Progress], dict[str, Any]]
+
+    def run(self, ctx: BuildContext, progress: Progress) -> dict[str, Any]:
+        return self.action(ctx, progress)

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from shipyard.errors import InvalidInputError
 from shipyard.onnxrt import save_graph, uses_external_data
 from shipyard.pipeline.optimize.zero_points import integer_zero_points
+from shipyard.pipeline.serve_graph import logits_head
 
 Calibration = dict[str, np.ndarray]
 Transform = Callable[[Path, Path, dict[str, Any], Calibration], dict[str, Any]]
@@ -159,16 +160,6 @@ def fp16(source: Path, dest: Path, params: dict[str, Any], calibration: Calibrat
 _ALGORITHMS = ("rtn", "k_quant", "hqq")
 
 
-def _head(model: onnx.ModelProto) -> str | None:
-    """The MatMul that writes the logits (a language model's output projection), if the graph has one."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    names = [o.name for o in model.graph.output]
-    node = producers.get("logits") if "logits" in names else None
-    while node is not None and node.op_type != "MatMul":
-        node = producers.get(node.input[0]) if node.op_type in ("Cast", "Reshape", "Identity") else None
-    return node.name if node is not None else None
-
-
 def _nbits(model: onnx.ModelProto, bits: int, block: int, algorithm: str, symmetric: bool, level: int | None,
            exclude: list[str], include: list[str] | None) -> onnx.ModelProto:  # fmt: skip
     """One MatMulNBitsQuantizer pass: round-to-nearest (symmetric, or asymmetric with zero points), k-quant's
@@ -221,7 +212,8 @@ def weight_only(source: Path, dest: Path, params: dict[str, Any], calibration: C
     model = onnx.load(str(source))
     exclude = list(params.get("nodes_to_exclude", []))
     head_bits = params.get("head_bits")
-    head = _head(model) if head_bits is not None and head_bits != bits else None
+    found = logits_head(model) if head_bits is not None and head_bits != bits else None
+    head = found.name if found is not None and found.op_type == "MatMul" else None
     if head_bits is not None and head_bits not in (4, 8):
         raise InvalidInputError("optimize step weight_only: head_bits must be 4 or 8")
     if head_bits is not None and head_bits != bits and head is None:
