@@ -48,7 +48,8 @@ def start_server(
             if httpx.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
-            time.sleep(0.1)
+            pass  # not listening yet
+        time.sleep(0.1)  # listening but still loading (400) or not listening: ask again shortly
     return server
 
 
