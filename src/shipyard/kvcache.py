@@ -45,9 +45,11 @@ class CacheSlots:
     def save(self, slot: int, length: int) -> list[np.ndarray]:
         return [array[slot, :, :length].copy() for array in self.arrays]
 
-    def restore(self, slot: int, saved: list[np.ndarray]) -> None:
+    def restore(self, slot: int, saved: list[np.ndarray], length: int) -> None:
+        """The first `length` positions of a saved cache into `slot` (a position depends only on the tokens
+        up to it, so any leading part of a kept prompt's cache is the cache of that part)."""
         for array, part in zip(self.arrays, saved, strict=True):
-            array[slot, :, : part.shape[1]] = part
+            array[slot, :, :length] = part[:, :length]
 
 
 class StepRunner:

@@ -108,7 +108,8 @@ class GenerationSpec(_Spec):
     tokens and more throughput under a burst of new prompts. 0: whole chunks (docs/benchmarks.md)."""
     prefix_cache: int = Field(default=32, ge=0, le=4096)
     """Prompts whose key/value cache the server keeps (least recently used go first): a request whose prompt
-    starts with one of them computes only the rest. 0 turns it off."""
+    extends one of them computes only the rest, and one that shares a start with one (a system prompt)
+    reuses the whole blocks of 16 positions they share. 0 turns it off."""
     sampling: SamplingDefaultsSpec | None = None
     """Sampling defaults (else the folder's generation_config.json, else OpenAI's: temperature 1, top_p 1)."""
 

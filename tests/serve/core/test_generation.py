@@ -211,6 +211,27 @@ def test_the_v2_generate_routes_and_the_prefix_cache(lm_server: tuple[RunningSer
     assert "".join(e["text_output"] for e in pieces) == expected
 
 
+def test_a_prompt_that_shares_a_kept_prompts_start_reuses_its_whole_blocks(
+    lm_registry: tuple[Path, LocalRegistry], lm_server: tuple[RunningServer, str]
+) -> None:
+    """Two prompts with the same 20-word start (a shared system prompt) and different ends: the second
+    computes only what follows the shared whole blocks of 16 positions, and answers as from scratch."""
+    server, _ = lm_server
+    # BOS + 20 words: 21 shared positions, one whole block (a start no other test's prompt has)
+    system = " ".join(["salt", ";", "salt", ":", *reversed(WORDS[2:18])])
+    first, second = f"{system} north south sky", f"{system} harbour port"
+    key = '{model="lm",version="1"}'
+    reused = _sample(server, f"shipyard_prompt_tokens_reused_total{key}")
+    answers = [httpx.post(f"{server.base()}/v2/models/lm/generate", json={"text_input": p, "max_tokens": 6}).json()
+               for p in (first, second)]  # fmt: skip
+    # The first may extend a short prompt another test left in the cache; the second shares a block with it.
+    earlier = 24 - answers[0]["computed_tokens"]
+    assert earlier < 16
+    assert answers[1]["computed_tokens"] == 23 - 16
+    assert answers[1]["text_output"] == greedy(lm_registry[0] / "hf", second, 6)
+    assert _sample(server, f"shipyard_prompt_tokens_reused_total{key}") - reused == earlier + 16
+
+
 def test_the_generate_route_takes_the_fields_the_readme_lists(lm_server: tuple[RunningServer, str]) -> None:
     server, expected = lm_server
     stop = " " + expected.split()[2]

@@ -31,6 +31,7 @@ from shipyard.serve.observe.metrics import BATCH_BUCKETS, Histogram
 
 logger = logging.getLogger(__name__)
 MIN_CHUNK = 16  # prompt tokens: smaller prefill runs cost more per token than they spare the running ones
+PREFIX_BLOCK = 16  # a kept prompt's cache is shared in whole blocks of positions (or whole, if it all matches)
 _SMOOTHING = 0.2  # weight of the newest decode-step time in its running average
 
 
@@ -84,8 +85,9 @@ class Scheduler:
         self._waiting: queue.Queue[Sequence] = queue.Queue(maxsize=record.max_waiting)
         self._running: list[Sequence] = []
         self._prefilling: Sequence | None = None
-        # prompt token ids → their cache, least recently used first (only this thread touches it)
-        self._prompts: OrderedDict[tuple[int, ...], list[np.ndarray]] = OrderedDict()
+        # prompt token ids → (the same ids as an array, their cache), least recently used first (only this thread
+        # touches it)
+        self._prompts: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[np.ndarray]]] = OrderedDict()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{id(self):x}", daemon=True)
 
@@ -159,21 +161,28 @@ class Scheduler:
         sequence.slot = len(self._running)
         known, saved = self._cached_prefix(sequence.prompt)
         if saved is not None:
-            self.cache.restore(sequence.slot, saved)
+            self.cache.restore(sequence.slot, saved, known)
         sequence.length = known
         self._prefilling = sequence
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[int, list[np.ndarray] | None]:
-        """How many positions of this prompt a kept one covers, and that prompt's cache. The last position
-        always runs again: its logits pick the first token."""
-        best: tuple[int, ...] = ()
-        for key in self._prompts:
-            if len(best) < len(key) <= len(prompt) and tuple(prompt[: len(key)]) == key:
-                best = key
-        if not best:
+        """How many leading positions of this prompt a kept one covers, and that prompt's cache: all of a kept
+        prompt this one extends (an earlier turn of the conversation), else the whole blocks of positions they
+        share (a system prompt). The last position always runs again: its logits pick the first token."""
+        ids = np.asarray(prompt)
+        best, shared = None, 0
+        for key, (kept, _) in self._prompts.items():
+            width = min(len(kept), len(ids))
+            differ = np.flatnonzero(kept[:width] != ids[:width])
+            common = int(differ[0]) if len(differ) else width
+            if common < len(kept):
+                common -= common % PREFIX_BLOCK
+            if common > shared:
+                best, shared = key, common
+        if best is None:
             return 0, None
         self._prompts.move_to_end(best)
-        return min(len(best), len(prompt) - 1), self._prompts[best]
+        return min(shared, len(prompt) - 1), self._prompts[best][1]
 
     def _prefill_chunk(self, sequence: Sequence) -> None:
         if sequence.cancelled or self._expired(sequence):
@@ -210,7 +219,7 @@ class Scheduler:
         if self.record.prefix_cache == 0 or len(sequence.prompt) < 2:
             return
         key = tuple(sequence.prompt)
-        self._prompts[key] = self.cache.save(sequence.slot, sequence.length)
+        self._prompts[key] = (np.asarray(sequence.prompt), self.cache.save(sequence.slot, sequence.length))
         self._prompts.move_to_end(key)
         while len(self._prompts) > self.record.prefix_cache:
             self._prompts.popitem(last=False)

@@ -54,6 +54,7 @@ class ModelStats:
     token_gap_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     generated_tokens: int = 0  # language models only
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt positions whose key/value cache came from the prefix cache
     scheduler: SchedulerStats | None = None  # language models: their continuous-batching scheduler
 
     def __post_init__(self) -> None:
@@ -98,6 +99,7 @@ class ModelStats:
         """A language model's request: time to first token, the gaps between tokens, queue time, token counts."""
         self.generated_tokens += generation.usage.completion_tokens
         self.prompt_tokens += generation.usage.prompt_tokens
+        self.reused_tokens += generation.usage.prompt_tokens - generation.usage.computed_tokens
         if generation.first_token_s is not None:
             self.first_token_seconds.observe(generation.first_token_s)
             self.queued(int((generation.queued_s or 0.0) * 1e9))
