@@ -28,7 +28,7 @@ from shipyard.registry import LocalRegistry
 from shipyard.spec import load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import start_server
+from cold_start import served
 
 SCHEMES: list[tuple[str, dict[str, Any]]] = [
     ("rtn, symmetric (the old default)", {"accuracy_level": 4}),
@@ -53,15 +53,6 @@ def _spec(folder: Path, gguf: Path, text: Path, objective: str) -> Path:
     path = folder / "shipyard.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
-
-
-def _ready_s(registry: Path, ref: str, port: int) -> float:
-    start = time.perf_counter()
-    server = start_server(registry, ref, port, port + 1, ("--workers", "1"))
-    took = time.perf_counter() - start
-    server.terminate()
-    server.wait(30)
-    return took
 
 
 def main() -> None:
@@ -109,8 +100,8 @@ def main() -> None:
         del spec["optimize"]
         (work / "plain.yaml").write_text(yaml.safe_dump(spec))
         build(load_spec(work / "plain.yaml"), plain)
-        print(f"\ncold start, `shipyard serve` to ready: FP32 {_ready_s(plain.root, 'smollm2:1', args.port):.1f} s, "
-              f"chosen {_ready_s(registry.root, f'smollm2:{fp32}', args.port):.1f} s")  # fmt: skip
+        print(f"\ncold start, `shipyard serve` to ready: FP32 {served(plain.root, 'smollm2:1', args.port):.1f} s, "
+              f"chosen {served(registry.root, f'smollm2:{fp32}', args.port):.1f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -116,7 +116,6 @@ class _Search:
         self.spec, self.judge, self.work = spec, judge, work
         # Quantizers exclude nodes by name: the fallback needs every node named.
         self.base = self.best = _named_copy(model_path, work / "base.onnx") if judge.fallback else model_path
-        self.calibration = judge.calibration
         self.torch = _torch_steps(ctx, judge.train) if any(s.step in TORCH_STEPS for s in spec.steps) else None
         self.candidates: list[Candidate] = []
         self.winner: Candidate | None = None  # the accepted candidate `best` is, None for the unoptimized model
@@ -149,7 +148,7 @@ class _Search:
                 break
             if ranking is None:
                 with quiet_root_logger():
-                    ranking = rank_nodes(step.step, dict(step.params), self.best, self.calibration, self.work)
+                    ranking = rank_nodes(step.step, dict(step.params), self.best, self.judge.calibration, self.work)
             wider = ranking[: max(1, 2 * len(fallback))]
             if len(wider) <= len(fallback) or len(wider) >= len(ranking):
                 break  # falling back further would leave nothing quantized
@@ -198,7 +197,7 @@ class _Search:
                 applied = self.torch.apply(step, params, None if source is None else source.trial, trial, dest)
             else:
                 with quiet_root_logger():  # onnxruntime's quantizer logs advice through the root logger
-                    applied = TRANSFORMS[step](parent, dest, params, self.calibration)
+                    applied = TRANSFORMS[step](parent, dest, params, self.judge.calibration)
             check_onnx(dest, runtime_ops=self.judge.runtime_ops)
             verdict = Candidate(trial, step, applied, False, "", size_bytes=model_bytes(dest))
             self.judge.judge(verdict, dest, self.best)

@@ -126,7 +126,7 @@ class ModelRepository:
     def resolve_all(self, refs: list[str]) -> list[VersionRecord]:
         """The registered version each reference names; NotFoundError for one that names nothing (a typo must
         stop a server at start, not leave it serving less than was asked)."""
-        return [self.registry.resolve(parse_ref(ref)) for ref in refs]
+        return [self.resolve(ref) for ref in refs]
 
     async def load_all(self, refs: list[str]) -> None:
         """Load each reference. A version that exists but cannot be served (unsigned, tampered, unreadable) is
